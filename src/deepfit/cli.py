@@ -1,0 +1,193 @@
+"""The deepfit command: argparse subcommands -> config overrides -> the public API. The only
+module that prints for people; every DeepfitError becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deepfit.config import Config, config_from_dict, load_config, set_value
+from deepfit.errors import DeepfitError, NonFiniteError, StopRequested
+from deepfit.history import Row, format_epoch
+
+# Top-level train flags -> dotted config keys.
+TRAIN_FLAGS = {
+    "data": "data.name",
+    "data_dir": "data.dir",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "seed": "train.seed",
+    "device": "train.device",
+    "out": "train.out",
+    "checkpoint_every": "train.checkpoint_every",
+    "keep_last": "train.keep_last",
+    "monitor": "train.monitor",
+    "time_limit": "train.time_limit",
+    "init_from": "model.init_from",
+}
+
+
+class UsageError(DeepfitError):
+    """A command line that argparse or the override parser rejects."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit code 2, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="deepfit", description="Train, evaluate, explain and export PyTorch image classifiers.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_train_parser(commands.add_parser("train", help="train a model and write a run folder"))
+    models = commands.add_parser("models", help="list the registered models")
+    models.add_argument("action", nargs="?", choices=["list"], default="list")
+    return parser
+
+
+def add_train_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (overridden by the flags)")
+    parser.add_argument("--data", help="dataset name (digits, mnist, fashion-mnist, ...) or path")
+    parser.add_argument("--data-dir", help="folder holding the dataset files")
+    parser.add_argument("--model", help="registered model name (see `deepfit models`)")
+    parser.add_argument("--epochs", help="passes over the training split")
+    parser.add_argument("--seed", help="random seed")
+    parser.add_argument("--device", help="auto, cpu, cuda or mps")
+    parser.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    parser.add_argument("--checkpoint-every", metavar="STEPS", help="also checkpoint every STEPS batches")
+    parser.add_argument("--keep-last", metavar="K", help="step checkpoints to keep")
+    parser.add_argument("--monitor", help="metric for best.pt and early stopping (val_acc, val_loss, val_f1, ...)")
+    parser.add_argument("--time-limit", help="wall-time budget, e.g. 5m; ends with a resumable checkpoint")
+    parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start from an earlier run's weights")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.epilog = "Any config field can be set as --section.field VALUE, e.g. --optim.lr 0.01 --sched.name onecycle."
+
+
+def parse_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
+    """['--optim.lr', '0.01', '--data.skip-bad=true'] -> [('optim.lr', '0.01'), ('data.skip-bad', 'true')]"""
+    pairs, items = [], list(extra)
+    while items:
+        flag = items.pop(0)
+        if not flag.startswith("--") or "." not in flag:
+            raise UsageError(f"unrecognised argument {flag!r}; config fields are set as --section.field VALUE")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            if not items or items[0].startswith("--"):
+                raise UsageError(f"{flag} needs a value")
+            value = items.pop(0)
+        pairs.append((key, value))
+    return pairs
+
+
+def resolve_train_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
+    """Defaults < the resumed run's config < --config YAML < flags < dotted overrides."""
+    config = Config()
+    if args.resume:
+        config = resumed_config(Path(args.resume))
+    if args.config:
+        config = load_config(args.config, config)
+    for attr, key in TRAIN_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            set_value(config, key, value)
+    if args.download:
+        config.data.download = True
+    if args.no_progress:
+        config.train.progress = False
+    for key, value in parse_overrides(extra):
+        set_value(config, key, value)
+    return config
+
+
+def resumed_config(run_dir: Path) -> Config:
+    from deepfit.checkpoint import load_checkpoint
+
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such run folder")
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return config_from_dict(state["config"])
+
+
+def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=description, total=total, leave=False, unit="batch", dynamic_ncols=True, file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.fit import fit
+
+    config = resolve_train_config(args, extra)
+    echo = print_epoch(config.train.epochs)
+    progress = tqdm_progress if config.train.progress else None
+    result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
+    if result.stopped_early:
+        print(f"stopped early: {result.stopped_early}")
+        if result.stopped_early == "time limit":
+            print(f"resume with: deepfit train --resume {result.run_dir}")
+    for key in ("test_acc", "test_loss"):
+        if key in result.metrics:
+            value = result.metrics[key]
+            print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def print_epoch(epochs: int) -> Callable[[Row], None]:
+    def echo(row: Row) -> None:
+        print(format_epoch(row, epochs), flush=True)
+
+    return echo
+
+
+def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.models import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
+    "train": cmd_train,
+    "models": cmd_models,
+}
+ACCEPTS_OVERRIDES = {"train"}
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command not in ACCEPTS_OVERRIDES:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    return COMMANDS[args.command](args, extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `deepfit` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments:
+        arguments = ["train"]  # `deepfit` alone trains the embedded default
+    try:
+        return run(arguments)
+    except DeepfitError as err:
+        print(f"deepfit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except NonFiniteError as err:
+        print(f"deepfit: stopped: {err}", file=sys.stderr)
+        return NonFiniteError.exit_code
+    except (StopRequested, KeyboardInterrupt) as err:
+        print(f"deepfit: stopped: {err or 'interrupted'}", file=sys.stderr)
+        return StopRequested.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The typed run config: defaults in code < YAML file < CLI flags, validated, saved with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from deepfit.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # registered dataset, or a path to an image folder, .zip or .csv
+    dir: str | None = None  # folder holding the dataset files (default: env var, then system dirs)
+    download: bool = False  # let torchvision download the dataset when it is not found locally
+    val_fraction: float = 0.1  # share of the training split held out for validation, 0..0.9
+    batch_size: int = 128  # training images per optimizer step
+    eval_batch_size: int = 1024  # images per forward pass in evaluation (no gradients kept)
+    augment: Literal["none", "flip-crop", "random-resized-crop"] = "none"  # per-batch augmentation
+    image_size: int | None = None  # resize image folders to this side in pixels (default: most common)
+    image_shape: str | None = None  # CxHxW of CSV pixel rows, e.g. 1x28x28 (default: square guess)
+    channels: int | None = None  # convert images to this many channels, 1 or 3 (default: as found)
+    skip_bad: bool = False  # train without unreadable images instead of stopping (list kept in run)
+    pipeline: Literal["auto", "memory", "stream"] = "auto"  # in-memory uint8 tensor or DataLoader
+    memory_budget_mb: int = 4096  # decoded datasets above this many MiB stream instead (auto)
+    num_workers: int = 2  # DataLoader worker processes for the streaming pipeline
+    cache: bool = True  # keep decoded tensors on disk, keyed by the source's fingerprint
+    cache_dir: str | None = None  # where decoded tensors are cached (default: ~/.cache/deepfit)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn_bn"  # registered model (see `deepfit models`)
+    hidden: list[int] = field(default_factory=lambda: [200])  # mlp hidden layer widths
+    activation: Literal["relu", "sigmoid", "leaky_relu", "tanh", "gelu"] = "relu"  # mlp activation
+    layer_norm: bool = False  # mlp: LayerNorm after each hidden linear layer
+    dropout: float = 0.0  # mlp: dropout probability after each hidden layer
+    weights: str | None = None  # pretrained weights: "imagenet", a state-dict file, or none
+    freeze: Literal["none", "backbone"] = "none"  # "backbone": only the new head learns
+    backbone_lr_scale: float = 0.1  # backbone learning rate = optim.lr * this (transfer models)
+    init_from: str | None = None  # start from the weights of an earlier run or checkpoint
+    channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout of conv activations
+    compile: bool = False  # torch.compile the model (measured: slower on small CPU models)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
+    lr: float = 1e-3  # base learning rate
+    momentum: float = 0.9  # sgd and rmsprop momentum
+    nesterov: bool = False  # sgd: Nesterov momentum
+    weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decay
+
+
+@dataclass
+class SchedConfig:
+    name: str = "none"  # none, step, multistep, exponential, cosine, plateau, onecycle
+    warmup_epochs: float = 0.0  # linear warm-up from lr/10 over this many epochs (0: off)
+    step_size: int = 10  # step: epochs between decays
+    milestones: list[int] = field(default_factory=lambda: [30, 60])  # multistep: decay epochs
+    gamma: float = 0.1  # step/multistep/exponential: decay factor per decay
+    min_lr: float = 0.0  # cosine: final learning rate
+    max_lr: float | None = None  # onecycle: peak learning rate (default: optim.lr)
+    pct_start: float = 0.25  # onecycle: share of steps spent rising
+    patience: int = 2  # plateau: epochs without improvement before decay
+    factor: float = 0.1  # plateau: decay factor
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"  # cross_entropy, nll, bce, mse
+    label_smoothing: float = 0.0  # cross_entropy: share of target mass spread over all classes
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # passes over the training split
+    seed: int = 0  # seeds torch, numpy, python and the data order
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+    out: str | None = None  # run folder (default: runs/<data>-<model>-<time>)
+    checkpoint_every: int = 0  # also save last.pt every this many steps (0: at epoch ends only)
+    keep_last: int = 1  # step checkpoints kept besides last.pt and best.pt
+    monitor: str = "val_acc"  # metric deciding best.pt and early stopping (val_loss: lower wins)
+    early_stop: int = 0  # stop after this many epochs without improvement (0: never)
+    restore_best: bool = False  # with early stopping: end with the best weights
+    clip_grad: float = 0.0  # clip the gradient norm to this value (0: off)
+    accumulate: int = 1  # optimizer step every this many batches
+    precision: Literal["32", "bf16", "fp16"] = "32"  # autocast dtype (fp16: CUDA only)
+    time_limit: str | None = None  # wall-time budget, e.g. 90s, 5m, 1h; ends with a checkpoint
+    threads: int = 0  # torch intra-op threads (0: all cores)
+    topk: int = 5  # k of the top-k accuracy metric
+    progress: bool = True  # draw a progress bar per epoch
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested dict (from YAML or a checkpoint) over `base`; unknown keys are errors."""
+    config = base if base is not None else Config()
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping of sections (data, model, optim, ...)")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        for key, value in values.items():
+            set_value(config, f"{section}.{key}", value)
+    return config
+
+
+def load_config(path: str | Path, base: Config | None = None) -> Config:
+    """Read a YAML config file over `base`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(raw, base)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` (hyphens allowed) to `value`, coerced and checked against the field type."""
+    section_name, _, key = dotted.replace("-", "_").partition(".")
+    if section_name not in SECTIONS or not key:
+        raise ConfigError(f"unknown config key {dotted!r}; keys look like section.field, sections: {', '.join(SECTIONS)}")
+    section = getattr(config, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        valid = ", ".join(f"{section_name}.{k}" for k in hints)
+        raise ConfigError(f"unknown config key {section_name}.{key!r}; valid: {valid}")
+    setattr(section, key, coerce(value, hints[key], f"{section_name}.{key}"))
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+        if is_none and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin is Literal:
+        allowed = [str(a) for a in typing.get_args(hint)]
+        if str(value) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        return str(value)
+    if origin is list:
+        return coerce_list(value, typing.get_args(hint)[0], key)
+    return coerce_scalar(value, hint, key)
+
+
+def coerce_list(value: Any, item: Any, key: str) -> list[Any]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list; got {value!r}")
+    return [coerce_scalar(v, item, key) for v in value]
+
+
+def coerce_scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is bool:
+        return coerce_bool(value, key)
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        try:
+            number = float(value)
+            if hint is int:
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            return number
+        except (TypeError, ValueError, OverflowError):
+            kind = "an integer" if hint is int else "a number"
+            raise ConfigError(f"{key} must be {kind}; got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{key} must be true or false; got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Check ranges that types alone cannot express."""
+    checks = [
+        (0.0 <= config.data.val_fraction <= 0.9, "data.val_fraction must be in 0..0.9"),
+        (config.data.batch_size > 0, "data.batch_size must be positive"),
+        (config.data.eval_batch_size > 0, "data.eval_batch_size must be positive"),
+        (config.optim.lr > 0, "optim.lr must be positive"),
+        (config.train.epochs > 0, "train.epochs must be positive"),
+        (config.train.accumulate > 0, "train.accumulate must be positive"),
+        (config.train.checkpoint_every >= 0, "train.checkpoint_every must be 0 or positive"),
+        (config.train.keep_last >= 1, "train.keep_last must be at least 1"),
+        (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
+        (0.0 <= config.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (config.train.topk >= 1, "train.topk must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.train.time_limit is not None:
+        parse_duration(config.train.time_limit)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1.5h' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:])
+    number = raw[:-1] if scale is not None else raw
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ConfigError(f"train.time_limit must look like 90s, 5m or 1h; got {text!r}") from None
+    if seconds <= 0:
+        raise ConfigError(f"train.time_limit must be positive; got {text!r}")
+    return seconds

@@ -1,0 +1,33 @@
+"""The exceptions deepfit raises for problems a user can fix; the CLI turns each into one line."""
+
+from __future__ import annotations
+
+
+class DeepfitError(Exception):
+    """A problem with the user's input (file, flag, config, data): exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(DeepfitError):
+    """A config key or value that is unknown or invalid."""
+
+
+class DataError(DeepfitError):
+    """A dataset that cannot be found or read."""
+
+
+class CheckpointError(DeepfitError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit its architecture."""
+
+
+class NonFiniteError(Exception):
+    """Training produced a NaN or infinite loss or gradient; the run stops without saving."""
+
+    exit_code = 3
+
+
+class StopRequested(Exception):
+    """A signal (SIGINT/SIGTERM) or the wall-time budget asked training to stop cleanly."""
+
+    exit_code = 130

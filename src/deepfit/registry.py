@@ -1,0 +1,40 @@
+"""One small strict name -> builder registry, shared by models, datasets, optimizers, schedulers, losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from deepfit.errors import ConfigError
+
+T = TypeVar("T", bound=Callable[..., object])
+
+
+class Registry(Generic[T]):
+    """Maps names to builder functions; unknown names raise an error listing the valid ones."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(fn: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = fn
+            return fn
+
+        return add
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            valid = ", ".join(self.names())
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
