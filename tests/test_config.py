@@ -1,0 +1,92 @@
+"""Config: defaults < YAML < flags, typed coercion, and errors that name the key and the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepfit.config import Config, config_from_dict, load_config, parse_duration, set_value, validate
+from deepfit.errors import ConfigError
+
+
+def test_dotted_override_coerces_to_the_field_type() -> None:
+    config = Config()
+    set_value(config, "optim.lr", "0.01")
+    set_value(config, "data.skip-bad", "true")
+    set_value(config, "data.image-size", "64")
+    set_value(config, "model.hidden", "256,128")
+    assert config.optim.lr == pytest.approx(0.01)
+    assert config.data.skip_bad is True
+    assert config.data.image_size == 64
+    assert config.model.hidden == [256, 128]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("optim.lr", "abc", "optim.lr must be a number"),
+        ("train.epochs", "2.5", "train.epochs must be an integer"),
+        ("data.skip_bad", "maybe", "data.skip_bad must be true or false"),
+        ("train.device", "tpu", "auto, cpu, cuda, mps"),
+        ("optim.nope", "1", "unknown config key"),
+        ("nosection.lr", "1", "unknown config key"),
+    ],
+)
+def test_bad_values_name_the_key(key: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        set_value(Config(), key, value)
+
+
+def test_unknown_key_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        set_value(Config(), "optim.learning_rate", "1")
+    assert "optim.lr" in str(err.value)
+
+
+def test_yaml_overrides_defaults_and_unknown_keys_fail(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  name: sgd\n  lr: 0.05\ntrain:\n  epochs: 3\n")
+    config = load_config(good)
+    assert (config.optim.name, config.optim.lr, config.train.epochs) == ("sgd", 0.05, 3)
+    assert config.data.name == Config().data.name
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(bad)
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_a_dict() -> None:
+    config = Config()
+    set_value(config, "sched.name", "onecycle")
+    set_value(config, "model.weights", "none")
+    again = config_from_dict(config.to_dict())
+    assert again == config
+    assert again.model.weights is None
+
+
+@pytest.mark.parametrize(("key", "value"), [("optim.lr", "-1"), ("data.val_fraction", "0.95"), ("train.epochs", "0")])
+def test_validate_rejects_out_of_range_values(key: str, value: str) -> None:
+    config = Config()
+    set_value(config, key, value)
+    with pytest.raises(ConfigError):
+        validate(config)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("5m", 300.0), ("1.5h", 5400.0)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match="time_limit"):
+        parse_duration("soon")

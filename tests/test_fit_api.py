@@ -1,0 +1,134 @@
+"""The Python API: deepfit.fit(config) and fit(config, model=my_module); real-data accuracy checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deepfit
+from deepfit.config import Config, set_value
+from deepfit.data import BatchLoader, build_data
+from deepfit.engine import evaluate, train_one_epoch
+
+
+def tiny_config(tiny_idx: Path, tmp_path: Path, **overrides: str) -> Config:
+    config = Config()
+    for key, value in {
+        "data.name": "mnist",
+        "data.dir": str(tiny_idx),
+        "train.epochs": "3",
+        "train.out": str(tmp_path / "run"),
+        "train.progress": "false",
+        **overrides,
+    }.items():
+        set_value(config, key, value)
+    return config
+
+
+def test_fit_returns_model_history_and_metrics(tiny_idx: Path, tmp_path: Path) -> None:
+    result = deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"data.batch_size": "16"}))
+    assert isinstance(result.model, nn.Module)
+    assert [row["epoch"] for row in result.history] == [1.0, 2.0, 3.0]
+    assert {"test_acc", "test_loss", "test_f1"} <= set(result.metrics)
+    assert result.metrics["test_acc"] > 0.5  # the bright band makes the tiny set learnable
+    assert result.run_dir == tmp_path / "run"
+
+
+class TwoLayer(nn.Module):
+    """A user's own module: nothing deepfit-specific about it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(144, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_fit_trains_any_module(tiny_idx: Path, tmp_path: Path) -> None:
+    model = TwoLayer()
+    before = model.net[1].weight.detach().clone()
+    result = deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"data.batch_size": "16"}), model=model)
+    assert result.model is model
+    assert not torch.equal(before, model.net[1].weight)
+    assert result.history[-1]["train_acc"] > result.history[0]["train_acc"] or result.history[-1]["train_acc"] == 1.0
+
+
+def test_the_loop_can_be_called_directly(tiny_idx: Path) -> None:
+    """engine works with any module and any iterable of (x, y) batches."""
+    config = Config()
+    set_value(config, "data.name", "mnist")
+    set_value(config, "data.dir", str(tiny_idx))
+    bundle = build_data(config.data)
+    torch.manual_seed(0)
+    model = TwoLayer()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    batches = BatchLoader(bundle.train, batch_size=16, mean=bundle.mean, std=bundle.std, device=torch.device("cpu"), shuffle=True)
+    first = train_one_epoch(model, batches, optimizer, loss_fn)
+    for _ in range(4):
+        last = train_one_epoch(model, batches, optimizer, loss_fn)
+    assert last["loss"] < first["loss"]
+    assert bundle.test is not None
+    plain = [(x, y) for x, y in BatchLoader(bundle.test, batch_size=8, mean=bundle.mean, std=bundle.std, device=torch.device("cpu"))]
+    assert 0.0 <= evaluate(model, plain, loss_fn)["acc"] <= 1.0
+
+
+def test_training_is_deterministic_on_cpu(tiny_idx: Path, tmp_path: Path) -> None:
+    a = deepfit.fit(tiny_config(tiny_idx, tmp_path / "a", **{"train.epochs": "2"}))
+    b = deepfit.fit(tiny_config(tiny_idx, tmp_path / "b", **{"train.epochs": "2"}))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = deepfit.fit(tiny_config(tiny_idx, tmp_path / "c", **{"train.epochs": "2", "train.seed": "1"}))
+    assert not all(torch.equal(sa[k], c.model.state_dict()[k]) for k in sa)
+
+
+def test_digits_split_is_seeded_and_stratified() -> None:
+    bundle = build_data(Config().data)
+    again = build_data(Config().data)
+    assert bundle.test is not None and again.test is not None and bundle.val is not None
+    assert torch.equal(bundle.test.labels, again.test.labels)
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 1797
+    assert torch.bincount(bundle.test.labels).min() >= 30  # every digit is in the test split
+    assert bundle.input_shape == (1, 8, 8)
+
+
+def test_real_mnist_files_load(mnist_dir: Path) -> None:
+    config = Config()
+    set_value(config, "data.name", "mnist")
+    set_value(config, "data.dir", str(mnist_dir))
+    bundle = build_data(config.data)
+    assert bundle.test is not None and bundle.val is not None
+    assert (len(bundle.train) + len(bundle.val), len(bundle.test)) == (60000, 10000)
+    assert abs(len(bundle.val) - 6000) <= 10  # 10% of each class, rounded per class
+    assert bundle.mean[0] == pytest.approx(0.1307, abs=2e-3)  # the well-known MNIST statistics
+    assert bundle.std[0] == pytest.approx(0.3081, abs=2e-3)
+
+
+def test_default_run_reaches_97_percent_on_digits(tmp_path: Path) -> None:
+    config = Config()
+    set_value(config, "train.out", str(tmp_path / "digits"))
+    set_value(config, "train.progress", "false")
+    result = deepfit.fit(config)
+    assert result.metrics["test_acc"] >= 0.97
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "target"), [("fashion-mnist", 0.90), ("mnist", 0.985)])
+def test_cnn_bn_two_epochs_on_real_data(name: str, target: float, tmp_path: Path) -> None:
+    from tests.conftest import real_dataset
+
+    config = Config()
+    for key, value in {
+        "data.name": name,
+        "data.dir": str(real_dataset(name)),
+        "model.name": "cnn_bn",
+        "train.epochs": "2",
+        "train.out": str(tmp_path / name),
+        "train.progress": "false",
+    }.items():
+        set_value(config, key, value)
+    assert deepfit.fit(config).metrics["test_acc"] >= target
