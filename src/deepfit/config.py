@@ -52,7 +52,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adam"  # sgd, adam, adamw, rmsprop, adagrad, adadelta
-    lr: float = 1e-3  # base learning rate
+    lr: float = 3e-3  # base (peak, with onecycle) learning rate; measured best for Adam + one-cycle
     momentum: float = 0.9  # sgd and rmsprop momentum
     nesterov: bool = False  # sgd: Nesterov momentum
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
@@ -61,7 +61,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "none"  # none, step, multistep, exponential, cosine, plateau, onecycle
+    name: str = "onecycle"  # none, step, multistep, exponential, cosine, plateau, onecycle
     warmup_epochs: float = 0.0  # linear warm-up from lr/10 over this many epochs (0: off)
     step_size: int = 10  # step: epochs between decays
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # multistep: decay epochs

@@ -288,12 +288,25 @@ def restore(run: Run, path: Path) -> None:
     ckpt.load_model_state(unwrap(run.model), state["model"], path)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
-        run.scheduler.load_state_dict(state["scheduler"])
+        run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.best_metric, run.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
     run.history = [dict(row) for row in state["history"]]
     run.loader.load_state_dict(state["loader"])
     ckpt.set_rng_state(state["rng"])
+
+
+SPAN_KEYS = ("total_steps", "T_max", "step_size", "milestones", "_milestones")
+
+
+def keep_span(saved: Any, fresh: Any) -> Any:
+    """The saved schedule state, but with the length of the schedule built for this run's epochs,
+    so `--resume --epochs N` can extend a run (identical when the epochs are unchanged)."""
+    if isinstance(saved, dict) and isinstance(fresh, dict):
+        return {k: fresh[k] if k in SPAN_KEYS and k in fresh else keep_span(v, fresh.get(k)) for k, v in saved.items()}
+    if isinstance(saved, list) and isinstance(fresh, list) and len(saved) == len(fresh):
+        return [keep_span(s, f) for s, f in zip(saved, fresh, strict=True)]
+    return saved
 
 
 def finish(run: Run) -> FitResult:
