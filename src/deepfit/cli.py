@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands.add_parser("train", help="train a model and write a run folder"))
     models = commands.add_parser("models", help="list the registered models")
     models.add_argument("action", nargs="?", choices=["list"], default="list")
+    add_show_parser(commands.add_parser("show", help="draw a figure of a run into its plots/ folder"))
+    report = commands.add_parser("report", help="write a run's self-contained HTML report")
+    report.add_argument("run", metavar="RUN", help="run folder or checkpoint")
+    report.add_argument("--out", help="HTML file to write (default RUN/report.html)")
     return parser
 
 
@@ -153,9 +157,37 @@ def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def add_show_parser(parser: argparse.ArgumentParser) -> None:
+    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam"
+    parser.add_argument("kind", metavar="KIND", help=kinds)
+    parser.add_argument("run", metavar="RUN", help="run folder or checkpoint")
+    parser.add_argument("--image", help="an image file for features and gradcam (default: test images)")
+    parser.add_argument("--layer", help="layer name for filters, features and gradcam (a wrong name lists them)")
+    parser.add_argument("--count", type=int, help="how many images (or feature maps) to draw")
+
+
+def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.inspect import ShowOptions, load_run, make_figure
+    from deepfit.plots import save_figure
+
+    run = load_run(args.run)
+    figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
+    print(save_figure(figure, run.run_dir / "plots" / f"{args.kind}.png"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.report import write_report
+
+    print(write_report(args.run, out=args.out))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "train": cmd_train,
     "models": cmd_models,
+    "show": cmd_show,
+    "report": cmd_report,
 }
 ACCEPTS_OVERRIDES = {"train"}
 
