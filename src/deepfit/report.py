@@ -35,7 +35,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2r
 h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
 table { border-collapse: collapse; font-size: .9rem; margin: .5rem 0; }
 th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th { background: #f3f3f3; } table.summary td { text-align: left; } td:first-child, th:first-child { text-align: left; }
 pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .85rem; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-weight: 600; margin-bottom: .3rem; } .note { color: #777; font-style: italic; }
@@ -98,7 +98,7 @@ def summary_section(run: LoadedRun) -> str:
         ("input", f"{c}x{h}x{w}"),
         ("parameters", f"{sum(p.numel() for p in run.model.parameters()):,}"),
     ]
-    return "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>"
+    return "<table class='summary'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
 def metrics_section(path: Path) -> str:
@@ -113,7 +113,7 @@ def format_metric(key: str, value: float) -> str:
         return ""
     if key == "epoch":
         return str(int(value))
-    if key.endswith("acc") or key.endswith("_f1") or key.startswith("top"):
+    if key.endswith(("acc", "f1")) or key.rsplit("_", 1)[-1].startswith("top"):  # shares, shown as %
         return f"{value:.2%}"
     if key == "lr":
         return f"{value:.2e}"
