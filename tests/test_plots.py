@@ -137,3 +137,12 @@ def test_grid_holds_every_panel_with_less_than_a_row_spare(count: int) -> None:
 
 def test_figure_png_is_a_png() -> None:
     assert plots.figure_png(plots.plot_confusion(np.eye(2), ["a", "b"])).startswith(b"\x89PNG")
+
+
+def test_curves_mark_whole_epochs_only() -> None:
+    row = {"epoch": 1.0, "train_loss": 0.5, "val_loss": 0.4, "train_acc": 0.8, "val_acc": 0.85, "lr": 1e-3}
+    fig = plots.plot_curves([row])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        visible = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert visible == [1.0]

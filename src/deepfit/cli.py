@@ -172,7 +172,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     run = load_run(args.run)
     figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
-    print(save_figure(figure, run.run_dir / "plots" / f"{args.kind}.png"))
+    variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
+    print(save_figure(figure, run.run_dir / "plots" / f"{args.kind}{variant}.png"))
     return 0
 
 

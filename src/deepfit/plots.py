@@ -15,6 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Row = dict[str, float]
 
@@ -37,6 +38,10 @@ def plot_curves(rows: list[Row]) -> Figure:
     ax_lr.set_xlabel("epoch")
     ax_lr.set_yscale("log")
     ax_lr.grid(alpha=0.3)
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # a one-epoch run gets tick "1", not 0.96..1.04
     return fig
 
 
@@ -104,7 +109,8 @@ def grid_shape(count: int, *, max_cols: int = 8) -> tuple[int, int]:
 def image_grid(count: int, *, panel: float = 1.6, max_cols: int = 8, title_space: float = 0.45) -> tuple[Figure, list[Axes]]:
     """A figure with `count` image panels (spare grid cells hidden); panel size in inches."""
     rows, cols = grid_shape(count, max_cols=max_cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel, rows * (panel + title_space)), squeeze=False, layout="constrained")
+    width = max(cols * panel, 5.5)  # inches: wide enough for the suptitle even with one panel
+    fig, axes = plt.subplots(rows, cols, figsize=(width, rows * (panel + title_space)), squeeze=False, layout="constrained")
     flat = list(axes.flat)
     for ax in flat:
         ax.set_axis_off()
