@@ -76,11 +76,12 @@ def load_run(path: str | Path) -> LoadedRun:
     """Rebuild a run's model from a run folder (best.pt, else last.pt) or a checkpoint file."""
     path = Path(path)
     state = load_checkpoint(path)
-    config = config_from_dict(state["config"])
-    config.model.weights = None  # the checkpoint holds the weights: never fetch pretrained ones
-    config.model.init_from = None
+    config = config_from_dict(state["config"])  # as the run saved it, for reports
+    architecture = config_from_dict(state["config"]).model
+    architecture.weights = None  # the checkpoint holds the weights: never fetch pretrained ones
+    architecture.init_from = None
     input_shape = (int(state["input_shape"][0]), int(state["input_shape"][1]), int(state["input_shape"][2]))
-    model = build_model(config.model, input_shape=input_shape, num_classes=len(state["classes"]))
+    model = build_model(architecture, input_shape=input_shape, num_classes=len(state["classes"]))
     load_model_state(model, state["model"], path)
     model.eval()
     run_dir = path if path.is_dir() else path.parent.parent  # runs/<name>/checkpoints/best.pt
