@@ -97,6 +97,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: all cores)
     topk: int = 5  # k of the top-k accuracy metric
     progress: bool = True  # draw a progress bar per epoch
+    tta: bool = False  # final test score averages each image's logits with its mirror's (flip-safe data only)
 
 
 @dataclass

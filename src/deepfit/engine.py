@@ -91,14 +91,20 @@ def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions) ->
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, batches: Batches, *, autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits (N, K) in float32 and labels (N,) for `batches`, on the CPU."""
+def predict_logits(
+    model: nn.Module, batches: Batches, *, autocast_dtype: torch.dtype | None = None, tta: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits (N, K) in float32 and labels (N,) for `batches`, on the CPU.
+    tta: average the logits of each image and its left-right mirror (test-time flip augmentation)."""
     model.eval()
     device = next(model.parameters()).device
     outputs, targets = [], []
     for x, y in batches:
         with autocast(device, autocast_dtype):
-            outputs.append(model(x).float())
+            logits = model(x).float()
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)).float())  # x: (B, C, H, W), flip W
+            outputs.append(logits)
         targets.append(y)
     if not outputs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)

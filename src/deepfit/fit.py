@@ -201,8 +201,8 @@ def epoch_row(run: Run, train: dict[str, float], seconds: float) -> Row:
     return row
 
 
-def measure(run: Run, split: Any) -> dict[str, float]:
-    """loss, acc, top-k and macro F1 of the current model on an ImageSet."""
+def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
+    """loss, acc, top-k and macro F1 of the current model on an ImageSet (tta: with mirrored copies)."""
     batches = BatchLoader(
         split,
         batch_size=run.config.data.eval_batch_size,
@@ -211,7 +211,7 @@ def measure(run: Run, split: Any) -> dict[str, float]:
         device=run.device,
         channels_last=run.loader.channels_last,
     )
-    logits, labels = predict_logits(run.model, batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device))
+    logits, labels = predict_logits(run.model, batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
     metrics = classification_metrics(logits, labels, topk=run.config.train.topk)
     metrics["loss"] = float(run.loss_fn(logits, labels))
     return metrics
@@ -314,7 +314,8 @@ def finish(run: Run) -> FitResult:
     if run.config.train.restore_best and run.best_epoch and run.best_epoch != run.epoch:
         best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
         ckpt.load_model_state(unwrap(run.model), best["model"], run.run_dir / "checkpoints" / "best.pt")
-    metrics = {f"test_{k}": v for k, v in measure(run, run.data.test).items()} if run.data.test is not None else {}
+    test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
+    metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
     return FitResult(run.model, run.history, metrics, run.run_dir, run.data, run.stopped_early)

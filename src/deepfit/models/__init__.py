@@ -13,7 +13,7 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 # Importing the modules registers their models.
-from deepfit.models import cnns, mlp  # noqa: E402,F401
+from deepfit.models import cnns, fast, mlp  # noqa: E402,F401
 
 __all__ = ["MODELS", "build_model", "list_models"]
 
