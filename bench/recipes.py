@@ -1,0 +1,86 @@
+"""Time-to-accuracy: each configs/ recipe as a normal `deepfit train` process, timed whole
+(start-up, data loading, training, test), repeated; reports the median wall time and accuracy.
+Run: python bench/recipes.py [--repeats 3] [--recipes mnist-99,...]."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import DATASETS, REPO, machine, save_json
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: str  # file name under configs/
+    dataset: str  # folder under the datasets folder, passed as --data-dir
+    target_acc: float  # test accuracy the recipe must reach, 0..1
+    budget_s: float  # whole-process wall seconds it must stay within (2 CPU cores)
+
+
+RECIPES = {
+    "mnist-99": Recipe("mnist-99.yaml", "mnist", 0.990, 15.0),
+    "fashion-mnist-91": Recipe("fashion-mnist-91.yaml", "fashion-mnist", 0.91, 30.0),
+    "fashion-mnist-93": Recipe("fashion-mnist-93.yaml", "fashion-mnist", 0.93, 120.0),
+}
+DEEPFIT = Path(sys.executable).with_name("deepfit")
+
+
+def run_once(recipe: Recipe, datasets: Path, extra: Sequence[str] = ()) -> tuple[float, float]:
+    """(wall seconds, test accuracy 0..1) of one `deepfit train` process."""
+    with tempfile.TemporaryDirectory(prefix="deepfit-recipe-") as tmp:
+        command = [str(DEEPFIT), "train", "--config", str(REPO / "configs" / recipe.config)]
+        command += ["--data-dir", str(datasets / recipe.dataset), "--no-progress", "--out", f"{tmp}/run", *extra]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
+        wall = time.perf_counter() - started
+    found = re.search(r"test_acc\s+([0-9.]+)%", done.stdout)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return wall, float(found.group(1)) / 100
+
+
+def measure(name: str, recipe: Recipe, datasets: Path, repeats: int) -> dict[str, object]:
+    runs = [run_once(recipe, datasets) for _ in range(repeats)]
+    wall = statistics.median(w for w, _ in runs)
+    acc = statistics.median(a for _, a in runs)
+    return {"recipe": name, **asdict(recipe), "runs": runs, "median_wall_s": wall, "median_acc": acc,
+            "met": acc >= recipe.target_acc and wall <= recipe.budget_s}  # fmt: skip
+
+
+def format_rows(rows: list[dict[str, object]]) -> str:
+    lines = [f"{'recipe':18s} {'median s':>9s} {'budget':>7s} {'median acc':>11s} {'target':>7s}  runs (s, acc)"]
+    for r in rows:
+        runs = ", ".join(f"{w:.1f}s {a * 100:.2f}%" for w, a in r["runs"])  # type: ignore[attr-defined]
+        lines.append(
+            f"{r['recipe']!s:18s} {r['median_wall_s']:9.1f} {r['budget_s']:7.0f} {float(r['median_acc']) * 100:10.2f}% "  # type: ignore[arg-type]
+            f"{float(r['target_acc']) * 100:6.1f}%  {runs}{'' if r['met'] else '  (target missed)'}"  # type: ignore[arg-type]
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
+    parser.add_argument("--datasets", type=Path, default=DATASETS)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = [measure(name, RECIPES[name], args.datasets, args.repeats) for name in args.recipes.split(",") if name]
+    print(format_rows(rows))
+    print(f"wrote {save_json({'machine': machine(), 'recipes': rows}, 'recipes')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
