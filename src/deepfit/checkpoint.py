@@ -1,11 +1,19 @@
 """Self-describing checkpoints: a plain dict of tensors and primitives, written atomically
-(temporary file in the same folder, flush, fsync, rename) and read only with weights_only=True."""
+(temporary file in the same folder, flush, fsync, rename) and read only with weights_only=True.
+
+Loading never runs code: torch.load is always called with an explicit weights_only=True, which
+torch (checked in 2.14) keeps even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; that variable
+only changes calls that leave weights_only unset. There is no fallback to weights_only=False.
+A failed save (full disk, read-only folder, unserialisable state) leaves the previous file
+byte-identical and raises CheckpointSaveError."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import random
+import re
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,14 +25,40 @@ import torch
 from deepfit.errors import CheckpointError
 
 FORMAT_VERSION = 1
+MIN_TORCH = (2, 10)  # earlier releases have known weights_only bypasses (e.g. CVE-2025-32434)
 KIND = "deepfit-checkpoint"
 REQUIRED_KEYS = ("kind", "format_version", "config", "classes", "input_shape", "mean", "std", "model")
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written; the previous one on disk is untouched."""
+
+    exit_code = 74  # EX_IOERR (sysexits.h): the run stopped because its state could not be saved
+
+
+# What torch.save and the file system raise for a state that cannot be serialised or stored.
+SAVE_ERRORS = (OSError, pickle.PicklingError, TypeError, AttributeError, RuntimeError, ValueError)
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` so that `path` holds either the old file or the whole new one."""
+    try:
+        write_atomically(state, path)
+    except SAVE_ERRORS as err:
+        raise CheckpointSaveError(
+            f"could not write checkpoint {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
+        ) from None
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an exception's message (the OS's words for an OSError)."""
+    text = getattr(err, "strerror", None) or str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def write_atomically(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -35,6 +69,18 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the half-written temporary files a killed process left in `folder`; returns them.
+    Call only when no other process writes there (e.g. when a run is resumed)."""
+    stale = sorted(folder.glob(f".*.pt.*{TEMP_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def fsync_dir(folder: Path) -> None:
@@ -72,16 +118,40 @@ def resolve_run_checkpoint(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir} holds no checkpoints/best.pt or checkpoints/last.pt")
 
 
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Refuse torch releases whose weights_only loader has known bypasses."""
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    found = (int(parts.group(1)), int(parts.group(2))) if parts else (0, 0)
+    if found < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise CheckpointError(f"loading checkpoints safely needs torch >= {need}; this is torch {version}; upgrade torch")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "y", "yes", "true")  # torch's own reading
+
+
 def safe_torch_load(path: Path) -> Any:
+    """torch.load with an explicit weights_only=True, from an open file (so no mmap or
+    .safetensors detour by file name). Only tensors, containers and primitives come back."""
+    check_torch_version()
+    if env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD") and env_flag("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        # torch refuses to load at all when both are set; say so instead of "corrupt"
+        raise CheckpointError("unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: deepfit always loads with weights_only=True")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"{path} was refused by safe loading (weights_only=True): {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt): {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from None
+        raise CheckpointError(f"{path} was refused by safe loading (weights_only=True): {reason(err)}") from None
+    except LOAD_ERRORS as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {reason(err)}") from None
+
+
+# What torch.load raises for truncated, corrupt or hostile bytes (beyond UnpicklingError).
+LOAD_ERRORS = (
+    RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError, TypeError,
+    IndexError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, NotImplementedError,
+)  # fmt: skip
 
 
 def check_state(state: Any, path: Path) -> None:

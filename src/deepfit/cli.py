@@ -219,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return NonFiniteError.exit_code
     except (StopRequested, KeyboardInterrupt) as err:
         print(f"deepfit: stopped: {err or 'interrupted'}", file=sys.stderr)
-        return StopRequested.exit_code
+        run_dir = getattr(err, "run_dir", None)
+        if run_dir is not None:
+            print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)
+        return int(getattr(err, "exit_code", StopRequested.exit_code))  # 130 SIGINT, 143 SIGTERM
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from deepfit.data import BatchLoader, DataBundle, build_data
 from deepfit.engine import StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
+from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
 from deepfit.models import build_model
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler
@@ -60,6 +61,8 @@ class Run:
     history: list[Row] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     stopped_early: str | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling; its scale is part of the state
+    signals: StopFlag = field(default_factory=StopFlag)  # SIGINT/SIGTERM seen during training
 
 
 def fit(
@@ -76,12 +79,15 @@ def fit(
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
     run = prepare_run(config, model, data, resume)
-    try:
-        train_epochs(run, progress, on_epoch)
-    except StopRequested:
-        save_state(run, mid_epoch=True)
-        if run.stopped_early != "time limit":
-            raise
+    with stop_on_signals() as run.signals:
+        try:
+            train_epochs(run, progress, on_epoch)
+        except StopRequested as stop:
+            save_state(run, mid_epoch=True)
+            if isinstance(stop, SignalStop):
+                stop.run_dir = run.run_dir
+            if run.stopped_early != "time limit":
+                raise
     return finish(run)
 
 
@@ -106,7 +112,9 @@ def prepare_run(config: Config, model: nn.Module | None, data: DataBundle | None
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
     run_dir = Path(resume) if resume is not None else new_run_dir(config)
     run = Run(config, bundle, net, optimizer, scheduler, loader, loss_fn, device, run_dir)
+    run.scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
     if resume is not None:
+        ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
         restore(run, Path(resume) / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -163,10 +171,11 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
     options = StepOptions(
         scheduler=None if is_plateau else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
         clip_grad=cfg.clip_grad, accumulate=cfg.accumulate,
-        scaler=torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None,
+        scaler=run.scaler,
     )  # fmt: skip
     deadline = run.started + parse_duration(cfg.time_limit) if cfg.time_limit else math.inf
     while run.epoch < cfg.epochs and run.stopped_early is None:
+        run.signals.check()
         started = time.monotonic()
         batches = progress(run.loader, f"epoch {run.epoch + 1}/{cfg.epochs}", len(run.loader)) if progress else run.loader
         train = train_one_epoch(run.model, batches, run.optimizer, run.loss_fn, options=options, on_step=lambda: after_step(run, deadline))
@@ -186,6 +195,8 @@ def after_step(run: Run, deadline: float) -> None:
     aligned = run.loader.position % run.config.train.accumulate == 0
     if every and run.step % every == 0 and aligned and run.loader.position < run.loader.batches_per_epoch:
         save_state(run, mid_epoch=True)
+    if aligned:
+        run.signals.check()  # after the step checkpoint, so a signal costs no finished step
     if time.monotonic() > deadline and aligned:
         run.stopped_early = "time limit"
         raise StopRequested(f"time limit {run.config.train.time_limit} reached")
@@ -262,6 +273,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "model": {k: v.detach().clone() for k, v in unwrap(run.model).state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "epoch": run.epoch,
         "step": run.step,
         "best_metric": run.best_metric,
@@ -289,6 +301,8 @@ def restore(run: Run, path: Path) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.best_metric, run.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
     run.history = [dict(row) for row in state["history"]]
