@@ -9,6 +9,7 @@ byte-identical and raises CheckpointSaveError."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -36,15 +37,24 @@ class CheckpointSaveError(CheckpointError):
     exit_code = 74  # EX_IOERR (sysexits.h): the run stopped because its state could not be saved
 
 
-# What torch.save and the file system raise for a state that cannot be serialised or stored.
-SAVE_ERRORS = (OSError, pickle.PicklingError, TypeError, AttributeError, RuntimeError, ValueError)
+# What torch.save raises for a state it cannot serialise.
+SAVE_ERRORS = (pickle.PicklingError, TypeError, AttributeError, RuntimeError, ValueError, OSError)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` so that `path` holds either the old file or the whole new one."""
+    """Write `state` to `path` so that `path` holds either the old file or the whole new one.
+    Serialising first, in memory, keeps the two failures apart: torch's own writer turns a full
+    disk into an opaque RuntimeError, os.write reports the OS's reason."""
     try:
-        write_atomically(state, path)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
     except SAVE_ERRORS as err:
+        raise CheckpointSaveError(
+            f"could not serialise the checkpoint for {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
+        ) from None
+    try:
+        write_atomically(buffer.getbuffer(), path)
+    except OSError as err:
         raise CheckpointSaveError(
             f"could not write checkpoint {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
         ) from None
@@ -56,19 +66,29 @@ def reason(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def write_atomically(state: dict[str, Any], path: Path) -> None:
+def write_atomically(data: memoryview, path: Path) -> None:
+    """Temporary file in the same folder, every byte written, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """os.write until done (it may write less than asked); a full disk raises OSError(ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 TEMP_SUFFIX = ".tmp"
