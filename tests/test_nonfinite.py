@@ -1,0 +1,93 @@
+"""A NaN/inf loss or gradient stops training at the step where it appears, with a clear message and
+exit code 3; the optimizer never takes that step and no checkpoint is written after it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deepfit.checkpoint import load_checkpoint
+from deepfit.config import Config, set_value
+from deepfit.errors import NonFiniteError
+from deepfit.fit import fit
+
+
+def tiny_config(tiny_idx: Path, out: Path, **overrides: str) -> Config:
+    config = Config()
+    values = {
+        "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "lenet",
+        "train.epochs": "2", "train.progress": "false", "train.out": str(out), "sched.name": "none",
+        "train.checkpoint-every": "1", "train.keep-last": "100",
+    } | overrides  # fmt: skip
+    for key, value in values.items():
+        set_value(config, key, value)
+    return config
+
+
+class FaultAt(nn.Module):
+    """A small classifier that goes wrong on its `bad`-th training forward pass:
+    'loss' makes the logits NaN; 'grad' keeps them finite but makes the gradient NaN
+    (d sqrt(u)/du at u = 0 is inf, times 0 upstream gives NaN)."""
+
+    def __init__(self, bad: int, kind: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(144, 10))
+        self.bad, self.kind, self.calls = bad, kind, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad and self.kind == "loss":
+                return logits * torch.tensor(float("nan"))
+            if self.calls == self.bad and self.kind == "grad":
+                w = self.net[1].weight
+                return logits + 0.0 * torch.sqrt(w - w.detach()).sum()
+        return logits
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+@pytest.mark.parametrize("bad", [1, 5, 9])  # first step, mid-epoch 1, epoch 2 (7 batches per epoch)
+def test_a_fault_stops_at_its_step_and_nothing_is_saved_after_it(tiny_idx: Path, tmp_path: Path, kind: str, bad: int) -> None:
+    model = FaultAt(bad, kind)
+    with pytest.raises(NonFiniteError, match="loss became nan" if kind == "loss" else "gradient became non-finite"):
+        fit(tiny_config(tiny_idx, tmp_path / "run"), model=model)
+    assert model.calls == bad  # stopped within the bad step, not one later
+    folder = tmp_path / "run" / "checkpoints"
+    steps = sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.pt"))
+    assert steps == [s for s in range(1, bad) if s % 7 != 0]  # every step before the bad one; epoch ends write last.pt only
+    if bad == 1:
+        assert not (folder / "last.pt").exists()
+        return
+    last = load_checkpoint(folder / "last.pt")
+    assert last["step"] == bad - 1
+    assert all_finite(last["model"])
+    # the optimizer did not take the bad step: the live weights are still those of step bad-1
+    live = {k: v.detach() for k, v in model.state_dict().items()}
+    assert all(torch.equal(live[k], last["model"][k]) for k in live)
+
+
+def test_a_diverging_run_exits_3_with_a_clear_message(cli, tiny_idx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """No test hooks: an absurd learning rate blows up the weights, the CLI stops the run."""
+    result = cli(
+        "train", "--data", "mnist", "--data-dir", str(tiny_idx), "--model", "lenet", "--epochs", "2", "--no-progress",
+        "--data.batch-size", "16", "--optim.name", "sgd", "--optim.lr", "1e30", "--sched.name", "none",
+        "--out", "r", "--checkpoint-every", "1", "--keep-last", "100",
+    )  # fmt: skip
+    assert result.code == 3, result.err
+    assert re.search(r"deepfit: stopped: (the loss became (nan|inf)|a gradient became non-finite)", result.err), result.err
+    assert "Traceback" not in result.err
+    bad = int(re.search(r"at batch (\d+)", result.err).group(1)) if "at batch" in result.err else None  # type: ignore[union-attr]
+    folder = tmp_path / "r" / "checkpoints"
+    saved = [load_checkpoint(p) for p in folder.glob("*.pt")]
+    assert all(all_finite(s["model"]) and s["step"] < (bad or 10**9) for s in saved)
+    if bad is not None and bad > 1:
+        assert load_checkpoint(folder / "last.pt")["step"] == bad - 1

@@ -1,0 +1,97 @@
+"""Ctrl-C (SIGINT) and SIGTERM during training: a resumable checkpoint at the next step boundary,
+a line saying how to resume, exit code 130 / 143; the resumed run ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from deepfit.checkpoint import load_checkpoint
+from deepfit.config import Config, set_value
+from deepfit.fit import fit
+from deepfit.interrupts import SignalStop, stop_on_signals
+
+
+def tiny_config(tiny_idx: Path, out: Path) -> Config:
+    config = Config()
+    values = {
+        "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn",
+        "train.epochs": "2", "train.progress": "false", "train.out": str(out),
+    }  # fmt: skip
+    for key, value in values.items():
+        set_value(config, key, value)
+    return config
+
+
+def signal_at(batch: int, signum: int) -> Any:
+    """A progress hook that signals this process while handing out the `batch`-th batch (1-based)."""
+    count = [0]
+
+    def progress(batches: Iterable[Any], description: str, total: int) -> Iterable[Any]:
+        for item in batches:
+            count[0] += 1
+            if count[0] == batch:
+                os.kill(os.getpid(), signum)
+            yield item
+
+    return progress
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_at_the_step_boundary_and_the_run_resumes_exactly(tiny_idx: Path, tmp_path: Path, signum: int) -> None:
+    full = fit(tiny_config(tiny_idx, tmp_path / "full"))
+    before = signal.getsignal(signum)
+    with pytest.raises(SignalStop) as stop:
+        fit(tiny_config(tiny_idx, tmp_path / "cut"), progress=signal_at(4, signum))
+    assert stop.value.exit_code == 128 + signum and stop.value.run_dir == tmp_path / "cut"
+    assert signal.getsignal(signum) == before  # handlers put back
+    state = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and state["loader"]["position"] == 4  # the batch in hand was finished, not lost
+    resumed = fit(tiny_config(tiny_idx, tmp_path / "cut"), resume=tmp_path / "cut")
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_handlers_are_only_installed_during_training() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as flag:
+        assert signal.getsignal(signal.SIGINT) != before
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signum == signal.SIGINT  # recorded, not raised
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_the_cli_prints_how_to_resume_and_exits_with_a_distinct_code(tiny_idx: Path, tmp_path: Path, signum: int, code: int) -> None:
+    """A real process, a real signal at a random moment of training."""
+    command = [sys.executable, "-m", "deepfit.cli", "train", "--data", "mnist", "--data-dir", str(tiny_idx), "--model", "cnn_bn"]
+    command += ["--epochs", "200", "--no-progress", "--data.batch-size", "16", "--out", "run"]
+    child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()  # the first epoch line: training is under way
+    time.sleep(0.3)
+    sent = time.time()
+    child.send_signal(signum)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    assert f"resume with: deepfit train --resume {Path('run')}" in err and "Traceback" not in err
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert last.stat().st_mtime >= sent - 0.01  # written after the signal, not the previous epoch's
+    state = load_checkpoint(last)
+    done = subprocess.run(
+        [sys.executable, "-m", "deepfit.cli", "train", "--resume", "run", "--epochs", str(state["epoch"] + 1), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(last)["epoch"] == state["epoch"] + 1
