@@ -79,7 +79,7 @@ def test_malicious_checkpoints_are_refused_without_side_effect(
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "marker"
     path = write_payload(payloads(marker)[name], tmp_path / "evil.pt", fmt)
-    with pytest.raises(CheckpointError, match="refused by safe loading|not a readable checkpoint") as err:
+    with pytest.raises(CheckpointError, match="refused by safe loading") as err:
         load_checkpoint(path)
     assert str(path) in str(err.value)
     assert not marker.exists()

@@ -83,7 +83,7 @@ def test_the_cli_prints_how_to_resume_and_exits_with_a_distinct_code(tiny_idx: P
     time.sleep(0.3)
     sent = time.time()
     child.send_signal(signum)
-    out, err = child.communicate(timeout=120)
+    _out, err = child.communicate(timeout=120)
     assert child.returncode == code, err
     assert f"resume with: deepfit train --resume {Path('run')}" in err and "Traceback" not in err
     last = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -112,13 +112,18 @@ def prepare_run(config: Config, model: nn.Module | None, data: DataBundle | None
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
     run_dir = Path(resume) if resume is not None else new_run_dir(config)
     run = Run(config, bundle, net, optimizer, scheduler, loader, loss_fn, device, run_dir)
-    run.scaler = torch.amp.GradScaler("cuda") if config.train.precision == "fp16" else None
+    run.scaler = build_scaler(config.train.precision, device)
     if resume is not None:
         ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
         restore(run, Path(resume) / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     return run
+
+
+def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; its current scale and growth count are saved with the run."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def use_channels_last(setting: str, model: nn.Module) -> bool:
