@@ -53,12 +53,25 @@ def read_bytes(path: Path) -> bytes:
         return data
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-            out = stream.read(MAX_IDX_BYTES + 1)
+            out = read_capped(stream, MAX_IDX_BYTES + 1)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path} is a damaged gzip file: {err}") from None
     if len(out) > MAX_IDX_BYTES:
         raise DataError(f"{path} decompresses to more than {MAX_IDX_BYTES} bytes")
     return out
+
+
+def read_capped(stream: gzip.GzipFile, limit: int) -> bytes:
+    """Up to `limit` bytes in 1 MiB chunks: stream.read(limit) would allocate all `limit` bytes
+    up front, 2 GiB for a 25-byte file (found by tests/test_fuzz.py)."""
+    chunks, total = [], 0
+    while total < limit:
+        chunk = stream.read(min(2**20, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def read_idx_images(path: Path) -> torch.Tensor:
