@@ -1,0 +1,86 @@
+"""What the non-finite guard costs: the same training loop (engine.train_one_epoch) with
+StepOptions(check_finite=True) and False, on the same synthetic batches, timed in alternating
+rounds so machine load hits both alike. Reports the median seconds per step and the guard's
+share of step time (the promise: at most 10%).
+
+    .venv/bin/python bench/guard.py [--models lenet cnn_bn mlp] [--steps 60] [--rounds 7] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, save_json
+from deepfit.config import ModelConfig
+from deepfit.engine import StepOptions, train_one_epoch
+from deepfit.models import build_model
+
+
+def synthetic_batches(steps: int, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, 1, 28, 28) normal noise with random labels, already on the device."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(batch, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+        for _ in range(steps)
+    ]
+
+
+def seconds_per_step(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], check: bool) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    options = StepOptions(check_finite=check)
+    device = batches[0][0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    train_one_epoch(model, batches, optimizer, loss_fn, options=options)  # reads the meters once: a sync at the end
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / len(batches)
+
+
+def measure(name: str, steps: int, rounds: int, batch: int, device: torch.device) -> dict[str, float | str]:
+    model = build_model(ModelConfig(name=name), input_shape=(1, 28, 28), num_classes=10).to(device)
+    batches = synthetic_batches(steps, batch, device)
+    seconds_per_step(model, batches[:5], True)  # warm-up
+    on, off = [], []
+    for i in range(rounds):  # alternate the order so drift in machine load cancels
+        for check in (True, False) if i % 2 == 0 else (False, True):
+            (on if check else off).append(seconds_per_step(model, batches, check))
+    t_on, t_off = statistics.median(on), statistics.median(off)
+    return {
+        "model": name,
+        "ms_per_step_guard_on": 1e3 * t_on,
+        "ms_per_step_guard_off": 1e3 * t_off,
+        "overhead_pct": 100 * (t_on - t_off) / t_off,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lenet", "cnn_bn", "mlp"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [measure(name, args.steps, args.rounds, args.batch, device) for name in args.models]
+    print(f"non-finite guard on {device}, batch {args.batch}, median of {args.rounds} rounds x {args.steps} steps")
+    for row in rows:
+        print(
+            f"{row['model']:>8}: {row['ms_per_step_guard_off']:.2f} ms/step off, {row['ms_per_step_guard_on']:.2f} on, overhead {row['overhead_pct']:+.1f}%"
+        )
+    print(save_json({"machine": machine(), "device": str(device), "rows": rows}, f"guard-{device.type}"))
+
+
+if __name__ == "__main__":
+    main()
