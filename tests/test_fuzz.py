@@ -189,3 +189,19 @@ def test_image_decoder(tmp_path: Path, examples: int) -> None:
     originals = image_bytes(tmp_path)
     strategy = st.one_of(st.sampled_from(originals).flatmap(lambda b: mutated(b)), st.binary(max_size=600))
     fuzz("image", examples, strategy, decode, tmp_path, ".png")
+
+
+# --- inputs the fuzzer found, kept as plain regression cases ------------------------------------
+
+FOUND = [
+    ("idx", b"\x1f\x8b\x08\x00\xc0+\x06k\x02\xffc`\xe0``\x00\x00\xa5\xa61\xc8\x05\x00\x00\x00"),  # gzip read(2 GiB) preallocated
+    ("idx", b'\x00\x00\x08\x03\x00\x00\x00\x00\xb5\x04\xc4\x17\xb5\x05"Q'),  # shape (0, 3e9, 3e9): numpy ValueError
+    ("checkpoint", b"X\x00\x00\x00\x04"),  # file.read(n) preallocated 64 MiB
+    ("checkpoint", b"\x80\x02X\xff\xff\xff\x7f"),  # a 2 GiB string declared in 7 bytes
+]
+
+
+@pytest.mark.parametrize(("kind", "data"), FOUND)
+def test_inputs_the_fuzzer_found(tmp_path: Path, kind: str, data: bytes) -> None:
+    read = read_any_idx if kind == "idx" else load_checkpoint
+    fuzz(f"found-{kind}", 1, st.just(data), read, tmp_path, ".bin")

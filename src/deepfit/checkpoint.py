@@ -152,15 +152,17 @@ def env_flag(name: str) -> bool:
 
 
 def safe_torch_load(path: Path) -> Any:
-    """torch.load with an explicit weights_only=True, from an open file (so no mmap or
+    """torch.load with an explicit weights_only=True, from bytes in memory (so no mmap or
     .safetensors detour by file name). Only tensors, containers and primitives come back."""
     check_torch_version()
     if env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD") and env_flag("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         # torch refuses to load at all when both are set; say so instead of "corrupt"
         raise CheckpointError("unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: deepfit always loads with weights_only=True")
     try:
-        with path.open("rb") as handle:
-            return torch.load(handle, map_location="cpu", weights_only=True)
+        # From memory, not the open file: a real file's read(n) allocates n bytes before reading,
+        # so a 7-byte pickle declaring a 2 GiB string cost 2 GiB (found by tests/test_fuzz.py);
+        # BytesIO.read(n) returns only what is there.
+        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} was refused by safe loading (weights_only=True): {reason(err)}") from None
     except LOAD_ERRORS as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,15 @@ def read_idx(path: Path) -> np.ndarray:
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: IDX header is truncated or declares no dimensions")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # python ints: no int64 wrap-around
     if len(raw) - header != expected:
         raise DataError(
             f"{path}: IDX header declares shape {shape} ({expected} bytes) but the file holds {len(raw) - header} bytes of data"
         )
-    return np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header).reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header).reshape(shape)
+    except ValueError:  # e.g. (0, 3e9, 3e9): zero bytes, but more elements per row than numpy can index
+        raise DataError(f"{path}: IDX header declares an impossible shape {shape}") from None
 
 
 def read_bytes(path: Path) -> bytes:
