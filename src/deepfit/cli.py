@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write a run's self-contained HTML report")
     report.add_argument("run", metavar="RUN", help="run folder or checkpoint")
     report.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    add_evaluate_parser(commands.add_parser("evaluate", help="score a trained model: per-class metrics, confusion matrix"))
+    add_export_parser(commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch"))
     return parser
 
 
@@ -184,11 +186,46 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (best.pt, else last.pt) or checkpoint file")
+    parser.add_argument("--data", help="dataset name or path to score on (default: the run's own data)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "all"], help="which split (default test)")
+    parser.add_argument("--tta", choices=["flip"], help="average each image with its mirror (flip-safe data only)")
+
+
+def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.evaluation import evaluate_checkpoint, format_report
+
+    result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta)
+    print(format_report(result.report))
+    print(f"report: {result.report_path}")
+    print(f"confusion matrix: {result.figure_path}")
+    return 0
+
+
+def add_export_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or checkpoint file")
+    parser.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="file format")
+    parser.add_argument("--out", metavar="FILE", help="file to write (default RUN/export/model.onnx or .torchscript.pt)")
+
+
+def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.export import TOLERANCE, export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, format=args.format, out=args.out)
+    sizes = ", ".join(str(b) for b in result.batch_sizes)
+    print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {TOLERANCE:g}; batches of {sizes})")
+    print(f"{result.format}: {result.path}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "train": cmd_train,
     "models": cmd_models,
     "show": cmd_show,
     "report": cmd_report,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
 }
 ACCEPTS_OVERRIDES = {"train"}
 

@@ -1,0 +1,186 @@
+"""`deepfit export`: a checkpoint -> a self-contained ONNX or TorchScript file with a dynamic batch
+dimension. The file carries the class names and the preprocessing (ONNX metadata_props,
+TorchScript extra file deepfit.json), and every export checks itself: the written file is run
+(onnxruntime / torch.jit.load) on sample inputs and compared with the PyTorch model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfit.errors import DeepfitError
+from deepfit.trained import TrainedModel, load_trained_model, run_folder
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+TOLERANCE = 1e-4  # largest absolute logit difference an export may show against PyTorch
+CHECK_BATCHES = (1, 5)  # sample batch sizes run through the exported file (export traces with 2)
+EXTRA_FILE = "deepfit.json"  # the TorchScript extra file holding classes and preprocessing
+METADATA_VERSION = 1
+
+
+class ExportError(DeepfitError):
+    """An export that could not be written, or whose file does not compute what the model does."""
+
+
+class ExportMismatch(ExportError):
+    """The exported file runs but its outputs differ from PyTorch's beyond TOLERANCE."""
+
+    exit_code = 1
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    max_abs_diff: float  # largest |exported - PyTorch| logit over the sample inputs
+    batch_sizes: tuple[int, ...]  # sample batch sizes the check ran
+
+
+def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None = None) -> ExportResult:
+    """Export a run folder or checkpoint; the written file has been checked against PyTorch."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    trained = load_trained_model(path)
+    target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    example = sample_inputs(trained, 2, seed=0)
+    if format == "onnx":
+        write_onnx(trained, example, target)
+    else:
+        write_torchscript(trained, example, target)
+    diff = verify(trained, target, format)
+    if not diff <= TOLERANCE:  # also catches NaN
+        target.unlink(missing_ok=True)
+        raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
+    return ExportResult(target, format, diff, CHECK_BATCHES)
+
+
+def default_out(given: Path, checkpoint: Path, format: str) -> Path:
+    """runs/<name>/export/model.onnx for a run; <checkpoint stem>.onnx beside a bare checkpoint."""
+    run_dir = run_folder(given) or run_folder(checkpoint)
+    if run_dir is not None:
+        return run_dir / "export" / f"model{SUFFIXES[format]}"
+    return checkpoint.with_suffix("").with_name(checkpoint.stem + SUFFIXES[format])
+
+
+def metadata(trained: TrainedModel) -> dict[str, Any]:
+    """What a consumer needs besides the graph: class names and how to prepare an image."""
+    c, h, w = trained.input_shape
+    return {
+        "deepfit_metadata_version": METADATA_VERSION,
+        "classes": list(trained.classes),
+        "input_shape": [c, h, w],
+        "mean": list(trained.mean),
+        "std": list(trained.std),
+        "input_layout": "NCHW float32",
+        "preprocessing": f"resize to {h}x{w}, {c} channel(s), x = (pixels / 255 - mean) / std per channel",
+        "output": "logits (N, num_classes); softmax gives probabilities",
+        "model": trained.config.model.name,
+    }
+
+
+def sample_inputs(trained: TrainedModel, batch: int, *, seed: int) -> torch.Tensor:
+    """Random uint8 images prepared exactly like real ones: (batch, C, H, W) float32."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, *trained.input_shape), generator=generator, dtype=torch.uint8)
+    x, _ = next(iter(trained.batches(images, batch_size=batch)))
+    return x.cpu()
+
+
+def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                trained.model.cpu(), (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                input_names=["input"], output_names=["logits"], verbose=False, external_data=False,
+            )  # fmt: skip
+    except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
+        raise ExportError(f"ONNX export of {trained.config.model.name} failed: {type(err).__name__}: {first_line(err)}") from None
+    assert program is not None
+    proto = program.model_proto
+    for key, value in metadata(trained).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(target))
+
+
+def write_torchscript(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+            scripted = torch.jit.trace(trained.model.cpu(), example, check_trace=False)
+            extra = {EXTRA_FILE: json.dumps(metadata(trained))}
+            torch.jit.save(scripted, str(target), _extra_files=extra)
+    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
+        raise ExportError(f"TorchScript export of {trained.config.model.name} failed: {type(err).__name__}: {first_line(err)}") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def verify(trained: TrainedModel, target: Path, format: str) -> float:
+    """Largest absolute logit difference between the written file and the PyTorch model."""
+    run = onnx_runner(target) if format == "onnx" else torchscript_runner(target)
+    worst = 0.0
+    for i, batch in enumerate(CHECK_BATCHES):
+        x = sample_inputs(trained, batch, seed=1 + i)
+        with torch.inference_mode():
+            expected = trained.model.cpu()(x).float().numpy()
+        got = run(x.numpy())
+        if got.shape != expected.shape:
+            raise ExportMismatch(f"{format} export returns shape {got.shape} for a batch of {batch}, the model {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def onnx_runner(target: Path) -> Any:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: np.asarray(session.run(None, {name: x})[0])
+
+
+def torchscript_runner(target: Path) -> Any:
+    extra = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        loaded = torch.jit.load(str(target), map_location="cpu", _extra_files=extra)
+    if not extra[EXTRA_FILE]:
+        raise ExportError(f"{target} lost its {EXTRA_FILE} extra file")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return np.asarray(loaded(torch.from_numpy(x)).float().numpy())
+
+    return run
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The deepfit metadata of an exported ONNX file (JSON values decoded)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {key: decode(value) for key, value in props.items()}
+
+
+def decode(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

@@ -1,0 +1,96 @@
+"""A trained model rebuilt from nothing but its checkpoint: the architecture and weights, the
+class names and the training preprocessing (input shape, normalisation). Shared by evaluation,
+predict and export, which sit side by side in the layers and may not import each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepfit.checkpoint import load_checkpoint, load_model_state
+from deepfit.config import Config, config_from_dict
+from deepfit.data import BatchLoader, ImageSet
+from deepfit.errors import CheckpointError, ConfigError
+from deepfit.models import build_model
+
+
+@dataclass
+class TrainedModel:
+    """A model in eval mode plus everything needed to feed it images the way it was trained."""
+
+    path: Path  # the checkpoint file that was read
+    model: nn.Module
+    config: Config  # the run's resolved config, as saved
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # (C, H, W) the model expects
+    mean: tuple[float, ...]  # per-channel, pixels on the 0..1 scale
+    std: tuple[float, ...]
+    flip_ok: bool  # a mirrored image keeps its class (test-time flip allowed)
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def batches(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 256) -> BatchLoader:
+        """uint8 (N, C, H, W) -> normalised float batches on the model's device, through the same
+        BatchLoader training used (bit-identical preprocessing); labels default to zeros."""
+        if labels is None:
+            labels = torch.zeros(images.shape[0], dtype=torch.long)
+        return BatchLoader(ImageSet(images, labels), batch_size=batch_size, mean=self.mean, std=self.std, device=self.device)
+
+
+def load_trained_model(path: str | Path, *, device: torch.device | None = None) -> TrainedModel:
+    """Rebuild the model a checkpoint (or a run folder: best.pt, else last.pt) describes.
+    Every problem with the file is a CheckpointError: missing, empty, corrupt, unsafe, another
+    format version, a config or architecture this deepfit cannot build, weights that do not fit."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    file = path if path.is_file() else resolved_file(path)
+    try:
+        config = config_from_dict(state["config"])
+        architecture = config_from_dict(state["config"]).model
+        architecture.weights = None  # the checkpoint holds the weights: never fetch pretrained ones
+        architecture.init_from = None
+        input_shape = shape_of(state["input_shape"])
+        classes = [str(name) for name in state["classes"]]
+        model = build_model(architecture, input_shape=input_shape, num_classes=len(classes))
+    except (ConfigError, TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{file}: cannot rebuild its model: {err}") from None
+    load_model_state(model, state["model"], file)
+    target = device if device is not None else torch.device("cpu")
+    model = model.to(target).eval()
+    mean = tuple(float(m) for m in state["mean"])
+    std = tuple(float(s) for s in state["std"])
+    if len(mean) != input_shape[0] or len(std) != input_shape[0]:
+        raise CheckpointError(f"{file}: normalisation stats have {len(mean)} channels, the input has {input_shape[0]}")
+    return TrainedModel(file, model, config, classes, input_shape, mean, std, bool(state.get("flip_ok", False)), target)
+
+
+def resolved_file(run_dir: Path) -> Path:
+    """The file load_checkpoint read for a run folder."""
+    best = run_dir / "checkpoints" / "best.pt"
+    return best if best.is_file() else run_dir / "checkpoints" / "last.pt"
+
+
+def shape_of(value: object) -> tuple[int, int, int]:
+    """[C, H, W] from a checkpoint -> (C, H, W) of positive ints."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"input_shape must be [C, H, W], got {value!r}")
+    c, h, w = (int(v) for v in value)
+    if min(c, h, w) <= 0:
+        raise ValueError(f"input_shape must be positive, got {value!r}")
+    return c, h, w
+
+
+def run_folder(path: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (runs/<name>/checkpoints/x.pt), or None for a bare file."""
+    if path.is_dir():
+        return path
+    parent = path.parent
+    if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
+        return parent.parent
+    return None
