@@ -1,0 +1,179 @@
+"""`deepfit evaluate`: the report agrees exactly with scikit-learn's confusion_matrix and
+classification_report on the same predictions, the predictions agree with a model rebuilt by hand
+from the checkpoint, and the files land in the run folder (or beside a bare checkpoint)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import classification_report, confusion_matrix
+
+from deepfit.cli import main
+from deepfit.config import config_from_dict
+from deepfit.evaluation import Evaluation, evaluate_checkpoint
+from deepfit.models import build_model
+from tests.conftest import write_tiny_idx
+
+TINY = ("--epochs", "1", "--no-progress", "--data.batch-size", "16", "--model", "lenet", "--data.val-fraction", "0.2")
+
+
+def train(out: Path, data_dir: Path, *extra: str, data: str = "mnist") -> Path:
+    assert main(["train", "--data", data, "--data-dir", str(data_dir), *TINY, "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lenet epoch on a tiny noisy dataset: good enough to learn, bad enough to confuse classes."""
+    root = tmp_path_factory.mktemp("eval")
+    data = write_tiny_idx(root / "idx", train=200, test=120, side=12, seed=3)
+    return train(root / "run", data, "--optim.lr", "3e-4")
+
+
+def check_against_sklearn(result: Evaluation) -> None:
+    """Every number of the report equals scikit-learn's on the same labels and predictions."""
+    report, y, p = result.report, result.labels, result.predictions
+    k = len(report.classes)
+    assert np.array_equal(np.array(report.confusion), confusion_matrix(y, p, labels=list(range(k))))
+    oracle: dict[str, Any] = classification_report(
+        y, p, labels=list(range(k)), target_names=report.classes, output_dict=True, zero_division=0
+    )
+    assert report.accuracy == pytest.approx(float(np.mean(y == p)), abs=1e-12)
+    for scores in report.per_class:
+        expected = oracle[scores.name]
+        assert (scores.precision, scores.recall, scores.f1) == pytest.approx(
+            (expected["precision"], expected["recall"], expected["f1-score"]), abs=1e-12
+        )
+        assert scores.support == expected["support"]
+    for mine, theirs in ((report.macro, "macro avg"), (report.weighted, "weighted avg")):
+        expected = oracle[theirs]
+        assert (mine.precision, mine.recall, mine.f1) == pytest.approx(
+            (expected["precision"], expected["recall"], expected["f1-score"]), abs=1e-12
+        )
+        assert mine.support == expected["support"] == len(y)
+
+
+def reference_logits(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    """The model rebuilt by hand from the checkpoint, images normalised the textbook way."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = config_from_dict(state["config"])
+    model = build_model(config.model, input_shape=tuple(state["input_shape"]), num_classes=len(state["classes"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    mean = torch.tensor(state["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(state["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        return model((images.float() / 255 - mean) / std)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """A minimal IDX reader (uint8 data), independent of deepfit's."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw[4 + 4 * dims :], dtype=np.uint8).reshape(shape)
+
+
+def test_report_equals_sklearn_and_a_hand_rebuilt_model(tiny_run: Path) -> None:
+    result = evaluate_checkpoint(tiny_run)
+    check_against_sklearn(result)
+    assert 0 < result.report.accuracy < 1, "the tiny run should make some mistakes, else the check is weak"
+    data = tiny_run.parent / "idx"
+    images = torch.from_numpy(read_idx(data / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
+    labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")
+    assert np.array_equal(result.labels, labels)
+    logits = reference_logits(tiny_run / "checkpoints" / "best.pt", images)
+    assert np.array_equal(result.predictions, logits.argmax(1).numpy())
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64))))
+    assert result.report.loss == pytest.approx(expected_loss, rel=1e-4)
+    topk = logits.topk(result.report.topk, dim=1).indices.numpy()
+    assert result.report.topk_accuracy == pytest.approx(float(np.mean((topk == labels[:, None]).any(1))))
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells(tiny_run: Path) -> None:
+    report = evaluate_checkpoint(tiny_run, write=False).report
+    matrix = np.array(report.confusion)
+    off = matrix - np.diag(np.diag(matrix))
+    counts = [pair.count for pair in report.most_confused]
+    assert counts == sorted(off.flatten().tolist(), reverse=True)[: len(counts)]
+    assert counts and all(c > 0 for c in counts)
+    for pair in report.most_confused:
+        t, p = report.classes.index(pair.true), report.classes.index(pair.predicted)
+        assert matrix[t, p] == pair.count and pair.share == pytest.approx(pair.count / matrix[t].sum())
+
+
+def test_cli_prints_a_table_and_writes_report_and_figure(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tiny_run / "report.json").read_text())
+    for name in saved["classes"]:
+        assert f"\n{name} " in out
+    assert "macro avg" in out and "weighted avg" in out and f"{saved['accuracy']:.2%}" in out
+    assert saved["split"] == "test" and saved["images"] == 120 and saved["tta"] is False
+    assert set(saved["averages"]) == {"macro", "weighted"}
+    with Image.open(tiny_run / "plots" / "confusion.png") as figure:
+        assert figure.size[0] > 200
+
+
+def test_val_split_matches_the_training_validation_score(tiny_run: Path) -> None:
+    """The seeded validation split rebuilds exactly: its accuracy is the val_acc of best.pt's epoch."""
+    report = evaluate_checkpoint(tiny_run, split="val", write=False).report
+    state = torch.load(tiny_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    best = next(row for row in state["history"] if int(row["epoch"]) == int(state["best_epoch"]))
+    assert report.images == 40
+    assert report.accuracy == pytest.approx(best["val_acc"], abs=1e-6)
+
+
+def test_bare_checkpoint_writes_beside_itself(tiny_run: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "model.pt"
+    shutil.copy(tiny_run / "checkpoints" / "best.pt", bare)
+    result = evaluate_checkpoint(bare)
+    assert result.report_path == tmp_path / "model.report.json" and result.report_path.is_file()
+    assert result.figure_path == tmp_path / "model.confusion.png" and result.figure_path.is_file()
+
+
+def test_tta_flip_refused_where_mirrors_change_the_class(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tiny_run), "--tta", "flip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flip" in err and "Traceback" not in err
+
+
+def test_tta_flip_averages_each_image_with_its_mirror(tmp_path: Path) -> None:
+    data = write_tiny_idx(tmp_path / "idx", train=100, test=30, side=12)
+    run = train(tmp_path / "run", data, data="fashion-mnist")  # same files; fashion-mnist allows flips
+    result = evaluate_checkpoint(run, tta="flip", write=False)
+    images = torch.from_numpy(read_idx(data / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
+    checkpoint = run / "checkpoints" / "best.pt"
+    averaged = reference_logits(checkpoint, images) + reference_logits(checkpoint, images.flip(3))
+    assert result.report.tta is True
+    assert np.array_equal(result.predictions, averaged.argmax(1).numpy())
+    check_against_sklearn(result)
+
+
+def test_unknown_split_and_missing_split_are_one_line_errors(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tiny_run), "--split", "nope"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    no_val = train(tiny_run.parent / "noval", tiny_run.parent / "idx", "--data.val-fraction", "0", "--train.monitor", "train_acc")
+    assert main(["evaluate", str(no_val), "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no val split" in err
+
+
+def test_fashion_mnist_report_equals_sklearn(fashion_dir: Path, tmp_path: Path) -> None:
+    """The real-data check: one lenet epoch on Fashion-MNIST, evaluated on the 10,000 test images."""
+    run = train(tmp_path / "fm", fashion_dir, data="fashion-mnist")
+    result = evaluate_checkpoint(run)
+    check_against_sklearn(result)
+    assert np.array_equal(result.labels, read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz"))
+    assert result.report.images == 10_000 and result.report.accuracy > 0.7
+    state = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert result.report.accuracy == pytest.approx(json.loads((run / "report.json").read_text())["accuracy"])
+    assert state["classes"] == result.report.classes
