@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file to write (default RUN/report.html)")
     add_evaluate_parser(commands.add_parser("evaluate", help="score a trained model: per-class metrics, confusion matrix"))
     add_export_parser(commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch"))
+    add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs or CSV pixel rows"))
     return parser
 
 
@@ -219,6 +220,41 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def add_predict_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or checkpoint file")
+    parser.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (recursive), globs or CSV files")
+    parser.add_argument("--topk", type=int, default=3, help="classes to list per image (default 3)")
+    parser.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    import csv
+    import json
+
+    from deepfit.predict import Predictor, csv_rows, format_table
+
+    if args.topk < 1:
+        raise UsageError("--topk must be at least 1")
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    result = predictor.predict_paths(args.paths, topk=args.topk, progress=None if args.no_progress else tqdm_files)
+    for failure in result.failures:
+        print(f"deepfit: cannot predict {failure.path}: {failure.reason}", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps([p.to_dict() for p in result.predictions], indent=2))
+    elif args.format == "csv":
+        csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(result.predictions))
+    elif result.predictions:
+        print(format_table(result.predictions))
+    return 1 if result.failures else 0
+
+
+def tqdm_files(items: Iterable[Any], description: str, total: int) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, leave=False, unit="file", dynamic_ncols=True, file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "train": cmd_train,
     "models": cmd_models,
@@ -226,6 +262,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "report": cmd_report,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
+    "predict": cmd_predict,
 }
 ACCEPTS_OVERRIDES = {"train"}
 
