@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One lenet epoch on a tiny noisy dataset: good enough to learn, bad enough to confuse classes."""
     root = tmp_path_factory.mktemp("eval")
     data = write_tiny_idx(root / "idx", train=200, test=120, side=12, seed=3)
-    return train(root / "run", data, "--optim.lr", "3e-4")
+    return train(root / "run", data)
 
 
 def check_against_sklearn(result: Evaluation) -> None:
@@ -86,6 +86,7 @@ def test_report_equals_sklearn_and_a_hand_rebuilt_model(tiny_run: Path) -> None:
     result = evaluate_checkpoint(tiny_run)
     check_against_sklearn(result)
     assert 0 < result.report.accuracy < 1, "the tiny run should make some mistakes, else the check is weak"
+    assert len(np.unique(result.predictions)) > 3
     data = tiny_run.parent / "idx"
     images = torch.from_numpy(read_idx(data / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
     labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")
@@ -177,3 +178,27 @@ def test_fashion_mnist_report_equals_sklearn(fashion_dir: Path, tmp_path: Path) 
     state = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert result.report.accuracy == pytest.approx(json.loads((run / "report.json").read_text())["accuracy"])
     assert state["classes"] == result.report.classes
+
+
+def test_data_option_scores_another_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--data NAME rebuilds that source instead of the run's (same class names: scikit-learn's 8x8
+    digits for a model trained on 8x8 MNIST-format data), keeping the checkpoint's normalisation;
+    a source whose classes the model does not know is refused."""
+    from sklearn.datasets import load_digits
+
+    from deepfit.data.sources import load_digits_source
+
+    run = train(tmp_path / "run", write_tiny_idx(tmp_path / "mnist", side=8), "--model", "mlp")
+    result = evaluate_checkpoint(run, data="digits", write=False)
+    check_against_sklearn(result)
+    expected_counts = [round(n * 0.2) for n in np.bincount(load_digits().target)]  # its fixed stratified 20% test split
+    assert result.report.data == "digits" and np.bincount(result.labels, minlength=10).tolist() == expected_counts
+    test_split = load_digits_source().test  # the images, to check the checkpoint's own normalisation was used
+    assert test_split is not None and np.array_equal(test_split.labels.numpy(), result.labels)
+    logits = reference_logits(run / "checkpoints" / "best.pt", test_split.images)
+    assert np.array_equal(result.predictions, logits.argmax(1).numpy())
+    monkeypatch.setenv("DEEPFIT_DATASETS", str(tmp_path / "sets"))
+    write_tiny_idx(tmp_path / "sets" / "fashion-mnist", side=8)
+    assert main(["evaluate", str(run), "--data", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "classes the model does not know" in err

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("predict")
     data = write_tiny_idx(root / "idx", train=200, test=60, side=SIDE, seed=5)
     args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--model", "lenet"]
-    assert main([*args, "--data.batch-size", "16", "--optim.lr", "3e-4", "--out", str(root / "run")]) == 0
+    assert main([*args, "--data.batch-size", "16", "--out", str(root / "run")]) == 0
     return root / "run"
 
 
