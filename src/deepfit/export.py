@@ -49,7 +49,7 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     """Export a run folder or checkpoint; the written file has been checked against PyTorch."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
-    trained = load_trained_model(path)
+    trained = load_trained_model(path, channels_last=False)  # exported graphs take plain NCHW
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
     target.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(trained, 2, seed=0)

@@ -5,6 +5,7 @@ checkpoint's channels and H x W, then normalised by the same BatchLoader code.""
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 from collections.abc import Callable, Iterable, Sequence
@@ -158,11 +159,18 @@ class Predictor:
 
 def decode(source: Path | bytes, *, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """An image file or encoded bytes -> uint8 (C, H, W) by the data package's decoder."""
+    return torch.as_tensor(image_decoder()(source, channels=channels, size=size))
+
+
+@functools.cache
+def image_decoder() -> Callable[..., Any]:
+    """The data package's decode_image, looked up once (a failed import per file cost 70 us)."""
     try:
         from deepfit.data.folder import decode_image
     except ImportError:  # until the image-folder source lands (issue: data); same contract
-        return decode_with_pil(source, channels=channels, size=size)
-    return torch.as_tensor(decode_image(source, channels=channels, size=size))
+        return decode_with_pil
+    decoder: Callable[..., Any] = decode_image
+    return decoder
 
 
 def decode_with_pil(source: Path | bytes, *, channels: int, size: tuple[int, int]) -> torch.Tensor:

@@ -30,6 +30,7 @@ class TrainedModel:
     std: tuple[float, ...]
     flip_ok: bool  # a mirrored image keeps its class (test-time flip allowed)
     device: torch.device
+    channels_last: bool = False  # model and batches in channels-last memory layout (conv models)
 
     @property
     def num_classes(self) -> int:
@@ -40,10 +41,17 @@ class TrainedModel:
         BatchLoader training used (bit-identical preprocessing); labels default to zeros."""
         if labels is None:
             labels = torch.zeros(images.shape[0], dtype=torch.long)
-        return BatchLoader(ImageSet(images, labels), batch_size=batch_size, mean=self.mean, std=self.std, device=self.device)
+        return BatchLoader(
+            ImageSet(images, labels),
+            batch_size=batch_size,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+            channels_last=self.channels_last,
+        )
 
 
-def load_trained_model(path: str | Path, *, device: torch.device | None = None) -> TrainedModel:
+def load_trained_model(path: str | Path, *, device: torch.device | None = None, channels_last: bool | None = None) -> TrainedModel:
     """Rebuild the model a checkpoint (or a run folder: best.pt, else last.pt) describes.
     Every problem with the file is a CheckpointError: missing, empty, corrupt, unsafe, another
     format version, a config or architecture this deepfit cannot build, weights that do not fit."""
@@ -63,11 +71,21 @@ def load_trained_model(path: str | Path, *, device: torch.device | None = None) 
     load_model_state(model, state["model"], file)
     target = device if device is not None else torch.device("cpu")
     model = model.to(target).eval()
+    layout = use_channels_last(config.model.channels_last, model) if channels_last is None else channels_last
+    if layout:
+        model = model.to(memory_format=torch.channels_last)
     mean = tuple(float(m) for m in state["mean"])
     std = tuple(float(s) for s in state["std"])
     if len(mean) != input_shape[0] or len(std) != input_shape[0]:
         raise CheckpointError(f"{file}: normalisation stats have {len(mean)} channels, the input has {input_shape[0]}")
-    return TrainedModel(file, model, config, classes, input_shape, mean, std, bool(state.get("flip_ok", False)), target)
+    return TrainedModel(file, model, config, classes, input_shape, mean, std, bool(state.get("flip_ok", False)), target, layout)
+
+
+def use_channels_last(setting: str, model: nn.Module) -> bool:
+    """As in training: 'auto' is on for convolutional models (max-pool is faster channels-last)."""
+    if setting != "auto":
+        return setting == "on"
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def resolved_file(run_dir: Path) -> Path:
