@@ -4,7 +4,7 @@ harness pointed at a naive `torch.save(state, path)` finds corrupt files, so the
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import random
 import signal
 import subprocess
@@ -43,13 +43,13 @@ def naive_save(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
 
 
-def write_forever(save: Callable[[dict[str, Any], Path], None], path: Path, ready: int) -> None:
-    """Child process body: save new versions to `path` until killed; byte to `ready` after the first."""
+def write_forever(save: Callable[[dict[str, Any], Path], None], path: Path, ready: Any) -> None:
+    """Child process body: save new versions to `path` until killed; set `ready` after the first."""
     version = 0
     while True:
         save(big_state(version), path)
         if version == 0:
-            os.write(ready, b"x")
+            ready.set()
         version += 1
 
 
@@ -68,29 +68,33 @@ def loads(path: Path) -> bool:
         return False
 
 
+def writer_context() -> Any:
+    """Children forked from a single-threaded server that has imported torch already: they start
+    in milliseconds, and unlike a fork of the multi-threaded test process they cannot inherit a
+    lock some other thread held (which deadlocked a child in an earlier version of this test)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "deepfit.checkpoint", "tests.test_kill"])
+    return context
+
+
 def kill_writer(save: Callable[[dict[str, Any], Path], None], folder: Path, kills: int, rng: random.Random) -> Counts:
-    """Fork a writer (torch is already imported, so a child starts in milliseconds), let it finish
-    one save, SIGKILL it after a random delay, check the file; `kills` times."""
-    counts, path = Counts(), folder / "last.pt"
+    """Start a writer, let it finish one save, SIGKILL it after a random delay (or as soon as a
+    write is under way), check the file; `kills` times."""
+    counts, path, context = Counts(), folder / "last.pt", writer_context()
     folder.mkdir(parents=True, exist_ok=True)
     for _ in range(kills):
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never returns into pytest
-            try:
-                os.close(ready_r)
-                write_forever(save, path, ready_w)
-            finally:
-                os._exit(1)
-        os.close(ready_w)
-        os.read(ready_r, 1)  # the first save is complete
-        os.close(ready_r)
-        if rng.random() < 0.5:
-            time.sleep(rng.uniform(0.0, 0.25))
-        else:  # aim: kill as soon as a write is under way (deepfit's temporary file exists)
-            wait_for(lambda: bool(list(folder.glob(".*.tmp"))), seconds=rng.uniform(0.0, 0.25))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        ready = context.Event()
+        child = context.Process(target=write_forever, args=(save, path, ready), daemon=True)
+        child.start()
+        try:
+            assert ready.wait(timeout=60), "the writer never finished its first save"
+            if rng.random() < 0.5:
+                time.sleep(rng.uniform(0.0, 0.25))
+            else:  # aim: kill as soon as a write is under way (deepfit's temporary file exists)
+                wait_for(lambda: bool(list(folder.glob(".*.tmp"))), seconds=rng.uniform(0.0, 0.25))
+        finally:
+            child.kill()  # SIGKILL
+            child.join()
         counts.kills += 1
         counts.mid_save += len(list(folder.glob(".*.tmp")))
         counts.corrupt += not loads(path)
