@@ -6,7 +6,7 @@ IDX test set, and checks that every file gets the prediction its IDX image got. 
 on the folder (images/s, reading + decoding + model) and one image from a warm Predictor (median
 of 100 calls).
 
-    .venv/bin/python bench/predict.py --checkpoint RUN_OR_CHECKPOINT [--data-dir DIR] [--keep DIR]
+    .venv/bin/python bench/predict.py --checkpoint RUN_OR_CHECKPOINT [--data-dir DIR] [--keep DIR] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -87,6 +87,17 @@ def compare(checkpoint: str, folder: Path, index: dict[str, int]) -> dict[str, o
     }
 
 
+def throughput(checkpoint: str, folder: Path, repeats: int) -> dict[str, object]:
+    """images/s of Predictor.predict_paths on the folder (listing, reading, decoding, model), per repeat."""
+    predictor = Predictor.from_checkpoint(checkpoint)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        count = len(predictor.predict_paths([str(folder)]).predictions)
+        rates.append(count / (time.perf_counter() - started))
+    return {"predict_paths_images_per_s": rates, "predict_paths_images_per_s_median": statistics.median(rates)}
+
+
 def latency(checkpoint: str, image: Path, repeats: int = 100) -> dict[str, float]:
     """Median and p90 ms of Predictor.predict on one file path, after warm-up calls."""
     predictor = Predictor.from_checkpoint(checkpoint)
@@ -114,6 +125,7 @@ def main_bench() -> None:
     parser.add_argument("--checkpoint", required=True, help="a Fashion-MNIST run folder or checkpoint")
     parser.add_argument("--data-dir", default=str(DATASETS / "fashion-mnist"))
     parser.add_argument("--keep", help="write the PNG folder here instead of a temp dir")
+    parser.add_argument("--repeats", type=int, default=5, help="throughput runs over the folder")
     args = parser.parse_args()
     predictor = Predictor.from_checkpoint(args.checkpoint)
     with tempfile.TemporaryDirectory(prefix="deepfit-pngs-") as tmp:
@@ -122,6 +134,7 @@ def main_bench() -> None:
         index = write_pngs(Path(args.data_dir), predictor.classes, folder)
         written = time.perf_counter() - started
         figures = compare(args.checkpoint, folder, index)
+        figures.update(throughput(args.checkpoint, folder, args.repeats))
         figures.update(latency(args.checkpoint, next(iter(index))))
     figures["png_write_seconds"] = written
     print(json.dumps(figures, indent=2))

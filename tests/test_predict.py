@@ -184,4 +184,4 @@ def test_progress_bar_for_many_files(tiny_run: Path, cli, tmp_path: Path) -> Non
         Image.fromarray(image, mode="L").save(tmp_path / f"{i}.png")
     result = cli("predict", str(tiny_run), str(tmp_path), "--format", "json")
     assert result.code == 0 and len(json.loads(result.out)) == 120
-    assert "reading" in result.err and "120" in result.err
+    assert "predicting" in result.err and "120" in result.err

@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 CSV_SUFFIX = ".csv"
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (items, description, total) -> items
 PROGRESS_MIN = 100  # fewer files than this get no progress bar
+CHUNK = 2048  # decoded images held before they are classified
 
 
 class PredictError(DeepfitError):
@@ -130,11 +131,12 @@ class Predictor:
         """Files, folders (recursively), globs and CSV files of pixel rows; unreadable ones become
         failures with the reason and the rest are still predicted."""
         files, failures = expand_paths(items)
-        images: list[torch.Tensor] = []
-        names: list[str] = []
         listed: Iterable[Path] = files
         if progress is not None and len(files) >= PROGRESS_MIN:
-            listed = progress(files, "reading", len(files))
+            listed = progress(files, "predicting", len(files))
+        predictions: list[Prediction] = []
+        images: list[torch.Tensor] = []
+        names: list[str] = []
         for path in listed:
             try:
                 decoded, labels = self.read_file(path)
@@ -143,8 +145,12 @@ class Predictor:
                 continue
             images.append(decoded)
             names += labels
-        stacked = torch.cat(images) if images else self.empty()
-        return PathPredictions(self.classify(stacked, names, topk=topk), failures)
+            if len(names) >= CHUNK:  # classify as we go: memory stays bounded for any folder size
+                predictions += self.classify(torch.cat(images), names, topk=topk)
+                images, names = [], []
+        if names:
+            predictions += self.classify(torch.cat(images), names, topk=topk)
+        return PathPredictions(predictions, failures)
 
     def read_file(self, path: Path) -> tuple[torch.Tensor, list[str]]:
         """(N, C, H, W) uint8 and a name per image: one for an image file, one per CSV row."""
