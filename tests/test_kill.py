@@ -143,7 +143,10 @@ def kill_training(root: Path, kills: int, rng: random.Random) -> Counts:
         started = time.monotonic()
         while not (folder / "last.pt").exists() and child.poll() is None and time.monotonic() - started < 120:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 1.0))
+        if i % 2:
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # aim: wait for a save to be under way (its temporary file exists), then kill
+            wait_for(lambda: bool(list(folder.glob(".*.tmp"))), seconds=rng.uniform(0.2, 2.0))
         child.send_signal(signal.SIGKILL)
         _, err = child.communicate()
         counts.kills += 1
@@ -165,3 +168,4 @@ def test_deepfit_train_killed_at_random_moments_always_resumes(tmp_path: Path, k
     counts = kill_training(tmp_path, kills, random.Random(60))
     print(f"\ndeepfit train under SIGKILL: {counts}")
     assert counts.kills == kills and counts.corrupt == 0 and counts.failed_resumes == 0
+    assert counts.mid_save > 0  # some kills did land inside a save
