@@ -168,9 +168,10 @@ def test_unknown_split_and_missing_split_are_one_line_errors(tiny_run: Path, cap
     assert len(err.splitlines()) == 1 and "no val split" in err
 
 
+@pytest.mark.data
 def test_fashion_mnist_report_equals_sklearn(fashion_dir: Path, tmp_path: Path) -> None:
     """The real-data check: one lenet epoch on Fashion-MNIST, evaluated on the 10,000 test images."""
-    run = train(tmp_path / "fm", fashion_dir, data="fashion-mnist")
+    run = train(tmp_path / "fm", fashion_dir, "--data.batch-size", "256", data="fashion-mnist")  # later flags win
     result = evaluate_checkpoint(run)
     check_against_sklearn(result)
     assert np.array_equal(result.labels, read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz"))
