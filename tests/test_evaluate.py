@@ -203,3 +203,19 @@ def test_data_option_scores_another_source(tmp_path: Path, monkeypatch: pytest.M
     assert main(["evaluate", str(run), "--data", "fashion-mnist"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "classes the model does not know" in err
+
+
+def test_split_all_scores_every_image_of_the_source(tiny_run: Path) -> None:
+    result = evaluate_checkpoint(tiny_run, split="all", write=False)
+    assert result.report.split == "all" and result.report.images == 200 + 120
+    check_against_sklearn(result)
+
+
+def test_html_report_shows_the_evaluation(tiny_run: Path) -> None:
+    from deepfit.report import write_report
+
+    evaluate_checkpoint(tiny_run)
+    section = write_report(tiny_run).read_text().split("<h2>Evaluation</h2>", 1)[1].split("<h2>", 1)[0]
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert "per class" in section and "most confused" in section and "averages" in section
+    assert all(f"<td>{name}</td>" in section for name in report["classes"])

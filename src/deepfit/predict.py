@@ -201,7 +201,7 @@ def read_csv_images(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
         from deepfit.data.csv_rows import read_pixel_csv
     except ImportError:  # until the CSV source lands (issue: data)
         return read_csv_with_numpy(path, shape)
-    return read_pixel_csv(path, image_shape=shape).images
+    return read_pixel_csv(path, image_shape="x".join(map(str, shape))).images  # "CxHxW", as data.image_shape
 
 
 def read_csv_with_numpy(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
