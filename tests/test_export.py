@@ -178,3 +178,18 @@ def test_torchscript_predicts_in_a_process_without_deepfit(tmp_path: Path) -> No
     expected = pytorch_logits(checkpoint, (torch.from_numpy(pixels).float() / 255 - mean) / std)
     assert np.abs(np.array(answer["logits"]) - expected).max() <= 1e-4
     assert answer["labels"] == [CLASSES[i] for i in expected.argmax(1)]
+
+
+def test_an_exported_file_that_cannot_run_is_one_line_and_removed(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import deepfit.export
+
+    def broken_runner(target: Path):  # type: ignore[no-untyped-def]
+        def run(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("unsupported operator\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(deepfit.export, "onnx_runner", broken_runner)
+    result = cli("export", str(write_checkpoint(tmp_path / "model.pt")), "--format", "onnx")
+    assert result.code == 2 and result.err.count("\n") == 1 and "unsupported operator" in result.err
+    assert not (tmp_path / "model.onnx").exists()

@@ -57,7 +57,11 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
         write_onnx(trained, example, target)
     else:
         write_torchscript(trained, example, target)
-    diff = verify(trained, target, format)
+    try:
+        diff = verify(trained, target, format)
+    except ExportError:
+        target.unlink(missing_ok=True)
+        raise
     if not diff <= TOLERANCE:  # also catches NaN
         target.unlink(missing_ok=True)
         raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
@@ -141,7 +145,12 @@ def verify(trained: TrainedModel, target: Path, format: str) -> float:
         x = sample_inputs(trained, batch, seed=1 + i)
         with torch.inference_mode():
             expected = trained.model.cpu()(x).float().numpy()
-        got = run(x.numpy())
+        try:
+            got = run(x.numpy())
+        except Exception as err:  # any runtime failure means the file is not usable as written
+            raise ExportError(
+                f"the {format} file could not be run on a batch of {batch}: {type(err).__name__}: {first_line(err)}"
+            ) from None
         if got.shape != expected.shape:
             raise ExportMismatch(f"{format} export returns shape {got.shape} for a batch of {batch}, the model {expected.shape}")
         worst = max(worst, float(np.abs(got - expected).max()))
@@ -151,7 +160,10 @@ def verify(trained: TrainedModel, target: Path, format: str) -> float:
 def onnx_runner(target: Path) -> Any:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
+        raise ExportError(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
     name = session.get_inputs()[0].name
     return lambda x: np.asarray(session.run(None, {name: x})[0])
 
