@@ -17,7 +17,7 @@ from PIL import Image
 
 from deepfit.cli import main
 from deepfit.evaluation import evaluate_checkpoint
-from deepfit.predict import Prediction, Predictor, decode
+from deepfit.predict import PredictError, Prediction, Predictor, decode
 from tests.conftest import write_tiny_idx
 from tests.test_evaluate import reference_logits
 
@@ -117,8 +117,6 @@ def test_topk_is_capped_and_sorted(predictor: Predictor, tiny_run: Path) -> None
 
 
 def test_unusable_inputs_raise_clear_errors(predictor: Predictor) -> None:
-    from deepfit.predict import PredictError
-
     for bad in (object(), np.zeros((2, 3, 4, 5, 6)), np.zeros((7, 7, 7)), np.full((5, 5), np.nan), np.zeros((5, 5), dtype=bool)):
         with pytest.raises(PredictError):
             predictor.predict(bad)
@@ -185,3 +183,27 @@ def test_progress_bar_for_many_files(tiny_run: Path, cli, tmp_path: Path) -> Non
     result = cli("predict", str(tiny_run), str(tmp_path), "--format", "json")
     assert result.code == 0 and len(json.loads(result.out)) == 120
     assert "predicting" in result.err and "120" in result.err
+
+
+def test_gray_files_feed_a_colour_model_and_colour_files_a_gray_one(tmp_path: Path) -> None:
+    """A 3-channel model gets a grayscale file with the gray copied into R, G and B."""
+    from tests.test_export import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "rgb.pt", "lenet", input_shape=(3, 16, 16))
+    predictor = Predictor.from_checkpoint(checkpoint)
+    gray = np.random.default_rng(1).integers(0, 256, size=(16, 16), dtype=np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "gray.png")
+    rgb = torch.from_numpy(np.repeat(gray[None], 3, axis=0)).unsqueeze(0)  # (1, 3, H, W)
+    probabilities = torch.softmax(reference_logits(checkpoint, rgb), dim=1)[0]
+    check(predictor.predict(tmp_path / "gray.png")[0], probabilities, predictor.classes)
+    check(predictor.predict(Image.fromarray(gray, mode="L"))[0], probabilities, predictor.classes)
+
+
+def test_batch_size_does_not_change_the_answer(tiny_run: Path) -> None:
+    images = tiny_test_images(tiny_run)[:, None]  # (N, 1, H, W)
+    together = Predictor.from_checkpoint(tiny_run, batch_size=64).predict(images)
+    one_by_one = Predictor.from_checkpoint(tiny_run, batch_size=1).predict(images)
+    with pytest.raises(PredictError, match="batch of gray images"):
+        Predictor.from_checkpoint(tiny_run).predict(images[:, 0])  # (N, H, W): one image or N? refused
+    assert [p.index for p in together] == [p.index for p in one_by_one]
+    assert [p.probability for p in together] == pytest.approx([p.probability for p in one_by_one], abs=1e-5)

@@ -266,7 +266,9 @@ def hwc(array: np.ndarray, *, channels_first: bool) -> np.ndarray:
         return array.transpose(1, 2, 0)
     if last:
         return array
-    raise PredictError(f"cannot tell the channels of an image array of shape {tuple(array.shape)}; use (H, W, C) or (C, H, W)")
+    raise PredictError(
+        f"cannot tell the channels of an image array of shape {tuple(array.shape)}; use (H, W, C) or (C, H, W); pass a batch of gray images as (N, 1, H, W), (N, H, W, 1) or a list"
+    )
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
