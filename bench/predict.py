@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,20 +88,21 @@ def compare(checkpoint: str, folder: Path, index: dict[str, int]) -> dict[str, o
     }
 
 
-def throughput(checkpoint: str, folder: Path, repeats: int) -> dict[str, object]:
+def throughput(checkpoint: str, folder: Path, repeats: int, threads: int = 0) -> dict[str, object]:
     """images/s of Predictor.predict_paths on the folder (listing, reading, decoding, model), per repeat."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, threads=threads)
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
         count = len(predictor.predict_paths([str(folder)]).predictions)
         rates.append(count / (time.perf_counter() - started))
-    return {"predict_paths_images_per_s": rates, "predict_paths_images_per_s_median": statistics.median(rates)}
+    suffix = f"_{threads}thread" if threads else ""
+    return {f"predict_paths_images_per_s{suffix}": rates, f"predict_paths_images_per_s_median{suffix}": statistics.median(rates)}
 
 
-def latency(checkpoint: str, image: Path, repeats: int = 100) -> dict[str, float]:
+def latency(checkpoint: str, image: Path, repeats: int = 100, threads: int = 0) -> dict[str, float]:
     """Median and p90 ms of Predictor.predict on one file path, after warm-up calls."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, threads=threads)
     pixels = np.asarray(Image.open(image))
     for _ in range(10):
         predictor.predict(str(image))
@@ -113,10 +115,11 @@ def latency(checkpoint: str, image: Path, repeats: int = 100) -> dict[str, float
         predictor.predict(pixels)
         times_array.append((time.perf_counter() - started) * 1000)
     times_path.sort()
+    suffix = f"_{threads}thread" if threads else ""
     return {
-        "latency_path_median_ms": statistics.median(times_path),
-        "latency_path_p90_ms": times_path[int(0.9 * len(times_path))],
-        "latency_array_median_ms": statistics.median(times_array),
+        f"latency_path_median_ms{suffix}": statistics.median(times_path),
+        f"latency_path_p90_ms{suffix}": times_path[int(0.9 * len(times_path))],
+        f"latency_array_median_ms{suffix}": statistics.median(times_array),
     }
 
 
@@ -125,7 +128,7 @@ def main_bench() -> None:
     parser.add_argument("--checkpoint", required=True, help="a Fashion-MNIST run folder or checkpoint")
     parser.add_argument("--data-dir", default=str(DATASETS / "fashion-mnist"))
     parser.add_argument("--keep", help="write the PNG folder here instead of a temp dir")
-    parser.add_argument("--repeats", type=int, default=5, help="throughput runs over the folder")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs over the folder")
     args = parser.parse_args()
     predictor = Predictor.from_checkpoint(args.checkpoint)
     with tempfile.TemporaryDirectory(prefix="deepfit-pngs-") as tmp:
@@ -134,8 +137,13 @@ def main_bench() -> None:
         index = write_pngs(Path(args.data_dir), predictor.classes, folder)
         written = time.perf_counter() - started
         figures = compare(args.checkpoint, folder, index)
+        threads = torch.get_num_threads()
         figures.update(throughput(args.checkpoint, folder, args.repeats))
-        figures.update(latency(args.checkpoint, next(iter(index))))
+        figures.update(throughput(args.checkpoint, folder, args.repeats, threads=1))
+        torch.set_num_threads(threads)
+        figures.update(latency(args.checkpoint, next(iter(index))))  # torch's default threads
+        figures.update(latency(args.checkpoint, next(iter(index)), threads=1))
+        torch.set_num_threads(threads)
     figures["png_write_seconds"] = written
     print(json.dumps(figures, indent=2))
     print(f"saved {save_json({'machine': machine(), 'checkpoint': args.checkpoint, 'figures': figures}, 'predict')}")
