@@ -219,3 +219,15 @@ def test_html_report_shows_the_evaluation(tiny_run: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert "per class" in section and "most confused" in section and "averages" in section
     assert all(f"<td>{name}</td>" in section for name in report["classes"])
+
+
+def test_relabel_maps_source_classes_onto_the_model_by_name() -> None:
+    from deepfit.data import ImageSet
+    from deepfit.evaluation import relabel
+
+    images = ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2, 1]))
+    mapped = relabel(images, ["cat", "dog", "owl"], ["owl", "cat", "dog", "eel"], "folder")
+    assert mapped.labels.tolist() == [1, 2, 0, 2]
+    assert relabel(images, ["a", "b", "c"], ["a", "b", "c"], "same") is images
+    with pytest.raises(Exception, match="classes the model does not know: yak"):
+        relabel(images, ["cat", "yak", "owl"], ["owl", "cat", "dog"], "folder")
