@@ -1,0 +1,127 @@
+"""CSV pixel rows (.csv or .csv.gz): one image per row, the label first, then its pixels 0..255;
+a header row is optional; the shape comes from data.image_shape (CxHxW) or a square guess."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepfit.data.bundle import ImageSet, SourceData
+from deepfit.errors import DataError
+
+__all__ = ["load_csv_source", "parse_image_shape", "read_pixel_csv"]
+
+
+def parse_image_shape(text: str) -> tuple[int, int, int]:
+    """'1x28x28' -> (1, 28, 28); 'HxW' means one channel."""
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) == 2:
+        dims = (1, *dims)
+    if len(dims) != 3 or min(dims) < 1:
+        raise DataError(f"data.image_shape {text!r} is not CxHxW (for example 1x28x28)")
+    return dims[0], dims[1], dims[2]
+
+
+def guess_shape(pixels: int) -> tuple[int, int, int]:
+    """A square one-channel image, or a square three-channel one."""
+    for channels in (1, 3):
+        side = math.isqrt(pixels // channels)
+        if pixels % channels == 0 and side * side * channels == pixels:
+            return channels, side, side
+    raise DataError(f"rows have {pixels} pixel values, not a square image; pass --data.image-shape CxHxW")
+
+
+def read_lines(path: Path) -> list[bytes]:
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+    return raw.replace(b"\r\n", b"\n").split(b"\n")
+
+
+def is_header(line: bytes) -> bool:
+    first = line.split(b",", 1)[0].strip().strip(b'"')
+    try:
+        float(first)
+    except ValueError:
+        return True
+    return False
+
+
+def read_pixel_csv(path: str | Path, *, image_shape: str | None = None) -> ImageSet:
+    """CSV rows 'label,p0,p1,...' -> ImageSet uint8 (N, C, H, W) + int64 labels; every malformed
+    row is reported with its line number (1-based, header included)."""
+    path = Path(path)
+    lines = read_lines(path)
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if numbered and is_header(numbered[0][1]):
+        numbered = numbered[1:]
+    if not numbered:
+        raise DataError(f"{path} has no data rows")
+    widths = [line.count(b",") + 1 for _, line in numbered]
+    width = widths[0] if image_shape is None else math.prod(parse_image_shape(image_shape)) + 1
+    wrong = [(n, w) for (n, _), w in zip(numbered, widths, strict=True) if w != width]
+    if wrong:
+        n, w = wrong[0]
+        raise DataError(f"{path} line {n}: {w} values, expected {width} (label + pixels); {len(wrong)} row(s) like this")
+    shape = parse_image_shape(image_shape) if image_shape else guess_shape(width - 1)
+    values = parse_values(path, numbered, width)
+    pixels = values[:, 1:]
+    check_range(path, numbered, pixels)
+    labels = values[:, 0]
+    if np.any(labels < 0) or np.any(labels != np.round(labels)):
+        row = int(np.argmax((labels < 0) | (labels != np.round(labels))))
+        raise DataError(f"{path} line {numbered[row][0]}: label {labels[row]:g} is not a whole number >= 0")
+    images = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, *shape))
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def parse_values(path: Path, numbered: list[tuple[int, bytes]], width: int) -> np.ndarray:
+    """All values as float64 (rows, width); on failure, find the first row that is not numbers."""
+    try:
+        return np.array(b",".join(line for _, line in numbered).split(b","), dtype=np.float64).reshape(-1, width)
+    except ValueError:
+        pass
+    for n, line in numbered:
+        for value in line.split(b","):
+            try:
+                float(value)
+            except ValueError:
+                raise DataError(f"{path} line {n}: {value.decode(errors='replace').strip()!r} is not a number") from None
+    raise DataError(f"{path}: cannot parse the rows as numbers")
+
+
+def check_range(path: Path, numbered: list[tuple[int, bytes]], pixels: np.ndarray) -> None:
+    bad = (pixels < 0) | (pixels > 255) | (pixels != np.round(pixels)) | ~np.isfinite(pixels)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path} line {numbered[row][0]}: pixel {col + 1} = {pixels[row, col]:g} is not a whole number in 0-255")
+
+
+def load_csv_source(path: Path, *, image_shape: str | None) -> SourceData:
+    """A CSV as a training set (a seeded validation split is taken later); a sibling file whose
+    name says test (train.csv -> test.csv) becomes the test split."""
+    train = read_pixel_csv(path, image_shape=image_shape)
+    test_path = sibling_test(path)
+    test = read_pixel_csv(test_path, image_shape=image_shape) if test_path else None
+    top = int(train.labels.max()) if test is None else int(max(train.labels.max(), test.labels.max()))
+    classes = [str(i) for i in range(top + 1)]
+    origin = str(path) + (f" (test: {test_path})" if test_path else "")
+    return SourceData(train=train, test=test, classes=classes, flip_ok=False, origin=origin)
+
+
+def sibling_test(path: Path) -> Path | None:
+    if "train" not in path.name:
+        return None
+    candidate = path.with_name(path.name.replace("train", "test"))
+    return candidate if candidate.is_file() else None
