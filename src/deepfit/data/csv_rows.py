@@ -32,6 +32,8 @@ def parse_image_shape(text: str) -> tuple[int, int, int]:
 
 def guess_shape(pixels: int) -> tuple[int, int, int]:
     """A square one-channel image, or a square three-channel one."""
+    if pixels < 1:
+        raise DataError("rows have a label but no pixel values")
     for channels in (1, 3):
         side = math.isqrt(pixels // channels)
         if pixels % channels == 0 and side * side * channels == pixels:
