@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(commands.add_parser("evaluate", help="score a trained model: per-class metrics, confusion matrix"))
     add_export_parser(commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch"))
     add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs or CSV pixel rows"))
+    add_data_parser(commands.add_parser("data", help="describe a data source or draw a grid of its labelled samples"))
     return parser
 
 
@@ -137,6 +138,10 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":
             print(f"resume with: deepfit train --resume {result.run_dir}")
+    if result.data.skipped:
+        from deepfit.fit import SKIPPED_FILE
+
+        print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
     for key in ("test_acc", "test_loss"):
         if key in result.metrics:
             value = result.metrics[key]
@@ -255,6 +260,53 @@ def tqdm_files(items: Iterable[Any], description: str, total: int) -> Iterable[A
     return tqdm(items, desc=description, total=total, leave=False, unit="file", dynamic_ncols=True, file=sys.stderr)
 
 
+def add_data_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["info", "show"], help="info: splits, classes, shape, stats; show: a PNG grid of samples")
+    parser.add_argument("source", metavar="SOURCE", help="dataset name (digits, mnist, cifar10, ...) or a folder, .zip, .csv or .csv.gz")
+    parser.add_argument("--data-dir", help="folder holding the dataset files")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    parser.add_argument("--seed", default="0", help="seed of the validation split and of the samples shown")
+    parser.add_argument("--out", metavar="PNG", help="show: the file to write (default SOURCE-samples.png)")
+    parser.add_argument("--count", type=int, default=32, help="show: how many samples (default 32)")
+    parser.epilog = "Data settings are given as in train: --data.image-size 64 --data.channels 3 --data.skip-bad true ..."
+
+
+def data_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
+    """The train config's data section from SOURCE, --data-dir, --download and --data.* overrides."""
+    config = Config()
+    set_value(config, "data.name", args.source)
+    set_value(config, "train.seed", args.seed)
+    if args.data_dir is not None:
+        set_value(config, "data.dir", args.data_dir)
+    config.data.download = bool(args.download)
+    for key, value in parse_overrides(extra):
+        if not key.startswith("data."):
+            raise UsageError(f"--{key}: deepfit data takes only --data.* settings")
+        set_value(config, key, value)
+    return config
+
+
+def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.data import build_data
+    from deepfit.data.bundle import describe_bundle
+
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    config = data_config(args, extra)
+    bundle = build_data(config.data, seed=config.train.seed)
+    if args.action == "info":
+        print(describe_bundle(bundle))
+        return 0
+    from deepfit.inspect import choose_sample
+    from deepfit.plots import plot_samples, save_figure
+
+    chosen = bundle.train.subset(choose_sample(len(bundle.train), args.count, seed=config.train.seed))
+    title = f"{args.source}: {len(chosen)} of {len(bundle.train):,} training images"
+    figure = plot_samples(chosen.images.numpy(), chosen.labels.numpy(), bundle.classes, title=title)
+    print(save_figure(figure, Path(args.out or f"{Path(args.source).stem}-samples.png")))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "train": cmd_train,
     "models": cmd_models,
@@ -263,8 +315,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "predict": cmd_predict,
+    "data": cmd_data,
 }
-ACCEPTS_OVERRIDES = {"train"}
+ACCEPTS_OVERRIDES = {"train", "data"}
 
 
 def run(argv: Sequence[str]) -> int:

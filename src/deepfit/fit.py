@@ -118,7 +118,21 @@ def prepare_run(config: Config, model: nn.Module | None, data: DataBundle | None
         restore(run, Path(resume) / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
+    if bundle.skipped:
+        save_skipped(bundle.skipped, run_dir / SKIPPED_FILE)
     return run
+
+
+SKIPPED_FILE = "skipped_files.csv"  # the bad files data.skip_bad left out: path, reason
+
+
+def save_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:

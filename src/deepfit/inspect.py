@@ -265,10 +265,8 @@ def samples_figure(run: LoadedRun, options: ShowOptions) -> Figure:
     assert isinstance(train, ImageSet)
     index = choose_sample(len(train), options.count or 32, seed=run.config.train.seed)
     subset = train.subset(index)
-    # Until deepfit.plots.plot_samples (the data engineer's) lands: labels drawn as hits of a predictions grid.
-    fig = plots.plot_predictions(subset.images.numpy(), subset.labels.numpy(), subset.labels.numpy(), run.classes)
-    fig.suptitle(f"Training samples and their labels ({len(subset)} of {len(train)})", fontsize=10)
-    return fig
+    title = f"Training samples and their labels ({len(subset)} of {len(train)})"
+    return plots.plot_samples(subset.images.numpy(), subset.labels.numpy(), run.classes, title=title)
 
 
 def predictions_figure(run: LoadedRun, options: ShowOptions) -> Figure:

@@ -145,6 +145,18 @@ def plot_predictions(
     return fig
 
 
+def plot_samples(images: np.ndarray, labels: np.ndarray, classes: list[str], *, title: str | None = None) -> Figure:
+    """A grid of images (N, C, H, W) uint8, each titled with its class name."""
+    fig, axes = image_grid(max(len(images), 1))
+    for i, ax in enumerate(axes[: len(images)]):
+        show_image(ax, images[i])
+        ax.set_title(classes[int(labels[i])], fontsize=8)
+    if len(images) == 0:
+        axes[0].text(0.5, 0.5, "no images", ha="center", va="center", fontsize=12)
+    fig.suptitle(title or f"{len(images)} samples and their labels", fontsize=10)
+    return fig
+
+
 MISTAKE_COLOR = "#d62728"  # red
 HIT_COLOR = "#2ca02c"  # green
 

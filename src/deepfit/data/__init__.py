@@ -1,13 +1,17 @@
-"""Datasets: the DATASETS registry of named sources and build_data() -> DataBundle."""
+"""Datasets: the DATASETS registry of named sources, paths to folders/zips/CSVs, and
+build_data() -> DataBundle."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from deepfit.config import DataConfig
-from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats, split_validation
+from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats, conform, split_validation
 from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader
-from deepfit.data.sources import load_digits_source, load_idx_source
+from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load_path_source
+from deepfit.data.sources import load_digits_source
+from deepfit.errors import DataError
 from deepfit.registry import Registry
 
 __all__ = [
@@ -33,12 +37,17 @@ def _digits(config: DataConfig, seed: int) -> SourceData:
 
 @DATASETS.register("mnist")
 def _mnist(config: DataConfig, seed: int) -> SourceData:
-    return load_idx_source("mnist", data_dir=config.dir, download=config.download)
+    return load_idx_cached("mnist", config)
 
 
 @DATASETS.register("fashion-mnist")
 def _fashion_mnist(config: DataConfig, seed: int) -> SourceData:
-    return load_idx_source("fashion-mnist", data_dir=config.dir, download=config.download)
+    return load_idx_cached("fashion-mnist", config)
+
+
+@DATASETS.register("cifar10")
+def _cifar10(config: DataConfig, seed: int) -> SourceData:
+    return load_cifar10(config)
 
 
 def list_datasets() -> list[str]:
@@ -46,13 +55,35 @@ def list_datasets() -> list[str]:
 
 
 def load_source(config: DataConfig, *, seed: int) -> SourceData:
-    """Decode the source named by `config.name` (a registered dataset) into memory."""
-    return DATASETS.get(config.name)(config, seed)
+    """Decode `config.name` into memory: a registered dataset, or a path to an image folder,
+    a .zip of one, or a .csv/.csv.gz of pixel rows."""
+    if config.name in DATASETS:
+        return DATASETS.get(config.name)(config, seed)
+    path = Path(config.name).expanduser()
+    if is_data_path(path):
+        return load_path_source(path, config)
+    raise DataError(unknown_source_message(config.name, path))
+
+
+def unknown_source_message(name: str, path: Path) -> str:
+    names = ", ".join(list_datasets())
+    if path.exists():
+        return f"--data {name} is neither a folder nor a .zip, .csv or .csv.gz file; registered datasets: {names}"
+    return f"unknown dataset {name!r}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
+
+
+def check_settings(config: DataConfig) -> None:
+    if config.channels not in (None, 1, 3):
+        raise DataError(f"data.channels must be 1 or 3; got {config.channels}")
+    if config.image_size is not None and config.image_size < 1:
+        raise DataError(f"data.image_size must be a positive number of pixels; got {config.image_size}")
 
 
 def build_data(config: DataConfig, *, seed: int = 0) -> DataBundle:
-    """Load a source, hold out a seeded validation split and measure normalisation stats."""
-    source = load_source(config, seed=seed)
+    """Load a source, fit it to the asked channels/size, hold out a seeded validation split
+    and measure normalisation stats on the training split."""
+    check_settings(config)
+    source = conform(load_source(config, seed=seed), channels=config.channels, image_size=config.image_size)
     train, val = source.train, source.val
     if val is None:
         train, val = split_validation(source.train, config.val_fraction, seed)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from torchvision.transforms.v2 import functional as tvf
 
 from deepfit.errors import DataError
 
@@ -92,3 +93,66 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(float(m) for m in mean), tuple(max(float(s), 1e-3) for s in std)
+
+
+def conform(source: SourceData, *, channels: int | None, image_size: int | None) -> SourceData:
+    """Every split converted to `channels` (1 or 3) and resized to `image_size` squared, where
+    asked and not already so (image folders are decoded that way; named datasets are not)."""
+    val, test = source.val, source.test
+    return replace(
+        source,
+        train=conform_set(source.train, channels, image_size),
+        val=conform_set(val, channels, image_size) if val is not None else None,
+        test=conform_set(test, channels, image_size) if test is not None else None,
+    )
+
+
+def conform_set(images: ImageSet, channels: int | None, image_size: int | None, chunk: int = 4096) -> ImageSet:
+    _, c, h, w = images.images.shape
+    size = [image_size, image_size] if image_size and (h, w) != (image_size, image_size) else None
+    if channels in (None, c) and size is None:
+        return images
+    parts = [conform_chunk(images.images[i : i + chunk], channels or c, size) for i in range(0, len(images), chunk)]
+    return ImageSet(torch.cat(parts) if parts else images.images, images.labels)
+
+
+def conform_chunk(images: torch.Tensor, channels: int, size: list[int] | None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> (B, channels, *size): grey repeated to RGB or RGB to luma, antialiased resize."""
+    if images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] == 3 and channels == 1:
+        images = tvf.rgb_to_grayscale(images)
+    if size is not None:
+        images = tvf.resize(images, size, antialias=True)
+    return images.contiguous()
+
+
+def class_counts(images: ImageSet | None, num_classes: int) -> list[int]:
+    """Images per class index; zeros for a missing split."""
+    if images is None:
+        return [0] * num_classes
+    return [int(n) for n in torch.bincount(images.labels, minlength=num_classes)[:num_classes]]
+
+
+def describe_bundle(bundle: DataBundle) -> str:
+    """What `deepfit data info` prints: origin, shape, split sizes, channel stats, images per class."""
+    splits = {name: getattr(bundle, name) for name in ("train", "val", "test")}
+    sizes = ", ".join(f"{name} {len(s):,}" for name, s in splits.items() if s is not None)
+    lines = [
+        f"source: {bundle.source}",
+        f"found at: {bundle.origin}",
+        f"image shape: {'x'.join(map(str, bundle.input_shape))} (channels x height x width), {bundle.num_classes} classes",
+        f"splits: {sizes}",
+        f"channel mean: {', '.join(f'{m:.4f}' for m in bundle.mean)} (training split, pixels scaled to 0..1)",
+        f"channel std: {', '.join(f'{s:.4f}' for s in bundle.std)}",
+        "images per class:",
+    ]
+    counts = {name: class_counts(s, bundle.num_classes) for name, s in splits.items() if s is not None}
+    width = max(len("class"), *(len(c) for c in bundle.classes))
+    lines.append("  " + "class".ljust(width) + "".join(f"{name:>9}" for name in counts))
+    for i, name in enumerate(bundle.classes):
+        lines.append("  " + name.ljust(width) + "".join(f"{column[i]:>9,}" for column in counts.values()))
+    if bundle.skipped:
+        lines.append(f"skipped {len(bundle.skipped)} bad file(s):")
+        lines += [f"  {path}: {reason}" for path, reason in bundle.skipped]
+    return "\n".join(lines)

@@ -75,11 +75,24 @@ def list_zip(path: Path) -> Listing:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError) as err:
         raise DataError(f"{path} is not a readable zip file ({err})") from None
-    files = {i.filename: i for i in infos if not i.is_dir() and not hidden(i.filename.split("/"))}
-    dirs = {i.filename.rstrip("/") for i in infos if i.is_dir() and not hidden(i.filename.split("/"))}
+    named = [(member_name(i), i) for i in infos]
+    files = {name: i for name, i in named if not i.is_dir() and not hidden(name.split("/"))}
+    dirs = {name.rstrip("/") for name, i in named if i.is_dir() and not hidden(name.split("/"))}
     dirs |= {name.rsplit("/", 1)[0] for name in files if "/" in name}
     stat = path.stat()
     return Listing(path, sorted(files), sorted(dirs), [(str(path), stat.st_size, stat.st_mtime_ns)], files)
+
+
+def member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as its creator spelled it: zips without the UTF-8 flag are read as cp437
+    by zipfile, but macOS, Linux and most tools write UTF-8 there ('Ã©' -> 'é')."""
+    name = info.filename
+    if info.flag_bits & 0x800 or name.isascii():
+        return name
+    try:
+        return name.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return name  # really cp437
 
 
 def read_files(root: Path, names: list[str]) -> list[bytes | memoryview]:
@@ -198,9 +211,12 @@ def read_split(listing: Listing, entries: list[tuple[str, str]], channels: int |
     return Decoded([k[0] for k in kept], [k[1] for k in kept], bad)
 
 
-def load_folder_source(path: Path, *, image_size: int | None, channels: int | None, skip_bad: bool) -> SourceData:
-    """Decode a folder or zip of class folders into memory; bad files stop the load unless skipped."""
-    listing = list_files(path)
+def load_folder_source(
+    path: Path, *, image_size: int | None, channels: int | None, skip_bad: bool, listing: Listing | None = None
+) -> SourceData:
+    """Decode a folder or zip of class folders into memory; bad files stop the load unless skipped.
+    `listing` is list_files(path) when the caller already has it."""
+    listing = listing if listing is not None else list_files(path)
     layout = plan_layout(listing)
     if "train" not in layout.splits:
         raise DataError(f"{path} has no class folders with images (expected CLASS/IMAGE or train/CLASS/IMAGE)")
@@ -210,21 +226,18 @@ def load_folder_source(path: Path, *, image_size: int | None, channels: int | No
     for split in ("val", "test"):
         if split in layout.splits:
             decoded[split] = read_split(listing, layout.splits[split], wanted)
-    size = (image_size, image_size) if image_size else most_common_size(first.images)
-    classes = sorted({name for _, name in layout.splits["train"]} | class_names(layout.class_dirs.get("train", [])))
     bad = [b for d in decoded.values() for b in d.bad] + empty_classes(listing, layout, decoded)
     if bad and not skip_bad:
         raise DataError(bad_files_message(path, bad))
-    classes = [c for c in classes if c in set(first.classes)]
+    if not first.images:
+        raise DataError(f"{path}: not one readable training image\n" + "\n".join(f"  {name}: {reason}" for name, reason in bad))
+    size = (image_size, image_size) if image_size else most_common_size(first.images)
+    classes = sorted(set(first.classes))  # class folders left without readable images are among the bad
     sets = {split: to_image_set(d, classes, size, path, split) for split, d in decoded.items()}
     return SourceData(
         train=sets["train"], val=sets.get("val"), test=sets.get("test"), classes=classes,
         flip_ok=True, origin=str(path), skipped=bad,
     )  # fmt: skip
-
-
-def class_names(dirs: list[str]) -> set[str]:
-    return {d.rsplit("/", 1)[-1] for d in dirs}
 
 
 def empty_classes(listing: Listing, layout: Layout, decoded: dict[str, Decoded]) -> list[tuple[str, str]]:
@@ -254,5 +267,6 @@ def to_image_set(decoded: Decoded, classes: list[str], size: tuple[int, int], pa
 
 
 def bad_files_message(path: Path, bad: list[tuple[str, str]]) -> str:
+    """The summary line, then one line per bad file: path and reason."""
     lines = "\n".join(f"  {name}: {reason}" for name, reason in bad)
     return f"{path}: {len(bad)} bad file(s); fix or remove them, or pass --data.skip-bad true to train without them:\n{lines}"

@@ -10,23 +10,36 @@ from deepfit.config import DataConfig
 from deepfit.data.bundle import SourceData
 from deepfit.data.cache import cache_key, cache_path, cached_source
 from deepfit.data.cifar import load_cifar_source, locate_cifar
-from deepfit.data.csv_rows import load_csv_source
+from deepfit.data.csv_rows import load_csv_source, sibling_test
 from deepfit.data.folder import bad_files_message, list_files, load_folder_source
 from deepfit.data.sources import IDX_DATASETS, IDX_FILES, download_idx, find_idx_folder, idx_path, load_idx_source, not_found_message
 from deepfit.errors import DataError
+
+Fingerprint = list[tuple[str, int, int]]  # (path, bytes, mtime ns) per file
 
 
 def is_csv(path: Path) -> bool:
     return path.name.lower().endswith((".csv", ".csv.gz"))
 
 
-def file_fingerprint(paths: list[Path]) -> list[tuple[str, int, int]]:
+def is_data_path(path: Path) -> bool:
+    """An existing folder, .zip, .csv or .csv.gz file."""
+    return path.is_dir() or (path.is_file() and (path.suffix.lower() == ".zip" or is_csv(path)))
+
+
+def file_fingerprint(paths: list[Path]) -> Fingerprint:
     stats = [(p.resolve(), p.stat()) for p in paths]
     return [(str(p), s.st_size, s.st_mtime_ns) for p, s in stats]
 
 
-def cache_file(config: DataConfig, kind: str, fingerprint: list[tuple[str, int, int]], settings: Mapping[str, object]) -> Path | None:
+def cache_file(config: DataConfig, kind: str, fingerprint: Fingerprint, settings: Mapping[str, object]) -> Path | None:
     return cache_path(kind, cache_key(kind, fingerprint, settings), config.cache_dir) if config.cache else None
+
+
+def folder_cache_file(path: Path, config: DataConfig, fingerprint: Fingerprint) -> Path | None:
+    """Keyed by the folder's or zip's own path, every file's name, size and mtime, and the decode settings."""
+    settings = {"image_size": config.image_size, "channels": config.channels}
+    return cache_file(config, "folder", [(str(path.resolve()), 0, 0), *fingerprint], settings)
 
 
 def load_path_source(path: Path, config: DataConfig) -> SourceData:
@@ -34,18 +47,24 @@ def load_path_source(path: Path, config: DataConfig) -> SourceData:
     if is_csv(path):
         return load_csv_path(path, config)
     listing = list_files(path)
-    settings = {"image_size": config.image_size, "channels": config.channels}
-    where = cache_file(config, "folder", [(str(path.resolve()), 0, 0), *listing.fingerprint], settings)
+    where = folder_cache_file(path, config, listing.fingerprint)
     # decoded with the bad files left out, so the cache serves both choices of skip_bad
-    source = cached_source(where, lambda: load_folder_source(path, image_size=config.image_size, channels=config.channels, skip_bad=True))
+    source = cached_source(
+        where, lambda: load_folder_source(path, image_size=config.image_size, channels=config.channels, skip_bad=True, listing=listing)
+    )
     if source.skipped and not config.skip_bad:
         raise DataError(bad_files_message(path, source.skipped))
     return source
 
 
+def csv_files(path: Path) -> list[Path]:
+    """The CSV and, when its name says train, the sibling that says test."""
+    test = sibling_test(path)
+    return [path, test] if test is not None else [path]
+
+
 def load_csv_path(path: Path, config: DataConfig) -> SourceData:
-    files = [path, *([p] if (p := path.with_name(path.name.replace("train", "test"))) != path and p.is_file() else [])]
-    where = cache_file(config, "csv", file_fingerprint(files), {"image_shape": config.image_shape})
+    where = cache_file(config, "csv", file_fingerprint(csv_files(path)), {"image_shape": config.image_shape})
     return cached_source(where, lambda: load_csv_source(path, image_shape=config.image_shape))
 
 
