@@ -173,6 +173,8 @@ def test_without_subtrees_the_validation_split_is_seeded_and_stratified(tmp_path
     assert torch.bincount(first.train.labels).tolist() == [8, 16]
     assert again.val is not None and torch.equal(first.val.images, again.val.images)
     assert other.val is not None and not torch.equal(first.val.images, other.val.images)
+    tiny = build_data(DataConfig(name=str(noise_folder(tmp_path / "tiny", {"a": 3, "b": 2, "c": 1})), cache=False), seed=0)
+    assert tiny.val is not None and torch.bincount(tiny.val.labels).tolist() == [1, 1]  # 10% of 3 rounds to 0: one each
 
 
 def test_hidden_files_and_other_extensions_are_ignored_silently(tmp_path: Path) -> None:

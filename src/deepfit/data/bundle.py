@@ -63,7 +63,8 @@ class DataBundle:
 
 
 def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """A seeded stratified split: `fraction` of each class goes to validation."""
+    """A seeded stratified split: `fraction` of each class goes to validation (at least one image
+    of each class that has two or more, so tiny folders still get a validation split)."""
     if fraction <= 0:
         return train, None
     generator = torch.Generator().manual_seed(seed)
@@ -71,7 +72,7 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     for label in torch.unique(train.labels):
         members = torch.nonzero(train.labels == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        val_parts.append(members[: round(len(members) * fraction)])
+        val_parts.append(members[: max(round(len(members) * fraction), 1 if len(members) >= 2 else 0)])
     val_index = torch.cat(val_parts).sort().values
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_index] = False

@@ -1,0 +1,280 @@
+"""The data sources through the command line: every bad input stops `deepfit train` with exit
+code 2 and a clear message before any run folder exists; --data.skip-bad; `deepfit data info|show`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from deepfit.checkpoint import load_checkpoint
+from tests.conftest import write_tiny_idx
+from tests.test_data_sources import bomb_png, noise_folder, save_image, write_csv
+
+
+def jpeg_bytes(colour: tuple[int, int, int] = (10, 200, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def photos(tmp: Path) -> Path:
+    return noise_folder(tmp / "photos", {"big cats": 4, "dogs": 4})
+
+
+def with_file(name: str, data: Callable[[Path], bytes]) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        root = photos(tmp)
+        (root / name).write_bytes(data(root))
+        return root
+
+    return make
+
+
+def empty_class(tmp: Path) -> Path:
+    root = photos(tmp)
+    (root / "birds").mkdir()
+    (root / "birds" / ".DS_Store").write_bytes(b"hidden files do not count")
+    return root
+
+
+def with_bomb(tmp: Path) -> Path:
+    root = photos(tmp)
+    bomb_png(root / "dogs" / "bomb.png", 40000, 40000)
+    return root
+
+
+def csv_lines(*lines: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        path = tmp / "rows.csv"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return make
+
+
+def idx_folder(corrupt: Callable[[bytes], bytes]) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        folder = write_tiny_idx(tmp / "idx", compress=False)
+        path = folder / "train-images-idx3-ubyte"
+        path.write_bytes(corrupt(path.read_bytes()))
+        return folder
+
+    return make
+
+
+def not_data(tmp: Path) -> Path:
+    (tmp / "notes.txt").write_text("x")
+    return tmp / "notes.txt"
+
+
+def broken_zip(tmp: Path) -> Path:
+    (tmp / "photos.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    return tmp / "photos.zip"
+
+
+def no_classes(tmp: Path) -> Path:
+    save_image(tmp / "loose" / "a.png", "RGB", (1, 2, 3))
+    return tmp / "loose"
+
+
+# case -> (make the source, extra args, what the message says)
+BAD_FILES = {
+    "truncated jpeg": (with_file("dogs/cut.jpg", lambda r: jpeg_bytes()[:300]), "dogs/cut.jpg: corrupt or truncated image"),
+    "truncated png": (
+        with_file("dogs/cut.png", lambda r: (r / "dogs" / "000.png").read_bytes()[:200]),
+        "dogs/cut.png: corrupt or truncated image",
+    ),
+    "not an image": (with_file("dogs/fake.png", lambda r: b"just text"), "dogs/fake.png: not an image"),
+    "empty class folder": (empty_class, "birds: empty class folder"),
+    "decompression bomb": (with_bomb, "dogs/bomb.png: decompression bomb refused"),
+}
+BAD_SOURCES = {
+    "csv wrong count": (csv_lines("label,a,b,c,d", "0,1,2,3,4", "1,1,2,3"), [], "rows.csv line 3: 4 values, expected 5"),
+    "csv not a number": (csv_lines("0,1,2,3,4", "1,1,x,3,4"), [], "rows.csv line 2: 'x' is not a number"),
+    "csv out of range": (csv_lines("0,1,2,3,4", "1,1,2,256,4"), [], "line 2: pixel 3 = 256 is not a whole number in 0-255"),
+    "csv shape mismatch": (csv_lines("0,1,2,3,4"), ["--data.image-shape", "1x3x3"], "line 1: 5 values, expected 10"),
+    "idx wrong magic": (idx_folder(lambda b: b"\x01\x02" + b[2:]), ["--data", "mnist"], "wrong magic number"),
+    "idx size mismatch": (idx_folder(lambda b: b[:-9]), ["--data", "mnist"], "IDX header declares shape"),
+    "unknown name": (lambda tmp: tmp / "imagenet-42", [], "unknown dataset"),
+    "not a data file": (not_data, [], "neither a folder nor a .zip, .csv or .csv.gz"),
+    "broken zip": (broken_zip, [], "is not a readable zip file"),
+    "no class folders": (no_classes, [], "has no class folders with images"),
+}
+
+
+def train_args(source: Path, extra: list[str], out: Path) -> list[str]:
+    data = ["--data-dir", str(source)] if "--data" in extra else ["--data", str(source)]
+    return ["train", *data, *extra, "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_image_files_are_listed_and_stop_before_the_run_folder(cli, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+    make, needle = BAD_FILES[case]
+    root = make(tmp_path)
+    result = cli(*train_args(root, [], tmp_path / "run"))
+    assert result.code == 2 and "Traceback" not in result.err
+    summary, *listed = result.err.strip().splitlines()
+    assert summary.startswith(f"deepfit: error: {root}: 1 bad file(s)") and "--data.skip-bad true" in summary
+    assert len(listed) == 1 and listed[0].strip().startswith(f"{root}/{needle}")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_bad_file_is_listed_at_once(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = empty_class(tmp_path)
+    (root / "dogs" / "fake.jpg").write_bytes(b"nope")
+    (root / "big cats" / "cut.jpg").write_bytes(jpeg_bytes()[:300])
+    result = cli(*train_args(root, [], tmp_path / "run"))
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and "3 bad file(s)" in lines[0] and len(lines) == 4
+    assert {Path(line.split(": ")[0].strip()).name for line in lines[1:]} == {"birds", "fake.jpg", "cut.jpg"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+def test_bad_sources_are_one_line_exit_2_and_no_run_folder(cli, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+    make, extra, needle = BAD_SOURCES[case]
+    result = cli(*train_args(make(tmp_path), extra, tmp_path / "run"))
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deepfit: error:") and needle in lines[0], result.err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_skip_bad_trains_without_them_and_writes_the_list(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = empty_class(tmp_path)
+    (root / "dogs" / "fake.jpg").write_bytes(b"nope")
+    result = cli(*train_args(root, ["--data.skip-bad", "true", "--data.image-size", "8"], tmp_path / "run"))
+    assert result.code == 0, result.err
+    listed = tmp_path / "run" / "skipped_files.csv"
+    assert f"skipped 2 bad file(s), listed in {listed}" in result.out
+    rows = list(csv.DictReader(listed.open(encoding="utf-8")))
+    assert {(Path(r["path"]).name, r["reason"].split(" (")[0]) for r in rows} == {
+        ("birds", "empty class folder: no readable images"),
+        ("fake.jpg", "not an image"),
+    }
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["classes"] == ["big cats", "dogs"] and state["input_shape"] == [3, 8, 8]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["skip_bad"] is True
+
+
+def test_train_from_a_zip_keeps_class_names_in_the_checkpoint(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"chat noir": 3, "château": 3, "собака": 3})
+    path = tmp_path / "photos.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(root.rglob("*.png")):
+            archive.write(file, "photos/" + file.relative_to(root).as_posix())
+    result = cli(*train_args(path, [], tmp_path / "run"))
+    assert result.code == 0, result.err
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["classes"] == ["chat noir", "château", "собака"]
+
+
+def test_fit_takes_a_path_as_data_name(tmp_path: Path) -> None:
+    import deepfit
+    from deepfit.config import Config
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    pixels = rng.integers(0, 60, size=(60, 36))
+    pixels[np.arange(60), labels * 12] = 255  # learnable: the class sets a bright pixel
+    config = Config()
+    config.data.name = str(write_csv(tmp_path / "rows.csv.gz", labels, pixels, header=False))
+    config.model.name, config.train.epochs, config.train.progress, config.train.out = "mlp", 2, False, str(tmp_path / "run")
+    result = deepfit.fit(config)
+    assert result.data.input_shape == (1, 6, 6) and result.data.classes == ["0", "1", "2"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+# --- deepfit data info | show -------------------------------------------------------------------
+
+
+def test_data_info_describes_a_folder(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"big cats": 5, "dogs": 3})
+    result = cli("data", "info", str(root), "--data.val-fraction", "0")
+    assert result.code == 0, result.err
+    assert f"found at: {root}" in result.out and "image shape: 3x10x12" in result.out and "2 classes" in result.out
+    assert "splits: train 8" in result.out
+    assert re.search(r"big cats\s+5\n", result.out) and re.search(r"dogs\s+3", result.out)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(root.rglob("*.png"))]) / 255.0  # (N, H, W, 3)
+    mean = re.search(r"channel mean: (.*) \(", result.out)
+    std = re.search(r"channel std: (.*)", result.out)
+    assert mean and [float(v) for v in mean.group(1).split(", ")] == pytest.approx(pixels.mean(axis=(0, 1, 2)), abs=1e-4)
+    assert std and [float(v) for v in std.group(1).split(", ")] == pytest.approx(pixels.std(axis=(0, 1, 2)), abs=1e-4)
+
+
+def test_data_info_takes_the_train_data_flags(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = write_tiny_idx(tmp_path / "idx")
+    result = cli("data", "info", "mnist", "--data-dir", str(folder), "--data.image-size", "16", "--data.channels", "3")
+    assert result.code == 0, result.err
+    assert "image shape: 3x16x16" in result.out and "splits: train 110, val 10, test 40" in result.out
+    path = write_csv(tmp_path / "rows.csv", np.arange(4) % 2, np.zeros((4, 12), int), header=False)
+    result = cli("data", "info", str(path), "--data.image-shape", "1x3x4")
+    assert result.code == 0 and "image shape: 1x3x4" in result.out
+    skipped = empty_class(tmp_path)
+    result = cli("data", "info", str(skipped), "--data.skip-bad", "true")
+    assert result.code == 0 and "skipped 1 bad file(s):" in result.out and "birds: empty class folder" in result.out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["data", "info", "imagenet-42"], "unknown dataset"),
+        (["data", "info", "digits", "--optim.lr", "1"], "takes only --data.* settings"),
+        (["data", "show", "digits", "--count", "0"], "--count must be at least 1"),
+        (["data", "list", "digits"], "invalid choice"),
+    ],
+)
+def test_data_command_errors_are_one_line(cli, args: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]
+    result = cli(*args)
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and needle in lines[0], result.err
+
+
+def test_data_show_writes_a_png_grid_and_prints_its_path(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"big cats": 5, "dogs": 3})
+    result = cli("data", "show", str(root), "--count", "6", "--out", str(tmp_path / "grid.png"))
+    assert result.code == 0, result.err
+    assert result.out.strip() == str(tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as image:
+        assert image.format == "PNG" and image.width > 300
+    default = cli("data", "show", "digits")
+    assert default.code == 0 and (tmp_path / "digits-samples.png").is_file()  # cli runs in tmp_path
+
+
+def test_plot_samples_titles_each_panel_with_its_class() -> None:
+    from deepfit.plots import plot_samples
+
+    images = np.zeros((3, 1, 4, 4), np.uint8)
+    figure = plot_samples(images, np.array([2, 0, 2]), ["zéro", "one", "two words"], title="t")
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["two words", "zéro", "two words"] and figure._suptitle is not None and figure._suptitle.get_text() == "t"
+
+
+# --- the real CIFAR-10 JPEG zip --------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_the_cifar10_zip_is_listed_without_unpacking(cifar_zip: Path) -> None:
+    from deepfit.data.folder import list_files, plan_layout
+
+    layout = plan_layout(list_files(cifar_zip))
+    assert {split: len(files) for split, files in layout.splits.items()} == {"train": 50000, "test": 10000}
+    assert len({name for _, name in layout.splits["train"]}) == 10
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_data_info_on_the_cifar10_zip(cli, cifar_zip: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli("data", "info", str(cifar_zip))
+    assert result.code == 0, result.err
+    assert "image shape: 3x32x32" in result.out and "10 classes" in result.out
+    assert "splits: train 45,000, val 5,000, test 10,000" in result.out and re.search(r"airplane\s+4,500\s+500\s+1,000", result.out)
+    again = cli("data", "info", str(cifar_zip))  # from the cache
+    assert again.out == result.out
