@@ -89,6 +89,6 @@ def read_idx_images(path: Path) -> torch.Tensor:
 def read_idx_labels(path: Path) -> torch.Tensor:
     """IDX labels (N,) -> int64 tensor."""
     array = read_idx(path)
-    if array.ndim != 1:
-        raise DataError(f"{path}: expected a 1-D label file, found shape {array.shape}")
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected a 1-D file of integer labels, found {array.dtype} {array.shape}")
     return torch.from_numpy(array.astype(np.int64))
