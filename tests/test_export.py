@@ -63,15 +63,14 @@ def inputs(shape: tuple[int, ...], batch: int) -> torch.Tensor:
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(7))
 
 
-EXPECTED_MODELS = ["lenet", "cnn_bn", "resnet18"]  # the issue names these; resnet18 once registered
+EXPECTED_MODELS = ["lenet", "cnn_bn", "resnet18"]  # the issue names these; each must be registered
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 
 @pytest.mark.parametrize("name", sorted(set(list_models()) | set(EXPECTED_MODELS)))
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch_and_carries_metadata(name: str, fmt: str, tmp_path: Path) -> None:
-    if name not in list_models():
-        pytest.skip(f"model {name} is not registered yet")
+    assert name in list_models(), f"model {name} is not registered"
     checkpoint = write_checkpoint(tmp_path / "model.pt", name)
     result = export_checkpoint(checkpoint, format=fmt)
     assert result.path.is_file() and result.max_abs_diff <= 1e-4

@@ -7,11 +7,14 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepfit.config import Config, config_from_dict, load_config, set_value
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested
 from deepfit.history import Row, format_epoch
+
+if TYPE_CHECKING:
+    from deepfit.trained import InitReport
 
 # Top-level train flags -> dotted config keys.
 TRAIN_FLAGS = {
@@ -43,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="deepfit", description="Train, evaluate, explain and export PyTorch image classifiers.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(commands.add_parser("train", help="train a model and write a run folder"))
-    models = commands.add_parser("models", help="list the registered models")
-    models.add_argument("action", nargs="?", choices=["list"], default="list")
+    add_models_parser(commands.add_parser("models", help="list the registered models, or summarize one layer by layer"))
     add_show_parser(commands.add_parser("show", help="draw a figure of a run into its plots/ folder"))
     report = commands.add_parser("report", help="write a run's self-contained HTML report")
     report.add_argument("run", metavar="RUN", help="run folder or checkpoint")
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch"))
     add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs or CSV pixel rows"))
     add_data_parser(commands.add_parser("data", help="describe a data source or draw a grid of its labelled samples"))
+    add_lr_find_parser(commands.add_parser("lr-find", help="sweep the learning rate, plot loss against it, suggest one"))
     return parser
 
 
@@ -134,6 +137,8 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     echo = print_epoch(config.train.epochs)
     progress = tqdm_progress if config.train.progress else None
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
+    if result.init is not None:
+        print(format_init(result.init))
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":
@@ -150,6 +155,13 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def format_init(init: InitReport) -> str:
+    """What --init-from copied, and each model tensor it left as built."""
+    lines = [f"init-from {init.path}: copied {len(init.copied)} tensors, {len(init.skipped)} did not match"]
+    lines += [f"  not matched: {entry}" for entry in init.skipped]
+    return "\n".join(lines)
+
+
 def print_epoch(epochs: int) -> Callable[[Row], None]:
     def echo(row: Row) -> None:
         print(format_epoch(row, epochs), flush=True)
@@ -157,12 +169,72 @@ def print_epoch(epochs: int) -> Callable[[Row], None]:
     return echo
 
 
-def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.models import list_models
+def add_models_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["list", "summary"], default="list", help="list (default) or summary")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="summary: the registered model")
+    parser.add_argument("--input", default="1x28x28", metavar="CxHxW", help="summary: input shape (default 1x28x28)")
+    parser.add_argument("--classes", type=int, default=10, metavar="N", help="summary: number of classes (default 10)")
+    parser.epilog = "summary takes model settings as in train: --model.hidden 200 --model.activation sigmoid ..."
 
-    for name in list_models():
-        print(name)
+
+def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.models import build_model, describe_models, format_summary, summarize_model
+
+    if args.action == "list":
+        if args.name or extra:
+            raise UsageError("deepfit models lists them all; use deepfit models summary NAME --input CxHxW")
+        described = describe_models()
+        width = max(len(name) for name, _ in described)
+        for name, description in described:
+            print(f"{name:<{width}}  {description}")
+        return 0
+    if not args.name or args.classes < 1:
+        raise UsageError("usage: deepfit models summary NAME --input CxHxW [--classes N] (N >= 1)")
+    from deepfit.data.csv_rows import parse_image_shape
+
+    config = Config()
+    set_value(config, "model.name", args.name)
+    for key, value in parse_overrides(extra):
+        if not key.startswith("model."):
+            raise UsageError(f"--{key}: deepfit models summary takes only --model.* settings")
+        set_value(config, key, value)
+    shape = parse_image_shape(args.input)
+    model = build_model(config.model, input_shape=shape, num_classes=args.classes)
+    print(format_summary(summarize_model(model, shape), title=args.name))
     return 0
+
+
+def add_lr_find_parser(parser: argparse.ArgumentParser) -> None:
+    add_train_parser(parser)
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
+    parser.add_argument("--steps", type=int, default=200, help="batches in the sweep, one optimizer step each (default 200)")
+    parser.description = "Writes lr-find.png and lr-find.csv into --out (default runs/lr-find-<data>-<model>-<time>)."
+
+
+def cmd_lr_find(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.lrfind import find_lr, save_lr_find
+
+    if args.resume:
+        raise UsageError("lr-find starts from scratch (or --init-from); --resume is for train")
+    config = resolve_train_config(args, extra)
+    result = find_lr(config, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    folder = Path(config.train.out) if config.train.out else lr_find_folder(config)
+    files = save_lr_find(result, folder)
+    print(f"swept {len(result.lrs)} of {result.steps} steps, lr {result.start_lr:.3g} -> {result.lrs[-1]:.3g}: {result.stopped}")
+    print(f"lowest smoothed loss {min(result.smoothed):.4f} at lr {result.min_loss_lr:.3g}")
+    steep = f"; steepest descent at {result.steepest:.3g}" if result.steepest is not None else ""
+    print(f"suggested lr {result.suggestion:.3g} (lowest-loss lr / 10){steep}")
+    print(f"train with: --optim.lr {result.suggestion:.3g}")
+    print(f"plot: {files[0]}")
+    return 0
+
+
+def lr_find_folder(config: Config) -> Path:
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"lr-find-{Path(config.data.name).stem}-{config.model.name}-{stamp}"
 
 
 def add_show_parser(parser: argparse.ArgumentParser) -> None:
@@ -316,8 +388,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "export": cmd_export,
     "predict": cmd_predict,
     "data": cmd_data,
+    "lr-find": cmd_lr_find,
 }
-ACCEPTS_OVERRIDES = {"train", "data"}
+ACCEPTS_OVERRIDES = {"train", "data", "models", "lr-find"}
 
 
 def run(argv: Sequence[str]) -> int:

@@ -3,6 +3,7 @@ Reads like a table of contents; the loop itself lives in engine.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,10 +23,11 @@ from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
-from deepfit.models import build_model
-from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler
+from deepfit.models import build_model, freeze_backbone, parameter_groups
+from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
+from deepfit.trained import InitReport, init_weights
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
 EpochFn = Callable[[Row], None]
@@ -39,6 +41,7 @@ class FitResult:
     run_dir: Path
     data: DataBundle
     stopped_early: str | None = None  # why training ended before train.epochs, if it did
+    init: InitReport | None = None  # what --init-from copied and which tensors did not match
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Run:
     stopped_early: str | None = None
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling; its scale is part of the state
     signals: StopFlag = field(default_factory=StopFlag)  # SIGINT/SIGTERM seen during training
+    schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
+    init: InitReport | None = None
 
 
 def fit(
@@ -73,12 +78,18 @@ def fit(
     resume: str | Path | None = None,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
 ) -> FitResult:
-    """Train `model` (default: the registered config.model.name) on `data` (default: config.data)."""
+    """Train `model` (default: the registered config.model.name) on `data` (default: config.data).
+    `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
+    `scheduler`: anything deepfit.optim.Schedule takes (a scheduler object, class/partial, or a
+    lambda epoch -> lr factor), stepped after each epoch unless wrapped in
+    Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
     validate(config)
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
-    run = prepare_run(config, model, data, resume)
+    run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
     with stop_on_signals() as run.signals:
         try:
             train_epochs(run, progress, on_epoch)
@@ -91,11 +102,21 @@ def fit(
     return finish(run)
 
 
-def prepare_run(config: Config, model: nn.Module | None, data: DataBundle | None, resume: str | Path | None) -> Run:
+def prepare_run(
+    config: Config,
+    model: nn.Module | None,
+    data: DataBundle | None,
+    resume: str | Path | None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> Run:
     """Build everything that can fail on bad input first; create the run folder last."""
+    if optimizer is not None and model is None:
+        raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
     device = select_device(config.train.device)
     bundle = data if data is not None else build_data(config.data, seed=config.train.seed)
-    net = model if model is not None else build_model(config.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    net, init = build_network(config, bundle, model, fresh=resume is None)
     channels_last = use_channels_last(config.model.channels_last, net)
     net = net.to(device)
     if channels_last:
@@ -104,14 +125,12 @@ def prepare_run(config: Config, model: nn.Module | None, data: DataBundle | None
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,
     )  # fmt: skip
-    optimizer = build_optimizer(
-        config.optim.name, net.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-        weight_decay=config.optim.weight_decay, betas=(config.optim.betas[0], config.optim.betas[1]), device=device,
-    )  # fmt: skip
-    scheduler = make_scheduler(config, optimizer, loader.batches_per_epoch)
+    optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)
+    schedule, interval = choose_schedule(config, optimizer, scheduler, loader.batches_per_epoch)
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
     run_dir = Path(resume) if resume is not None else new_run_dir(config)
-    run = Run(config, bundle, net, optimizer, scheduler, loader, loss_fn, device, run_dir)
+    net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
+    run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
     if resume is not None:
         ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
@@ -133,6 +152,28 @@ def save_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)
+
+
+def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *, fresh: bool) -> tuple[nn.Module, InitReport | None]:
+    """The given or registered model, started from --init-from and its backbone frozen when asked.
+    A resumed run builds without pretrained weights or --init-from: its checkpoint holds the weights."""
+    if model is None:
+        architecture = config.model if fresh else dataclasses.replace(config.model, weights=None, init_from=None)
+        model = build_model(architecture, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    init = init_weights(model, config.model.init_from) if fresh and config.model.init_from else None
+    if config.model.freeze == "backbone":
+        freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
+    return model, init
+
+
+def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
+    o = config.optim
+    groups = parameter_groups(net, lr=o.lr, config=config.model)
+    return build_optimizer(
+        o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+        betas=(o.betas[0], o.betas[1]), device=device,
+    )  # fmt: skip
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -157,6 +198,13 @@ def augment_for(preset: str, bundle: DataBundle) -> str:
             stacklevel=2,
         )
     return preset
+
+
+def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any, steps_per_epoch: int) -> tuple[Any, str]:
+    """The API's scheduler (stepped per epoch unless Schedule(interval="step")), else config.sched (per step)."""
+    if given is not None:
+        return resolve_schedule(given, optimizer)
+    return make_scheduler(config, optimizer, steps_per_epoch), "step"
 
 
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
@@ -186,9 +234,9 @@ def new_run_dir(config: Config) -> Path:
 
 def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:
     cfg = run.config.train
-    is_plateau = isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    per_epoch = run.schedule_interval == "epoch" or isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     options = StepOptions(
-        scheduler=None if is_plateau else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
+        scheduler=None if per_epoch else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
         clip_grad=cfg.clip_grad, accumulate=cfg.accumulate,
         scaler=run.scaler,
     )  # fmt: skip
@@ -200,8 +248,8 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
         train = train_one_epoch(run.model, batches, run.optimizer, run.loss_fn, options=options, on_step=lambda: after_step(run, deadline))
         run.epoch += 1
         row = epoch_row(run, train, time.monotonic() - started)
-        if is_plateau:
-            run.scheduler.step(row[monitored_key(run)])
+        if per_epoch and run.scheduler is not None:  # after the epoch's row, before last.pt saves its state
+            step_epoch_schedule(run.scheduler, row.get(monitored_key(run), math.nan))
         end_epoch(run, row)
         if on_epoch is not None:
             on_epoch(row)
@@ -351,4 +399,4 @@ def finish(run: Run) -> FitResult:
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
-    return FitResult(run.model, run.history, metrics, run.run_dir, run.data, run.stopped_early)
+    return FitResult(unwrap(run.model), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)

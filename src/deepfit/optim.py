@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
+from deepfit.errors import ConfigError
 from deepfit.registry import Registry
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -70,7 +72,8 @@ def build_optimizer(
     return OPTIMIZERS.get(name)(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, fused=fused)
 
 
-# --- schedules: every one steps per optimizer step except plateau (per epoch, on a metric) ----
+# --- schedules: every registered one steps per optimizer step (epoch settings are converted to
+# steps) except plateau, which fit() steps once per epoch with the monitored metric ------------
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,10 @@ def build_cosine(optimizer: Optimizer, *, span: ScheduleSpan, min_lr: float, **_
 
 @SCHEDULERS.register("onecycle")
 def build_onecycle(optimizer: Optimizer, *, span: ScheduleSpan, max_lr: float | None, pct_start: float, **_: Any) -> lrs.LRScheduler:
-    peak = max_lr if max_lr is not None else [group["lr"] for group in optimizer.param_groups]
+    """Peaks at each group's lr, or at max_lr scaled by each group's share of the base lr (so a
+    backbone group at lr * 0.1 peaks at max_lr * 0.1)."""
+    scale = 1.0 if max_lr is None else max_lr / optimizer.defaults["lr"]
+    peak = [group["lr"] * scale for group in optimizer.param_groups]
     return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=max(2, span.total), pct_start=pct_start)
 
 
@@ -135,6 +141,64 @@ def build_scheduler(
     if main is None:
         return warmup
     return lrs.SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
+
+
+# --- schedules given through the Python API: fit(config, scheduler=...) -----------------------
+
+SchedulerLike = lrs.LRScheduler | lrs.ReduceLROnPlateau
+Interval = Literal["epoch", "step"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule for fit(config, scheduler=...), stepped after every epoch (PyTorch's usual
+    `scheduler.step()` after each epoch; the default) or after every optimizer step
+    (interval="step", e.g. OneCycleLR with total_steps). `scheduler` is one of
+    - a torch.optim.lr_scheduler object built on the optimizer passed as fit(optimizer=...);
+    - a scheduler class or functools.partial of one, called with fit's optimizer;
+    - a function of the epoch (or step) count returning a factor of the base lr (-> LambdaLR).
+    A ReduceLROnPlateau is stepped per epoch with the monitored metric."""
+
+    scheduler: Any
+    interval: Interval = "epoch"
+
+
+def resolve_schedule(spec: Any, optimizer: Optimizer) -> tuple[SchedulerLike, Interval]:
+    """A scheduler bound to `optimizer` and when to step it, from anything Schedule accepts."""
+    schedule = spec if isinstance(spec, Schedule) else Schedule(spec)
+    given, interval = schedule.scheduler, schedule.interval
+    if interval not in ("epoch", "step"):
+        raise ConfigError(f"Schedule interval must be 'epoch' or 'step'; got {interval!r}")
+    if isinstance(given, (lrs.LRScheduler, lrs.ReduceLROnPlateau)):
+        scheduler = given
+    elif is_scheduler_factory(given):
+        scheduler = given(optimizer)
+    elif callable(given):
+        scheduler = lrs.LambdaLR(optimizer, given)
+    else:
+        raise ConfigError(f"scheduler must be an lr_scheduler object, class or partial, or a function of the epoch; got {given!r}")
+    if scheduler.optimizer is not optimizer:
+        raise ConfigError(
+            "the scheduler was built on another optimizer; pass that optimizer as fit(optimizer=...), or pass a class/partial"
+        )
+    if isinstance(scheduler, lrs.ReduceLROnPlateau) and interval == "step":
+        raise ConfigError("ReduceLROnPlateau steps once per epoch on the monitored metric; use interval='epoch'")
+    return scheduler, interval
+
+
+def is_scheduler_factory(value: Any) -> bool:
+    """A scheduler class, or a functools.partial of one (called with the optimizer)."""
+    if isinstance(value, functools.partial):
+        return is_scheduler_factory(value.func)
+    return isinstance(value, type) and issubclass(value, (lrs.LRScheduler, lrs.ReduceLROnPlateau))
+
+
+def step_epoch_schedule(scheduler: SchedulerLike, metric: float) -> None:
+    """The end-of-epoch step: ReduceLROnPlateau reads the monitored metric, the others just step."""
+    if isinstance(scheduler, lrs.ReduceLROnPlateau):
+        scheduler.step(metric)
+    else:
+        scheduler.step()
 
 
 # --- losses: all take raw logits (B, K) and integer labels (B,) -----------------------------

@@ -14,7 +14,7 @@ from deepfit.checkpoint import load_checkpoint, load_model_state
 from deepfit.config import Config, config_from_dict
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.errors import CheckpointError, ConfigError
-from deepfit.models import build_model
+from deepfit.models import build_model, copy_matching_weights
 
 
 @dataclass
@@ -79,6 +79,28 @@ def load_trained_model(path: str | Path, *, device: torch.device | None = None, 
     if len(mean) != input_shape[0] or len(std) != input_shape[0]:
         raise CheckpointError(f"{file}: normalisation stats have {len(mean)} channels, the input has {input_shape[0]}")
     return TrainedModel(file, model, config, classes, input_shape, mean, std, bool(state.get("flip_ok", False)), target, layout)
+
+
+@dataclass
+class InitReport:
+    """What --init-from did: the checkpoint read and the model tensors copied or left as built."""
+
+    path: Path  # the checkpoint file read (a run folder stands for best.pt, else last.pt)
+    copied: list[str]  # state-dict names copied (same name and shape)
+    skipped: list[str]  # "<name>: <reason>" for the model's tensors left as built
+    unused: list[str]  # checkpoint tensors the model has no place for
+
+
+def init_weights(model: nn.Module, source: str | Path) -> InitReport:
+    """Start `model` from the matching weights of an earlier run or checkpoint (read safely,
+    weights_only=True); the rest keeps its initialisation. No match at all is an error."""
+    path = Path(source)
+    state = load_checkpoint(path)
+    file = path if path.is_file() else resolved_file(path)
+    result = copy_matching_weights(model, state["model"])
+    if not result.copied:
+        raise CheckpointError(f"--init-from {file}: no tensor of it matches this model by name and shape")
+    return InitReport(file, result.copied, result.skipped, result.unused)
 
 
 def use_channels_last(setting: str, model: nn.Module) -> bool:

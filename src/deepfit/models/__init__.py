@@ -13,13 +13,41 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 # Importing the modules registers their models.
-from deepfit.models import cnns, fast, mlp  # noqa: E402,F401
+from deepfit.models import cnns, fast, mlp, resnet  # noqa: E402,F401
+from deepfit.models.summary import ModelSummary, format_summary, summarize_model  # noqa: E402
+from deepfit.models.transfer import (  # noqa: E402
+    WeightCopy,
+    copy_matching_weights,
+    freeze_backbone,
+    head_name,
+    parameter_groups,
+    starts_pretrained,
+)
 
-__all__ = ["MODELS", "build_model", "list_models"]
+__all__ = [
+    "MODELS",
+    "ModelSummary",
+    "WeightCopy",
+    "build_model",
+    "copy_matching_weights",
+    "describe_models",
+    "format_summary",
+    "freeze_backbone",
+    "head_name",
+    "list_models",
+    "parameter_groups",
+    "starts_pretrained",
+    "summarize_model",
+]
 
 
 def list_models() -> list[str]:
     return MODELS.names()
+
+
+def describe_models() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered model: its builder's docstring summary."""
+    return [(name, (MODELS.get(name).__doc__ or "").strip().split("\n")[0]) for name in MODELS.names()]
 
 
 def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

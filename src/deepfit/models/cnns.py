@@ -50,3 +50,30 @@ def build_cnn_bn(*, config: ModelConfig, input_shape: tuple[int, int, int], num_
         nn.Linear(120, num_classes),
     )  # fmt: skip
     return ConvNet(features, classifier)
+
+
+@MODELS.register("cnn3")
+def build_cnn3(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The MNIST CNN lesson's net: three 5x5 convolutions (16, 32, 64) with ReLU, two max-pools, FC 100, FC classes."""
+    # padding 2 keeps each convolution size-preserving, so the net fits images down to 4x4 (8x8 digits too)
+    features = nn.Sequential(
+        nn.Conv2d(input_shape[0], 16, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+    )  # fmt: skip
+    classifier = nn.Sequential(
+        nn.Linear(flat_size(features, input_shape), 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )  # fmt: skip
+    return ConvNet(features, classifier)
+
+
+@MODELS.register("cifar_cnn")
+def build_cifar_cnn(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The CIFAR-10 lesson's net: Conv(C,16,5) with ReLU, max-pool, FC 128, FC classes."""
+    features = nn.Sequential(nn.Conv2d(input_shape[0], 16, 5), nn.ReLU(), nn.MaxPool2d(2))  # (B, 16, (H-4)/2, (W-4)/2)
+    classifier = nn.Sequential(
+        nn.Linear(flat_size(features, input_shape), 128), nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )  # fmt: skip
+    return ConvNet(features, classifier)

@@ -13,6 +13,7 @@ from deepfit.models.layers import ACTIVATIONS
 
 @MODELS.register("mlp")
 def build_mlp(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Multi-layer perceptron: --model.hidden widths, --model.activation, optional LayerNorm and dropout."""
     layers: list[nn.Module] = [nn.Flatten()]  # (B, C, H, W) -> (B, C*H*W)
     width = math.prod(input_shape)
     for hidden in config.hidden:

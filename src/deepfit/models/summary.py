@@ -1,0 +1,76 @@
+"""`deepfit models summary`: each layer's output shape and parameter count, from forward hooks
+on the leaf modules during one pass of a dummy batch, and the totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRow:
+    name: str  # qualified module name, e.g. features.0
+    kind: str  # class name, e.g. Conv2d
+    output_shape: tuple[int, ...]  # per image, without the batch dimension
+    params: int  # parameters the layer owns (counted at its first call only)
+
+
+@dataclass
+class ModelSummary:
+    input_shape: tuple[int, int, int]
+    rows: list[LayerRow]
+    total: int  # all parameters of the model
+    trainable: int  # those with requires_grad
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.rows[-1].output_shape if self.rows else ()
+
+
+def summarize_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
+    """Run a batch of two zero images (eval mode, no gradients) and record every leaf module call."""
+    rows: list[LayerRow] = []
+    seen: set[str] = set()
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    handles = [m.register_forward_hook(recorder(name, rows, seen)) for name, m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))  # (2, C, H, W): 2, not 1, so shape errors show
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ModelSummary(input_shape, rows, total, trainable)
+
+
+def recorder(name: str, rows: list[LayerRow], seen: set[str]) -> Any:
+    """A forward hook appending one row per call; a reused module (ResNet's relu) owns its
+    parameters once."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        params = 0 if name in seen else sum(p.numel() for p in module.parameters(recurse=False))
+        seen.add(name)
+        shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else ()
+        rows.append(LayerRow(name, type(module).__name__, shape, params))
+
+    return hook
+
+
+def format_summary(summary: ModelSummary, title: str) -> str:
+    """A plain-text table: layer, type, output shape (per image), parameters; then the totals."""
+    header = ("layer", "type", "output shape", "params")
+    lines = [(r.name, r.kind, "x".join(map(str, r.output_shape)), f"{r.params:,}") for r in summary.rows]
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    c, h, w = summary.input_shape
+    out = [f"{title}: input {c}x{h}x{w}", fmt.format(*header), "  ".join("-" * w for w in widths)]
+    out += [fmt.format(*line) for line in lines]
+    out.append(f"total parameters: {summary.total:,} (trainable {summary.trainable:,})")
+    return "\n".join(out)
