@@ -456,6 +456,17 @@ def test_the_cache_key_changes_with_files_settings_and_place(tmp_path: Path) -> 
     assert len(keys) == 4
 
 
+def test_a_changed_zip_is_decoded_again(tmp_path: Path) -> None:
+    root = noise_folder(tmp_path / "photos", {"a": 2, "b": 2})
+    path = zip_folder(root, tmp_path / "photos.zip")
+    first = cached(path, tmp_path / "cache").train.images  # type: ignore[attr-defined]
+    save_image(root / "a" / "000.png", "RGB", (0, 0, 255))
+    zip_folder(root, path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = cached(path, tmp_path / "cache").train.images  # type: ignore[attr-defined]
+    assert not torch.equal(first, second) and second[0].float().mean(dim=(1, 2)).tolist() == [0.0, 0.0, 255.0]
+
+
 def test_a_changed_csv_is_decoded_again(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "rows.csv", *random_rows(4, 16), header=False)
     first = cached(path, tmp_path / "cache").train.images  # type: ignore[attr-defined]

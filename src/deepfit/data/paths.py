@@ -46,8 +46,10 @@ def load_path_source(path: Path, config: DataConfig) -> SourceData:
     """A folder, .zip or CSV path; bad image files stop here unless data.skip_bad."""
     if is_csv(path):
         return load_csv_path(path, config)
-    listing = list_files(path)
-    where = folder_cache_file(path, config, listing.fingerprint)
+    # a zip's own size and mtime stand for its members: the cache is found without reading its
+    # directory (0.6 s for CIFAR-10's 60,000 members); a folder is listed to see its files
+    listing = list_files(path) if path.is_dir() else None
+    where = folder_cache_file(path, config, listing.fingerprint if listing is not None else file_fingerprint([path]))
     # decoded with the bad files left out, so the cache serves both choices of skip_bad
     source = cached_source(
         where, lambda: load_folder_source(path, image_size=config.image_size, channels=config.channels, skip_bad=True, listing=listing)
