@@ -190,18 +190,24 @@ def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return 0
     if not args.name or args.classes < 1:
         raise UsageError("usage: deepfit models summary NAME --input CxHxW [--classes N] (N >= 1)")
-    from deepfit.data.csv_rows import parse_image_shape
-
     config = Config()
     set_value(config, "model.name", args.name)
     for key, value in parse_overrides(extra):
         if not key.startswith("model."):
             raise UsageError(f"--{key}: deepfit models summary takes only --model.* settings")
         set_value(config, key, value)
-    shape = parse_image_shape(args.input)
+    shape = input_shape(args.input)
     model = build_model(config.model, input_shape=shape, num_classes=args.classes)
     print(format_summary(summarize_model(model, shape), title=args.name))
     return 0
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    """'1x28x28' -> (1, 28, 28)."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--input {text!r} is not CxHxW (for example 1x28x28 or 3x32x32)")
+    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def add_lr_find_parser(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,207 @@
+"""Every optimizer and every scheduler through `deepfit train` on the embedded digits (short
+runs), the Python API's scheduler objects and lambdas, --model.compile, and resnet18 transfer
+options (weights file, frozen backbone, backbone learning rate) end to end."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from deepfit.checkpoint import load_checkpoint
+from deepfit.config import Config, set_value
+from deepfit.data import build_data
+from deepfit.errors import ConfigError
+from deepfit.fit import fit
+from deepfit.models import build_model
+from deepfit.optim import Schedule, ScheduleSpan, build_scheduler, list_optimizers, list_schedulers
+
+DIGITS = ("--data", "digits", "--model", "mlp", "--model.hidden", "64", "--no-progress")
+LR = 0.01
+
+
+def rows(run: Path) -> list[dict[str, float]]:
+    with (run / "metrics.csv").open() as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+# learning rates at which each optimizer learns the digits in one epoch of batch 32
+OPTIMIZER_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "rmsprop": 1e-3, "adagrad": 0.05, "adadelta": 1.0}
+
+
+@pytest.mark.parametrize("name", list_optimizers())
+def test_every_optimizer_learns_in_one_epoch(name: str, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli(
+        "train", *DIGITS, "--epochs", "1", "--out", "run", "--optim.name", name, "--optim.lr", str(OPTIMIZER_LR[name]),
+        "--optim.weight-decay", "1e-4", "--sched.name", "none", "--data.batch-size", "32",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    (row,) = rows(tmp_path / "run")
+    assert math.isfinite(row["train_loss"]) and row["val_acc"] > 0.6, row  # chance is 0.1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["config"]["optim"]["name"] == name and state["optimizer"]["state"]  # the optimizer kept state
+
+
+def expected_lr_after_epoch_one(name: str) -> float | None:
+    """The lr at the end of epoch 1 of 2 (None: only bounds are checked), with the flags below."""
+    return {
+        "none": LR,
+        "step": LR * 0.5,  # step_size 1 epoch, gamma 0.5
+        "multistep": LR * 0.5,  # milestone at epoch 1
+        "exponential": LR * 0.5,  # gamma 0.5 per epoch
+        "cosine": LR / 2,  # half way down to min_lr 0
+        "plateau": LR,  # patience 2: no decay yet
+    }.get(name)
+
+
+@pytest.mark.parametrize("name", list_schedulers())
+def test_every_scheduler_through_the_cli(name: str, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli(
+        "train", *DIGITS, "--epochs", "2", "--out", "run", "--optim.lr", str(LR), "--sched.name", name,
+        "--sched.step-size", "1", "--sched.milestones", "1", "--sched.gamma", "0.5", "--sched.patience", "2",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    first, second = rows(tmp_path / "run")
+    expected = expected_lr_after_epoch_one(name)
+    if expected is not None:
+        assert first["lr"] == pytest.approx(expected, rel=1e-6)
+    else:  # onecycle: peaked at LR during epoch 1, ends far below it
+        assert name == "onecycle"
+        assert LR * 0.1 < first["lr"] <= LR and second["lr"] < LR * 0.02  # the lr of a step after the last
+    assert math.isfinite(second["train_loss"])
+
+
+def test_warmup_ramps_linearly_from_a_tenth(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    args = ("--epochs", "1", "--out", "run", "--optim.lr", str(LR), "--sched.name", "none", "--sched.warmup-epochs", "2")
+    assert cli("train", *DIGITS, *args).code == 0
+    (row,) = rows(tmp_path / "run")
+    assert row["lr"] == pytest.approx(LR * (0.1 + 0.9 * 0.5))  # half of the warm-up done
+
+
+def test_onecycle_max_lr_keeps_the_ratio_of_parameter_groups() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.01}], lr=0.1)
+    scheduler = build_scheduler("onecycle", optimizer, span=ScheduleSpan(10, 1), max_lr=0.5, pct_start=0.3)
+    assert [g["max_lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
+    assert scheduler is not None
+
+
+# --- the Python API: scheduler objects, classes, lambdas -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():  # type: ignore[no-untyped-def]
+    return build_data(Config().data)
+
+
+def api_config(tmp_path: Path, name: str, epochs: int = 3) -> Config:
+    config = Config()
+    for key, value in {
+        "model.name": "mlp", "model.hidden": [32], "train.epochs": epochs, "train.progress": False,
+        "train.out": str(tmp_path / name), "optim.name": "sgd", "optim.lr": 0.1, "data.batch-size": 256,
+    }.items():  # fmt: skip
+        set_value(config, key, value)
+    return config
+
+
+def test_api_scheduler_object_is_stepped_per_epoch(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    config = api_config(tmp_path, "object")
+    model = build_model(config.model, input_shape=digits.input_shape, num_classes=digits.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    result = fit(config, model=model, data=digits, optimizer=optimizer, scheduler=scheduler)
+    assert [row["lr"] for row in result.history] == pytest.approx([0.1, 0.05, 0.025])  # lr used in each epoch
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0125) and scheduler.last_epoch == 3
+
+
+def test_api_lambda_of_the_epoch_becomes_lambdalr(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    result = fit(api_config(tmp_path, "lambda"), data=digits, scheduler=lambda epoch: 0.1**epoch)
+    assert [row["lr"] for row in result.history] == pytest.approx([0.1, 0.01, 0.001])
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    assert state["scheduler"]["last_epoch"] == 3  # saved with the run, safely loadable
+
+
+def test_api_scheduler_class_per_step(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    config = api_config(tmp_path, "per-step", epochs=1)
+    steps = math.ceil(len(digits.train) / 256)
+    factory = functools.partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
+    result = fit(config, data=digits, scheduler=Schedule(factory, interval="step"))
+    assert result.history[0]["lr"] == pytest.approx(0.1 * 0.5**steps)
+
+
+def test_api_scheduler_needs_its_optimizer(tmp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+    model = torch.nn.Linear(2, 2)
+    stray = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), step_size=1)
+    with pytest.raises(ConfigError, match="another optimizer"):
+        fit(api_config(tmp_path, "stray"), data=digits, scheduler=stray)
+    with pytest.raises(ConfigError, match="model= too"):
+        fit(api_config(tmp_path, "no-model"), data=digits, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match="function of the epoch"):
+        fit(api_config(tmp_path, "number"), data=digits, scheduler=0.5)
+
+
+def test_compile_flag_trains_a_compiled_model_and_saves_it_unwrapped(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, **kwargs):  # type: ignore[no-untyped-def]
+        compiled.append(model)
+        return real_compile(model, backend="eager")  # dynamo's real tracing, without inductor's C++ build
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    assert cli("train", *DIGITS, "--epochs", "1", "--out", "run", "--model.compile", "true").code == 0
+    assert len(compiled) == 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["model"] and not any(k.startswith("_orig_mod") for k in state["model"])
+    assert cli("evaluate", "run").code == 0  # the checkpoint rebuilds a plain model
+
+
+@pytest.mark.slow
+def test_compile_with_inductor(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("train", *DIGITS, "--epochs", "1", "--out", "run", "--model.compile", "true").code == 0
+    assert rows(tmp_path / "run")[0]["val_acc"] > 0.5
+
+
+# --- resnet18 transfer options end to end -------------------------------------------------------
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    torch.manual_seed(7)
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+RESNET = ("--data", "digits", "--model", "resnet18", "--epochs", "1", "--no-progress", "--data.batch-size", "128")
+
+
+def test_resnet18_feature_extraction_changes_only_the_head(cli, tmp_path: Path, weights_file: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli("train", *RESNET, "--out", "frozen", "--model.weights", str(weights_file), "--model.freeze", "backbone")
+    assert result.code == 0, result.err
+    state = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")
+    source = torch.load(weights_file, weights_only=True)
+    trained = state["model"]
+    backbone = [k for k in trained if not k.startswith(("fc.", "conv1."))]
+    assert all(torch.equal(trained[k], source[k]) for k in backbone)  # incl. BatchNorm statistics
+    assert torch.equal(trained["conv1.weight"], source["conv1.weight"].sum(1, keepdim=True))  # gray digits
+    assert trained["fc.weight"].shape == (10, 512)
+    (group,) = state["optimizer"]["param_groups"]
+    assert len(group["params"]) == 2  # the head's weight and bias only
+
+
+def test_resnet18_fine_tuning_uses_a_lower_backbone_lr(cli, tmp_path: Path, weights_file: Path) -> None:  # type: ignore[no-untyped-def]
+    args = ("--out", "tuned", "--model.weights", str(weights_file), "--model.backbone-lr-scale", "0.1")
+    result = cli("train", *RESNET, *args, "--optim.lr", "0.002", "--sched.name", "none")
+    assert result.code == 0, result.err
+    state = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "last.pt")
+    head, backbone = state["optimizer"]["param_groups"]
+    assert (head["name"], head["lr"], len(head["params"])) == ("head", 0.002, 2)
+    assert backbone["name"] == "backbone" and backbone["lr"] == pytest.approx(0.0002)
+    source = torch.load(weights_file, weights_only=True)
+    assert not torch.equal(state["model"]["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # it learned
