@@ -43,10 +43,10 @@ class ModelConfig:
     dropout: float = 0.0  # mlp: dropout probability after each hidden layer
     weights: str | None = None  # pretrained weights: "imagenet", a state-dict file, or none
     freeze: Literal["none", "backbone"] = "none"  # "backbone": only the new head learns
-    backbone_lr_scale: float = 0.1  # backbone learning rate = optim.lr * this (transfer models)
+    backbone_lr_scale: float = 0.1  # fine-tuning (weights or init_from set): backbone lr = optim.lr * this
     init_from: str | None = None  # start from the weights of an earlier run or checkpoint
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout of conv activations
-    compile: bool = False  # torch.compile the model (measured: slower on small CPU models)
+    compile: bool = False  # torch.compile the model for training (measured: slower on small CPU models)
 
 
 @dataclass
