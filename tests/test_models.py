@@ -179,6 +179,19 @@ def test_copy_matching_weights_copies_name_and_shape_matches_and_lists_the_rest(
     ]
 
 
+def test_a_head_for_other_classes_starts_fresh(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = train_digits(cli, "first", "--model", "mlp", "--model.hidden", "32")
+    digit_names = [str(d) for d in range(10)]
+    same = build("mlp", (1, 8, 8), 10, hidden=[32])
+    assert init_weights(same, first, classes=digit_names).skipped == []  # same classes: the head is copied too
+    other = build("mlp", (1, 8, 8), 10, hidden=[32])
+    head_before = other.state_dict()["3.weight"].clone()
+    report = init_weights(other, first, classes=[f"letter-{c}" for c in "abcdefghij"])
+    assert report.copied == ["1.weight", "1.bias"]
+    assert report.skipped == ["3.weight: new head for other classes", "3.bias: new head for other classes"]
+    assert torch.equal(other.state_dict()["3.weight"], head_before)
+
+
 def train_digits(cli, out: str, *args: str) -> Path:  # type: ignore[no-untyped-def]
     result = cli("train", "--data", "digits", "--epochs", "1", "--no-progress", "--out", out, "--data.batch-size", "64", *args)
     assert result.code == 0, result.err

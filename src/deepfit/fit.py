@@ -160,7 +160,7 @@ def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *
     if model is None:
         architecture = config.model if fresh else dataclasses.replace(config.model, weights=None, init_from=None)
         model = build_model(architecture, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    init = init_weights(model, config.model.init_from) if fresh and config.model.init_from else None
+    init = init_weights(model, config.model.init_from, classes=bundle.classes) if fresh and config.model.init_from else None
     if config.model.freeze == "backbone":
         freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
     return model, init

@@ -92,7 +92,7 @@ def sweep_model(config: Config, bundle: DataBundle, model: nn.Module | None) -> 
     else:
         net = build_model(config.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
     if config.model.init_from:
-        init_weights(net, config.model.init_from)
+        init_weights(net, config.model.init_from, classes=bundle.classes)
     if config.model.freeze == "backbone":
         freeze_backbone(net)
     return net

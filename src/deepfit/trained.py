@@ -91,13 +91,15 @@ class InitReport:
     unused: list[str]  # checkpoint tensors the model has no place for
 
 
-def init_weights(model: nn.Module, source: str | Path) -> InitReport:
+def init_weights(model: nn.Module, source: str | Path, *, classes: list[str] | None = None) -> InitReport:
     """Start `model` from the matching weights of an earlier run or checkpoint (read safely,
-    weights_only=True); the rest keeps its initialisation. No match at all is an error."""
+    weights_only=True); the rest keeps its initialisation. When `classes` (the new data's) differ
+    from the checkpoint's, the head starts fresh even if its shape fits. No match is an error."""
     path = Path(source)
     state = load_checkpoint(path)
     file = path if path.is_file() else resolved_file(path)
-    result = copy_matching_weights(model, state["model"])
+    other_classes = classes is not None and [str(c) for c in state["classes"]] != [str(c) for c in classes]
+    result = copy_matching_weights(model, state["model"], new_head=other_classes)
     if not result.copied:
         raise CheckpointError(f"--init-from {file}: no tensor of it matches this model by name and shape")
     return InitReport(file, result.copied, result.skipped, result.unused)

@@ -85,12 +85,15 @@ class WeightCopy:
     unused: list[str]  # source tensors the model has no place for
 
 
-def copy_matching_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> WeightCopy:
-    """Copy every tensor whose name and shape match into `model`'s state; the rest stays as built."""
+def copy_matching_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], *, new_head: bool = False) -> WeightCopy:
+    """Copy every tensor whose name and shape match into `model`'s state; the rest stays as built.
+    new_head: leave the head as built too (its rows belong to the source's classes)."""
     own = model.state_dict()
-    matched = {k: v for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    head = head_name(model) if new_head else None
+    fresh = {k for k in own if head is not None and is_head(k.rpartition(".")[0], head)}
+    matched = {k: v for k, v in weights.items() if k in own and k not in fresh and tuple(own[k].shape) == tuple(v.shape)}
     model.load_state_dict(matched, strict=False)
-    skipped = [f"{k}: {mismatch(own[k], weights.get(k))}" for k in own if k not in matched]
+    skipped = [f"{k}: {'new head for other classes' if k in fresh else mismatch(own[k], weights.get(k))}" for k in own if k not in matched]
     unused = [k for k in weights if k not in own]
     return WeightCopy([k for k in own if k in matched], skipped, unused)
 
