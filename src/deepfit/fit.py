@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
 from deepfit.config import Config, parse_duration, save_config, validate
-from deepfit.data import BatchLoader, DataBundle, build_data
+from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader
 from deepfit.engine import StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
@@ -53,7 +54,7 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loader: BatchLoader
+    loader: BatchLoader | StreamLoader
     loss_fn: LossFn
     device: torch.device
     run_dir: Path
@@ -74,7 +75,7 @@ def fit(
     config: Config,
     *,
     model: nn.Module | None = None,
-    data: DataBundle | None = None,
+    data: DataBundle | Dataset[Any] | None = None,
     resume: str | Path | None = None,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
@@ -105,7 +106,7 @@ def fit(
 def prepare_run(
     config: Config,
     model: nn.Module | None,
-    data: DataBundle | None,
+    data: DataBundle | Dataset[Any] | None,
     resume: str | Path | None,
     *,
     optimizer: torch.optim.Optimizer | None = None,
@@ -115,15 +116,16 @@ def prepare_run(
     if optimizer is not None and model is None:
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
     device = select_device(config.train.device)
-    bundle = data if data is not None else build_data(config.data, seed=config.train.seed)
+    bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     net, init = build_network(config, bundle, model, fresh=resume is None)
     channels_last = use_channels_last(config.model.channels_last, net)
     net = net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    loader = BatchLoader(
+    loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,
+        num_workers=config.data.num_workers, skip_bad=config.data.skip_bad,
     )  # fmt: skip
     optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)
     schedule, interval = choose_schedule(config, optimizer, scheduler, loader.batches_per_epoch)
@@ -281,13 +283,15 @@ def epoch_row(run: Run, train: dict[str, float], seconds: float) -> Row:
 
 def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
     """loss, acc, top-k and macro F1 of the current model on an ImageSet (tta: with mirrored copies)."""
-    batches = BatchLoader(
+    batches = build_loader(
         split,
         batch_size=run.config.data.eval_batch_size,
         mean=run.data.mean,
         std=run.data.std,
         device=run.device,
         channels_last=run.loader.channels_last,
+        num_workers=run.config.data.num_workers,
+        skip_bad=run.config.data.skip_bad,
     )
     logits, labels = predict_logits(run.model, batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
     metrics = classification_metrics(logits, labels, topk=run.config.train.topk)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from deepfit.config import DataConfig
 from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats, conform, split_validation
-from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader
+from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader, StreamLoader, build_loader
 from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load_path_source
 from deepfit.data.sources import load_digits_source
+from deepfit.data.stream import StreamSet, pipeline_source, settle, stats_images
 from deepfit.errors import DataError
 from deepfit.registry import Registry
 
@@ -21,7 +25,10 @@ __all__ = [
     "DataBundle",
     "ImageSet",
     "SourceData",
+    "StreamLoader",
+    "StreamSet",
     "build_data",
+    "build_loader",
     "list_datasets",
     "load_source",
 ]
@@ -79,24 +86,29 @@ def check_settings(config: DataConfig) -> None:
         raise DataError(f"data.image_size must be a positive number of pixels; got {config.image_size}")
 
 
-def build_data(config: DataConfig, *, seed: int = 0) -> DataBundle:
+def build_data(config: DataConfig, *, seed: int = 0, dataset: Dataset[Any] | None = None) -> DataBundle:
     """Load a source, fit it to the asked channels/size, hold out a seeded validation split
-    and measure normalisation stats on the training split."""
+    and measure normalisation stats on the training split. `dataset`: a user's Dataset of
+    (image, label) instead of config.name. data.pipeline decides memory or streaming (stream.py)."""
     check_settings(config)
-    source = conform(load_source(config, seed=seed), channels=config.channels, image_size=config.image_size)
+
+    def load() -> SourceData:
+        return conform(load_source(config, seed=seed), channels=config.channels, image_size=config.image_size)
+
+    source = pipeline_source(config, dataset, registered=config.name in DATASETS, load=load)
     train, val = source.train, source.val
     if val is None:
         train, val = split_validation(source.train, config.val_fraction, seed)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(stats_images(train, seed=seed, num_workers=config.num_workers, skip_bad=config.skip_bad))
     return DataBundle(
         train=train,
-        val=val,
-        test=source.test,
+        val=settle(val, config),
+        test=settle(source.test, config),
         classes=source.classes,
         mean=mean,
         std=std,
         flip_ok=source.flip_ok,
-        source=config.name,
+        source=config.name if dataset is None else type(dataset).__name__,
         origin=source.origin,
         skipped=source.skipped,
     )

@@ -1,19 +1,111 @@
-"""Batches as index slices of an in-memory uint8 tensor; float conversion, normalisation and
-augmentation run per batch as tensor ops on the training device (DESIGN.md section 3)."""
+"""Training batches, two ways with one interface (DESIGN.md section 3): BatchLoader slices an
+in-memory uint8 tensor; StreamLoader decodes files in DataLoader workers. Both hand uint8 batches
+to BatchPrep, which converts, normalises and augments them per batch on the training device."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from deepfit.data.bundle import ImageSet
+from deepfit.data.stream import StreamSet, collate_items, own_generator, raise_failures
+from deepfit.errors import DataError
 
 AUGMENT_PRESETS = ("none", "flip-crop", "random-resized-crop")
+Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
 
 
-class BatchLoader:
+class BatchPrep:
+    """uint8 (B, C, H, W) -> float on `device`, normalised, augmented by `generator` when asked."""
+
+    def __init__(
+        self,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        generator: torch.Generator,
+        augment: str = "none",
+        channels_last: bool = False,
+    ) -> None:
+        stats = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        # x_norm = (x / 255 - mean) / std = x * scale - shift
+        self.scale = 1.0 / (255.0 * stats)
+        self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / stats
+        self.device = device
+        self.generator = generator
+        self.augment = augment
+        self.channels_last = channels_last
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).float()
+        if self.augment == "flip-crop":
+            x = random_crop(random_flip(x, self.generator), pad=4, generator=self.generator)
+        elif self.augment == "random-resized-crop":
+            x = random_resized_crop(random_flip(x, self.generator), generator=self.generator)
+        x = x.mul_(self.scale).sub_(self.shift)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class EpochOrder:
+    """The shuffle order of the current epoch and how many of its batches were handed out,
+    drawn from a dedicated generator and saved by state_dict() for exact mid-epoch resume."""
+
+    def __init__(self, count: int, *, batch_size: int, shuffle: bool, seed: int, order_device: torch.device) -> None:
+        self.count = count
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.order_device = order_device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
+        self.position = 0  # batches of this epoch already handed out
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.count + self.batch_size - 1) // self.batch_size
+
+    def __len__(self) -> int:
+        """Batches still to come in this epoch (all of them unless resumed mid-epoch)."""
+        return self.batches_per_epoch - self.position
+
+    def start_epoch(self) -> torch.Tensor:
+        """The order, drawn now unless a resumed or interrupted epoch already has one."""
+        if self.order is None:
+            self.order = self.draw_order()
+        return self.order
+
+    def end_epoch(self) -> None:
+        self.order, self.position = None, 0
+
+    def draw_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.count, device=self.order_device)
+        return torch.randperm(self.count, generator=self.generator).to(self.order_device)
+
+    def batch_index(self, order: torch.Tensor, position: int) -> torch.Tensor:
+        start = position * self.batch_size
+        return order[start : start + self.batch_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.cpu() if self.order is not None else None,
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].to(self.order_device) if state["order"] is not None else None
+        self.position = int(state["position"])
+
+
+class BatchLoader(EpochOrder):
     """Iterates (x, y) batches: x float (B, C, H, W) normalised, y int64 (B,), both on `device`.
 
     A dedicated generator decides the shuffle order and the augmentation, and `state_dict()`
@@ -33,69 +125,123 @@ class BatchLoader:
         seed: int = 0,
         channels_last: bool = False,
     ) -> None:
+        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=device)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
-        self.batch_size = batch_size
         self.device = device
-        self.shuffle = shuffle
         self.augment = augment
         self.channels_last = channels_last
-        stats = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        # x_norm = (x / 255 - mean) / std = x * scale - shift
-        self.scale = 1.0 / (255.0 * stats)
-        self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) / stats
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
-        self.position = 0  # batches of this epoch already handed out
+        self.prepare = BatchPrep(mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
-
-    def __len__(self) -> int:
-        """Batches still to come in this epoch (all of them unless resumed mid-epoch)."""
-        return self.batches_per_epoch - self.position
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.order is None:
-            self.order = self.draw_order()
-        order = self.order
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.start_epoch()
         while self.position < self.batches_per_epoch:
-            start = self.position * self.batch_size
-            index = order[start : start + self.batch_size]
+            index = self.batch_index(order, self.position)
             self.position += 1
             yield self.prepare(self.images[index]), self.labels[index]
-        self.order, self.position = None, 0
+        self.end_epoch()
 
-    def draw_order(self) -> torch.Tensor:
-        n = len(self.labels)
-        if not self.shuffle:
-            return torch.arange(n, device=self.device)
-        return torch.randperm(n, generator=self.generator).to(self.device)
 
-    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> normalised float, augmented when training."""
-        x = batch.float()
-        if self.augment == "flip-crop":
-            x = random_crop(random_flip(x, self.generator), pad=4, generator=self.generator)
-        elif self.augment == "random-resized-crop":
-            x = random_resized_crop(random_flip(x, self.generator), generator=self.generator)
-        x = x.mul_(self.scale).sub_(self.shift)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+class BatchPlan:
+    """The DataLoader's batch sampler: index lists of the loader's current epoch from its saved
+    position on, so the batches already trained are skipped without being read or decoded. (Held
+    weakly by it: no reference cycle, so a finished loader is freed at once.)"""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator": self.generator.get_state(),
-            "order": self.order.cpu() if self.order is not None else None,
-            "position": self.position,
-        }
+    def __init__(self, owner: StreamLoader) -> None:
+        self.owner = weakref.proxy(owner)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.order = state["order"].to(self.device) if state["order"] is not None else None
-        self.position = int(state["position"])
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        owner = self.owner
+        order = owner.start_epoch()
+        for position in range(owner.position, owner.batches_per_epoch):
+            yield owner.data.index[owner.batch_index(order, position)].tolist()
+
+
+class StreamLoader(EpochOrder):
+    """BatchLoader's interface over a StreamSet: worker processes read and decode the files of each
+    batch (uint8), the main process draws the order and the augmentation from the dedicated
+    generator, so the batches equal BatchLoader's on the same pixels and resume exactly."""
+
+    def __init__(
+        self,
+        data: StreamSet,
+        *,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        shuffle: bool = False,
+        augment: str = "none",
+        seed: int = 0,
+        channels_last: bool = False,
+        num_workers: int = 2,
+        skip_bad: bool = False,
+    ) -> None:
+        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=torch.device("cpu"))
+        self.data = data
+        self.device = device
+        self.augment = augment
+        self.channels_last = channels_last
+        self.skip_bad = skip_bad
+        self.prepare = BatchPrep(mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last)
+        self.loader = DataLoader(
+            data.items, batch_sampler=BatchPlan(self), num_workers=num_workers, collate_fn=collate_items,
+            pin_memory=device.type == "cuda", generator=own_generator(),
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.start_epoch()  # before the DataLoader asks BatchPlan for indices
+        batches, finished = iter(self.loader), False
+        try:
+            for images, labels, failures in batches:
+                self.position += 1
+                keep = raise_failures(failures, len(labels), skip_bad=self.skip_bad)
+                if keep is not None:
+                    images, labels = images[keep], labels[keep]
+                if len(labels):
+                    yield self.prepare(images), labels.to(self.device, non_blocking=True)
+            finished = True
+        finally:
+            if not finished:
+                self.stop_workers(batches)
+        self.end_epoch()
+
+    def stop_workers(self, batches: Iterator[Any]) -> None:
+        """An epoch left midway (an error, a stop request): end its workers now. Workers still alive
+        when the garbage collector frees their DataLoader (an exception's traceback or a plotting
+        library easily holds a run in a cycle) stall it 5 s each: the collector closes their queues
+        before the DataLoader can send them the stop signal. The same is why workers are not
+        persistent: a finished epoch ends its own (forking two again costs ~0.1 s an epoch)."""
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def build_loader(
+    data: ImageSet,
+    *,
+    batch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    shuffle: bool = False,
+    augment: str = "none",
+    seed: int = 0,
+    channels_last: bool = False,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+) -> BatchLoader | StreamLoader:
+    """A StreamLoader for a streamed split, a BatchLoader for one in memory."""
+    if augment not in AUGMENT_PRESETS:
+        raise DataError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
+    common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last}
+    if isinstance(data, StreamSet):
+        return StreamLoader(data, num_workers=num_workers, skip_bad=skip_bad, **common)
+    return BatchLoader(data, **common)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

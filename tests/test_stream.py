@@ -1,0 +1,235 @@
+"""The streaming pipeline: decoded per item in DataLoader workers, it gives the batches the
+in-memory pipeline gives on the same pixels; `auto` picks it by the memory budget; a resumed epoch
+skips the batches already trained without decoding them; a user's own Dataset trains either way."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+import deepfit
+from deepfit.config import Config, DataConfig, set_value
+from deepfit.data import BatchLoader, ImageSet, StreamLoader, StreamSet, build_data, build_loader
+from deepfit.data.stream import TensorItems, estimate_folder_bytes, stream_set
+from deepfit.errors import DataError
+
+CPU = torch.device("cpu")
+
+
+def write_folder(root: Path, *, per_class: int = 12, classes: int = 3, size: tuple[int, int] = (10, 12), seed: int = 0) -> Path:
+    """Class folders of random RGB images, PNG and JPEG alternating, one grey image and one of
+    another size (resized to the most common size by both pipelines)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class {c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (size[0] + 6, size[1] + 2, 3) if (c, i) == (0, 1) else (*size, 3)
+            image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+            if (c, i) == (1, 2):
+                image = image.convert("L")
+            image.save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}", quality=90)
+    return root
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(folder.rglob("*")):
+            archive.write(file, f"photos/{file.relative_to(folder).as_posix()}")
+    return path
+
+
+def data_config(source: Path, **overrides: Any) -> DataConfig:
+    config = DataConfig(name=str(source), cache=False, val_fraction=0.2)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def epoch_batches(loader: BatchLoader | StreamLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("augment", ["none", "flip-crop"])
+def test_stream_batches_equal_memory_batches(tmp_path: Path, augment: str) -> None:
+    folder = write_folder(tmp_path / "photos")
+    memory = build_data(data_config(folder, pipeline="memory"), seed=5)
+    stream = build_data(data_config(folder, pipeline="stream"), seed=5)
+    assert isinstance(stream.train, StreamSet) and not isinstance(memory.train, StreamSet)
+    assert (stream.mean, stream.std, stream.classes, stream.input_shape) == (memory.mean, memory.std, memory.classes, memory.input_shape)
+    assert isinstance(stream.val, ImageSet) and torch.equal(stream.val.images, memory.val.images)  # type: ignore[union-attr]
+    options: dict[str, Any] = {"batch_size": 8, "mean": memory.mean, "std": memory.std, "device": CPU, "shuffle": True, "seed": 3}
+    options["augment"] = augment
+    ours = build_loader(stream.train, num_workers=2, **options)
+    theirs = build_loader(memory.train, **options)
+    assert isinstance(ours, StreamLoader) and isinstance(theirs, BatchLoader)
+    for _ in range(2):  # two epochs: the second order is drawn after the first epoch's augmentation
+        got, want = epoch_batches(ours), epoch_batches(theirs)
+        assert len(got) == len(want) == theirs.batches_per_epoch
+        for (x, y), (x_want, y_want) in zip(got, want, strict=True):
+            assert torch.equal(y, y_want) and torch.equal(x, x_want)
+    if augment == "none":  # every training image exactly once per epoch, as a multiset
+        seen = torch.cat([x for x, _ in got]).flatten(1)
+        expected = theirs.prepare(memory.train.images).flatten(1)
+        assert torch.equal(sorted_rows(seen), sorted_rows(expected))
+
+
+def sorted_rows(rows: torch.Tensor) -> torch.Tensor:
+    keys = [hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in rows]
+    return rows[sorted(range(len(keys)), key=keys.__getitem__)]
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_auto_streams_when_the_decoded_size_exceeds_the_budget(tmp_path: Path, archive: bool) -> None:
+    folder = write_folder(tmp_path / "big", per_class=40, size=(64, 64))  # 120 x 3 x 64 x 64 = 1.41 MiB decoded
+    source = zip_folder(folder, tmp_path / "big.zip") if archive else folder
+    assert estimate_folder_bytes(source, data_config(source)) == 120 * 3 * 64 * 64
+    assert estimate_folder_bytes(source, data_config(source, image_size=32, channels=1)) == 120 * 32 * 32
+    chosen = {}
+    for pipeline, budget in (("auto", 1), ("auto", 2), ("memory", 0), ("stream", 100)):
+        bundle = build_data(data_config(source, pipeline=pipeline, memory_budget_mb=budget))
+        chosen[pipeline, budget] = type(bundle.train).__name__
+        assert bundle.input_shape == (3, 64, 64) and len(bundle.train) == 96
+    assert chosen == {("auto", 1): "StreamSet", ("auto", 2): "ImageSet", ("memory", 0): "ImageSet", ("stream", 100): "StreamSet"}
+
+
+def test_the_zip_streams_the_same_pixels_as_the_folder(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "photos")
+    from_folder = build_data(data_config(folder, pipeline="memory"))
+    from_zip = build_data(data_config(zip_folder(folder, tmp_path / "photos.zip"), pipeline="stream", num_workers=0))
+    options: dict[str, Any] = {"batch_size": 64, "mean": from_folder.mean, "std": from_folder.std, "device": CPU}
+    (x, y), (x_zip, y_zip) = next(iter(build_loader(from_folder.train, **options))), next(iter(build_loader(from_zip.train, **options)))
+    assert torch.equal(x, x_zip) and torch.equal(y, y_zip)
+
+
+class CountingItems(TensorItems):
+    """Counts the items decoded (in this process: the loader runs without workers here)."""
+
+    decoded = 0
+
+    def __getitem__(self, i: int) -> Any:
+        CountingItems.decoded += 1
+        return super().__getitem__(i)
+
+
+def test_a_resumed_epoch_skips_trained_batches_without_decoding_them() -> None:
+    images = ImageSet(torch.randint(0, 256, (50, 1, 4, 4), dtype=torch.uint8), torch.arange(50) % 5)
+    options: dict[str, Any] = {"batch_size": 8, "mean": (0.5,), "std": (0.25,), "device": CPU, "shuffle": True, "seed": 9}
+    first = StreamLoader(stream_set(CountingItems(images), images.labels, (1, 4, 4)), num_workers=0, **options)
+    batches = iter(first)
+    trained = [next(batches) for _ in range(3)]
+    state = first.state_dict()
+    rest = [(x.clone(), y.clone()) for x, y in batches]
+    CountingItems.decoded = 0
+    resumed = StreamLoader(stream_set(CountingItems(images), images.labels, (1, 4, 4)), num_workers=0, **options)
+    resumed.load_state_dict(state)
+    assert len(resumed) == 4
+    again = list(resumed)
+    assert CountingItems.decoded == 50 - 3 * 8  # only the 26 images of the 4 batches still to come
+    assert len(trained) + len(again) == 7
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(rest, again, strict=True))
+
+
+def test_a_file_that_fails_while_streaming_stops_the_epoch_or_is_skipped(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "photos")
+    broken = folder / "class 2" / "000.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # the header is intact, the pixels are cut off
+    options: dict[str, Any] = {"batch_size": 64, "mean": (0.5,) * 3, "std": (0.25,) * 3, "device": CPU}
+    with pytest.raises(DataError, match=r"000\.jpg: corrupt or truncated"):  # the stats sample meets it
+        build_data(data_config(folder, pipeline="stream", val_fraction=0.0))
+    with pytest.warns(UserWarning, match="skipped 1 bad image"):
+        bundle = build_data(data_config(folder, pipeline="stream", val_fraction=0.0, skip_bad=True))
+    with pytest.raises(DataError, match=r"000\.jpg: corrupt or truncated"):
+        list(build_loader(bundle.train, num_workers=2, **options))
+    with pytest.warns(UserWarning, match="skipped 1 bad image"):
+        (x, y), *_ = list(build_loader(bundle.train, num_workers=2, skip_bad=True, **options))
+    assert len(x) == len(y) == len(bundle.train) - 1
+
+
+def test_files_that_are_not_images_are_listed_before_streaming_starts(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "photos")
+    (folder / "class 1" / "notes.png").write_text("not a picture")
+    with pytest.raises(DataError, match=r"(?s)1 bad file.*notes\.png"):
+        build_data(data_config(folder, pipeline="stream"))
+    bundle = build_data(data_config(folder, pipeline="stream", skip_bad=True))
+    assert [Path(p).name for p, _ in bundle.skipped] == ["notes.png"] and len(bundle.train) + len(bundle.val) == 36  # type: ignore[arg-type]
+
+
+class Pictures(Dataset[tuple[Any, Any]]):
+    """A user's own Dataset: float (C, H, W) tensors in 0..1, PIL images or uint8 tensors."""
+
+    def __init__(self, kind: str, count: int = 60, labels: list[Any] | None = None) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.labels = labels if labels is not None else [i % 3 for i in range(count)]
+        self.pixels = torch.randint(0, 256, (count, 3, 8, 8), dtype=torch.uint8, generator=generator)
+        for i, label in enumerate(self.labels):  # learnable: the class brightens one row band
+            self.pixels[i, :, 2 * (hash(str(label)) % 3)] = 255
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        if self.kind == "float":
+            return self.pixels[i].float() / 255, torch.tensor(self.labels[i])
+        if self.kind == "pil":
+            return Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy()), self.labels[i]
+        return self.pixels[i], self.labels[i]
+
+
+class NamedPictures(Pictures):
+    classes: ClassVar[list[str]] = ["cat", "dog", "bird"]
+
+
+def fit_config(tmp_path: Path, name: str, **overrides: str) -> Config:
+    config = Config()
+    values = {"model.name": "mlp", "model.hidden": "16", "data.batch-size": "8", "data.val-fraction": "0.2", "train.epochs": "2"}
+    values |= {"train.progress": "false", "train.out": str(tmp_path / name), "train.seed": "1", **overrides}
+    for key, value in values.items():
+        set_value(config, key, value)
+    return config
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["float", "pil", "uint8"])
+def test_fit_takes_a_users_dataset_in_memory_or_streamed_with_the_same_result(tmp_path: Path, kind: str) -> None:
+    dataset = Pictures(kind)
+    memory = deepfit.fit(fit_config(tmp_path, "memory"), data=dataset)
+    streamed = deepfit.fit(fit_config(tmp_path, "stream", **{"data.memory-budget-mb": "0"}), data=dataset)
+    assert isinstance(streamed.data.train, StreamSet) and not isinstance(memory.data.train, StreamSet)
+    assert memory.data.classes == ["0", "1", "2"] and memory.data.input_shape == (3, 8, 8)
+    stored = torch.cat([memory.data.train.images, memory.data.val.images])  # type: ignore[union-attr]
+    assert sorted(map(bytes, stored.flatten(1).numpy())) == sorted(map(bytes, dataset.pixels.flatten(1).numpy()))  # no pixel lost
+    assert weights_digest(memory.model) == weights_digest(streamed.model)
+
+
+def test_a_users_dataset_names_its_classes_or_they_come_from_the_labels(tmp_path: Path) -> None:
+    named = build_data(DataConfig(), dataset=NamedPictures("uint8"))
+    assert named.classes == ["cat", "dog", "bird"] and named.source == "NamedPictures"
+    words = ["zebra", "ant", "moth"] * 20
+    inferred = build_data(DataConfig(pipeline="stream", num_workers=0), dataset=Pictures("pil", labels=words))
+    assert inferred.classes == ["ant", "moth", "zebra"]
+    assert torch.equal(inferred.train.labels, torch.tensor([["ant", "moth", "zebra"].index(w) for w in words])[inferred.train.index])  # type: ignore[attr-defined]
+
+
+def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -> None:
+    class Normalised(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return (self.pixels[i].float() / 255 - 0.5) / 0.25, self.labels[i]
+
+    with pytest.raises(DataError, match=r"0\.\.1.*normalises"):
+        build_data(DataConfig(), dataset=Normalised("float"))
