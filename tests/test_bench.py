@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from bench import common, run, train
+from bench import data as data_bench
 
 from tests.conftest import write_tiny_idx
 
@@ -46,3 +47,34 @@ def test_make_bench_entry_prints_table_and_writes_json(
     (saved,) = (tmp_path / "results").glob("bench-*.json")
     payload = json.loads(saved.read_text())
     assert {r["impl"] for r in payload["train"]} == {"baseline", "deepfit"}
+
+
+def write_tiny_cifar_zip(path: Path, *, per_class: int = 6) -> Path:
+    """The layout of cifar10-jpg.zip (stored JPEGs under train/<class>/ and test/<class>/), tiny."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for split in ("train", "test"):
+            for label in ("cat", "dog", "ship"):
+                for i in range(per_class):
+                    buffer = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+                    archive.writestr(f"{split}/{label}/{i:04d}.jpg", buffer.getvalue())
+    return path
+
+
+def test_data_bench_compares_the_lessons_loader_with_deepfits(tiny_datasets: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    write_tiny_cifar_zip(tiny_datasets / "cifar10-jpg.zip")
+    assert data_bench.main(["--datasets", str(tiny_datasets), "--repeat", "1", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    rows, figures = data_bench.run_dataset("cifar10", tiny_datasets / "cifar10-jpg.zip", repeat=1)
+    assert [r.impl for r in rows] == ["baseline", "deepfit first run", "deepfit cached", "deepfit stream"]
+    assert all(r.images == 18 for r in rows) and rows[0].ratio == 1.0
+    assert rows[2].ratio == pytest.approx(rows[2].images_per_s / rows[0].images_per_s)
+    assert figures["files"] == 36 and figures["first_decode_s"] > 0 and figures["cache_load_s"] > 0
+    assert "fashion-mnist" in out and "deepfit cached" in out and "first decode of 36 files" in out
