@@ -278,3 +278,19 @@ def test_data_info_on_the_cifar10_zip(cli, cifar_zip: Path) -> None:  # type: ig
     assert "splits: train 45,000, val 5,000, test 10,000" in result.out and re.search(r"airplane\s+4,500\s+500\s+1,000", result.out)
     again = cli("data", "info", str(cifar_zip))  # from the cache
     assert again.out == result.out
+
+
+def test_relative_data_paths_are_saved_absolute_so_evaluate_works_from_elsewhere(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    noise_folder(tmp_path / "photos", {"cats": 6, "dogs": 6})
+    write_tiny_idx(tmp_path / "idx")
+    assert cli(*train_args(Path("photos"), [], Path("run"))).code == 0
+    code = cli("train", "--data", "mnist", "--data-dir", "idx", "--model", "mlp", "--epochs", "1", "--out", "run-idx", "--no-progress").code
+    assert code == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert saved["name"] == str((tmp_path / "photos").resolve())
+    assert yaml.safe_load((tmp_path / "run-idx" / "config.yaml").read_text())["data"]["dir"] == str((tmp_path / "idx").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli("evaluate", str(tmp_path / "run"), "--split", "val").code == 0
+    assert cli("evaluate", str(tmp_path / "run-idx")).code == 0

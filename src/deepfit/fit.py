@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
 from deepfit.config import Config, parse_duration, save_config, validate
-from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader
+from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
 from deepfit.engine import StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
@@ -88,6 +88,7 @@ def fit(
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
     Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
     validate(config)
+    anchor_paths(config.data)
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
     run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)

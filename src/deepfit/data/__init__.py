@@ -27,6 +27,7 @@ __all__ = [
     "SourceData",
     "StreamLoader",
     "StreamSet",
+    "anchor_paths",
     "build_data",
     "build_loader",
     "list_datasets",
@@ -70,6 +71,15 @@ def load_source(config: DataConfig, *, seed: int) -> SourceData:
     if is_data_path(path):
         return load_path_source(path, config)
     raise DataError(unknown_source_message(config.name, path))
+
+
+def anchor_paths(config: DataConfig) -> None:
+    """Make a source path and data.dir absolute, so the saved config finds them from any folder."""
+    path = Path(config.name).expanduser()
+    if config.name not in DATASETS and is_data_path(path):
+        config.name = str(path.resolve())
+    if config.dir is not None:
+        config.dir = str(Path(config.dir).expanduser().resolve())
 
 
 def unknown_source_message(name: str, path: Path) -> str:
