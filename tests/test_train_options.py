@@ -19,7 +19,7 @@ from deepfit.data import build_data
 from deepfit.errors import ConfigError
 from deepfit.fit import fit
 from deepfit.models import build_model
-from deepfit.optim import Schedule, ScheduleSpan, build_scheduler, list_optimizers, list_schedulers
+from deepfit.optim import Schedule, ScheduleSpan, build_scheduler, list_losses, list_optimizers, list_schedulers
 
 DIGITS = ("--data", "digits", "--model", "mlp", "--model.hidden", "64", "--no-progress")
 LR = 0.01
@@ -45,6 +45,15 @@ def test_every_optimizer_learns_in_one_epoch(name: str, cli, tmp_path: Path) -> 
     assert math.isfinite(row["train_loss"]) and row["val_acc"] > 0.6, row  # chance is 0.1
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["config"]["optim"]["name"] == name and state["optimizer"]["state"]  # the optimizer kept state
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_every_loss_learns_in_one_epoch(name: str, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    args = ("--epochs", "1", "--out", "run", "--loss.name", name, "--data.batch-size", "32", "--sched.name", "none")
+    result = cli("train", *DIGITS, *args, "--loss.label-smoothing", "0.1" if name == "cross_entropy" else "0")
+    assert result.code == 0, result.err
+    (row,) = rows(tmp_path / "run")
+    assert row["val_acc"] > 0.6 and 0 < row["val_loss"] < 3, row
 
 
 def expected_lr_after_epoch_one(name: str) -> float | None:
