@@ -169,7 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="folder with fashion-mnist/ and cifar10-jpg.zip")
     parser.add_argument("--only", default=",".join(SOURCES), help=f"comma-separated, from {', '.join(SOURCES)}")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each row; the fastest is kept (the CPU is shared)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each row; the fastest is kept (the CPU is shared)")
     parser.add_argument("--no-save", action="store_true", help="print only; write no bench/results/data-*.json")
     return parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader, StreamLoader, buil
 from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load_path_source
 from deepfit.data.sources import load_digits_source
 from deepfit.data.stream import StreamSet, pipeline_source, settle, stats_images
+from deepfit.data.user_dataset import dataset_source
 from deepfit.errors import DataError
 from deepfit.registry import Registry
 
@@ -105,7 +106,10 @@ def build_data(config: DataConfig, *, seed: int = 0, dataset: Dataset[Any] | Non
     def load() -> SourceData:
         return conform(load_source(config, seed=seed), channels=config.channels, image_size=config.image_size)
 
-    source = pipeline_source(config, dataset, registered=config.name in DATASETS, load=load)
+    if dataset is not None:
+        source = dataset_source(dataset, config)
+    else:
+        source = pipeline_source(config, registered=config.name in DATASETS, load=load)
     train, val = source.train, source.val
     if val is None:
         train, val = split_validation(source.train, config.val_fraction, seed)
