@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 import deepfit
 from deepfit.config import Config, DataConfig, set_value
-from deepfit.data import BatchLoader, ImageSet, StreamLoader, StreamSet, build_data, build_loader
+from deepfit.data import BatchLoader, ImageSet, StreamLoader, StreamSet, build_data, build_loader, load_images
 from deepfit.data.stream import TensorItems, estimate_folder_bytes, stream_set
 from deepfit.errors import DataError
 
@@ -233,3 +233,22 @@ def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -
 
     with pytest.raises(DataError, match=r"0\.\.1.*normalises"):
         build_data(DataConfig(), dataset=Normalised("float"))
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x05\x06 not really a zip", b"\x00" * 100])
+def test_a_broken_zip_gets_the_in_memory_paths_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.zip"
+    path.write_bytes(content)
+    assert estimate_folder_bytes(path, data_config(path)) == 0
+    with pytest.raises(DataError, match=r"broken\.zip"):
+        build_data(data_config(path))
+
+
+def test_load_images_decodes_a_few_streamed_samples(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "photos")
+    memory = build_data(data_config(folder, pipeline="memory", val_fraction=0.0))
+    stream = build_data(data_config(folder, pipeline="stream", val_fraction=0.0))
+    pick = torch.tensor([5, 0, 33])
+    assert load_images(memory.train) is memory.train
+    sample = load_images(stream.train.subset(pick))
+    assert not isinstance(sample, StreamSet) and torch.equal(sample.images, memory.train.images[pick])

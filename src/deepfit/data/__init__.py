@@ -14,7 +14,7 @@ from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats,
 from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader, StreamLoader, build_loader
 from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load_path_source
 from deepfit.data.sources import load_digits_source
-from deepfit.data.stream import StreamSet, pipeline_source, settle, stats_images
+from deepfit.data.stream import StreamSet, load_images, pipeline_source, settle, stats_images
 from deepfit.data.user_dataset import dataset_source
 from deepfit.errors import DataError
 from deepfit.registry import Registry
@@ -32,6 +32,7 @@ __all__ = [
     "build_data",
     "build_loader",
     "list_datasets",
+    "load_images",
     "load_source",
 ]
 

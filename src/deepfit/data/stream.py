@@ -169,8 +169,11 @@ def decode_all(
     return torch.cat(images), labels, failures
 
 
-def to_memory(split: StreamSet, *, num_workers: int, skip_bad: bool) -> ImageSet:
-    """Decode a whole streamed split into an in-memory ImageSet."""
+def load_images(split: ImageSet, *, num_workers: int = 2, skip_bad: bool = False) -> ImageSet:
+    """The split with its pixels in memory: itself when it is, else every item decoded (for code
+    that reads `.images`: a few streamed samples to plot, a small split to evaluate)."""
+    if not isinstance(split, StreamSet):
+        return split
     if isinstance(split.items, TensorItems):
         return ImageSet(split.items.images[split.index], split.labels)
     if len(split) == 0:
@@ -188,14 +191,14 @@ def stats_images(train: ImageSet, *, seed: int, num_workers: int, skip_bad: bool
     pick = torch.arange(len(train))
     if len(train) > STATS_SAMPLE:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE].sort().values
-    return to_memory(train.subset(pick), num_workers=num_workers, skip_bad=skip_bad).images
+    return load_images(train.subset(pick), num_workers=num_workers, skip_bad=skip_bad).images
 
 
 def settle(split: ImageSet | None, config: DataConfig) -> ImageSet | None:
     """Validation and test splits are decoded into memory unless they alone exceed the memory
     budget: they are read every epoch, and evaluate/inspect take them as tensors."""
     if isinstance(split, StreamSet) and split.decoded_bytes <= budget_bytes(config):
-        return to_memory(split, num_workers=config.num_workers, skip_bad=config.skip_bad)
+        return load_images(split, num_workers=config.num_workers, skip_bad=config.skip_bad)
     return split
 
 
@@ -227,7 +230,10 @@ def shape_of(images: ImageSet) -> tuple[int, int, int]:
 def estimate_folder_bytes(path: Path, config: DataConfig) -> int:
     """N * C * H * W of a folder or zip from its image count and a few headers, without listing
     the whole archive through zipfile (0.8 s for CIFAR-10's 60,000 members)."""
-    count, blobs = folder_census(path) if path.is_dir() else zip_census(path)
+    try:
+        count, blobs = folder_census(path) if path.is_dir() else zip_census(path)
+    except (OSError, ValueError, IndexError, struct.error, DataError):
+        return 0  # empty, unreadable or corrupt: the in-memory path reports it properly
     headers = [h for h in (header_or_none(b) for b in blobs) if h is not None]
     if not headers or count == 0:
         return 0  # nothing to measure: the in-memory path reports what is wrong
