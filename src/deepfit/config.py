@@ -27,9 +27,9 @@ class DataConfig:
     image_shape: str | None = None  # CxHxW of CSV pixel rows, e.g. 1x28x28 (default: square guess)
     channels: int | None = None  # convert images to this many channels, 1 or 3 (default: as found)
     skip_bad: bool = False  # train without unreadable images instead of stopping (list kept in run)
-    pipeline: Literal["auto", "memory", "stream"] = "auto"  # in-memory uint8 tensor or DataLoader
-    memory_budget_mb: int = 4096  # decoded datasets above this many MiB stream instead (auto)
-    num_workers: int = 2  # DataLoader worker processes for the streaming pipeline
+    pipeline: Literal["auto", "memory", "stream"] = "auto"  # in-memory uint8 tensor, or decoding per batch in DataLoader workers
+    memory_budget_mb: int = 4096  # auto: an image folder/zip or a fit(data=Dataset) decoding to more MiB streams
+    num_workers: int = 2  # DataLoader worker processes that decode for the streaming pipeline (0: in the main process)
     cache: bool = True  # keep decoded tensors on disk, keyed by the source's fingerprint
     cache_dir: str | None = None  # where decoded tensors are cached (default: ~/.cache/deepfit)
 
