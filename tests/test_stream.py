@@ -215,6 +215,7 @@ def test_fit_takes_a_users_dataset_in_memory_or_streamed_with_the_same_result(tm
     stored = torch.cat([memory.data.train.images, memory.data.val.images])  # type: ignore[union-attr]
     assert sorted(map(bytes, stored.flatten(1).numpy())) == sorted(map(bytes, dataset.pixels.flatten(1).numpy()))  # no pixel lost
     assert weights_digest(memory.model) == weights_digest(streamed.model)
+    assert "name: Pictures" in (tmp_path / "memory" / "config.yaml").read_text()  # not the default source's name
 
 
 def test_a_users_dataset_names_its_classes_or_they_come_from_the_labels(tmp_path: Path) -> None:

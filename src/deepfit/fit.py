@@ -82,12 +82,15 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
 ) -> FitResult:
-    """Train `model` (default: the registered config.model.name) on `data` (default: config.data).
+    """Train `model` (default: the registered config.model.name) on `data` (default: config.data):
+    a DataBundle, or any torch Dataset of (image, label) pairs (PIL images or CxHxW tensors).
     `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
     `scheduler`: anything deepfit.optim.Schedule takes (a scheduler object, class/partial, or a
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
     Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
     validate(config)
+    if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
     anchor_paths(config.data)
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
