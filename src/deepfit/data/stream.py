@@ -253,7 +253,8 @@ def header_or_none(data: bytes) -> Header | None:
 
 def folder_census(root: Path) -> tuple[int, list[bytes]]:
     """Image files under `root` and the bytes of the first SIZE_SAMPLE of them."""
-    count, blobs = 0, list[bytes]()
+    count = 0
+    blobs: list[bytes] = []
     for folder, subdirs, names in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not hidden([d]))
         for name in sorted(names):
