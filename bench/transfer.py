@@ -3,7 +3,7 @@ classes (airplane, automobile, bird, cat, deer) from all their images, then the 
 frog, horse, ship, truck) from only 100 training images per class, three ways: from scratch,
 feature extraction (--init-from the first run, backbone frozen) and fine-tuning (--init-from,
 backbone at a tenth of the head's lr). Each training is a normal `deepfit train` process.
-Run: python bench/transfer.py [--work /tmp/deepfit-transfer] [--first-epochs 4] [--second-epochs 30]."""
+Run: python bench/transfer.py [--work /tmp/deepfit-transfer] [--first-epochs 3] [--second-epochs 20]."""
 
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deepfit-transfer"), help="data subsets and runs go here")
     parser.add_argument("--zip", type=Path, default=DATASETS / "cifar10-jpg.zip")
-    parser.add_argument("--first-epochs", type=int, default=4)
-    parser.add_argument("--second-epochs", type=int, default=30)
+    parser.add_argument("--first-epochs", type=int, default=3)
+    parser.add_argument("--second-epochs", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=100, help="training images per class of the second task")
     options = parser.parse_args(argv)
     work: Path = options.work
