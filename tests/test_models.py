@@ -250,6 +250,7 @@ def test_cli_models_lists_and_summarizes(cli) -> None:  # type: ignore[no-untype
     assert total == sum(p.numel() for p in build("cnn3", (1, 28, 28), 10).parameters())
     mlp = cli("models", "summary", "mlp", "--input", "3x8x8", "--model.hidden", "20", "--classes", "4")
     assert "total parameters: 3,944" in mlp.out  # 192*20+20 + 20*4+4
-    for bad in (["models", "summary", "nosuchnet"], ["models", "summary", "mlp", "--input", "28"], ["models", "summary"]):
+    too_small = ["models", "summary", "lenet", "--input", "1x8x8"]  # two unpadded convs and pools need more
+    for bad in (["models", "summary", "nosuchnet"], ["models", "summary", "mlp", "--input", "28"], ["models", "summary"], too_small):
         failed = cli(*bad)
         assert failed.code == 2 and failed.err.count("\n") == 1, failed.err

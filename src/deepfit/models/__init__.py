@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from deepfit.config import ModelConfig
+from deepfit.errors import ConfigError
 from deepfit.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
@@ -51,5 +52,12 @@ def describe_models() -> list[tuple[str, str]]:
 
 
 def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the registered model `config.name` for (C, H, W) inputs and `num_classes` outputs."""
-    return MODELS.get(config.name)(config=config, input_shape=input_shape, num_classes=num_classes)
+    """Build the registered model `config.name` for (C, H, W) inputs and `num_classes` outputs.
+    An input too small for the architecture (a dummy forward pass fails) is a ConfigError."""
+    builder = MODELS.get(config.name)
+    try:
+        return builder(config=config, input_shape=input_shape, num_classes=num_classes)
+    except RuntimeError as err:  # torch's shape errors, e.g. "Output size is too small"
+        c, h, w = input_shape
+        detail = " ".join(str(err).split())[:200]
+        raise ConfigError(f"model {config.name} cannot take {c}x{h}x{w} input: {detail}") from None

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepfit.errors import ConfigError
+
 
 @dataclass
 class LayerRow:
@@ -41,6 +43,9 @@ def summarize_model(model: nn.Module, input_shape: tuple[int, int, int]) -> Mode
         model.eval()
         with torch.no_grad():
             model(torch.zeros(2, *input_shape))  # (2, C, H, W): 2, not 1, so shape errors show
+    except RuntimeError as err:  # torch's shape errors
+        c, h, w = input_shape
+        raise ConfigError(f"{type(model).__name__} cannot take {c}x{h}x{w} input: {' '.join(str(err).split())[:200]}") from None
     finally:
         model.train(was_training)
         for handle in handles:
