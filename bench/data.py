@@ -170,12 +170,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--datasets", type=Path, default=DATASETS, help="folder with fashion-mnist/ and cifar10-jpg.zip")
     parser.add_argument("--only", default=",".join(SOURCES), help=f"comma-separated, from {', '.join(SOURCES)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each row; the fastest is kept (the CPU is shared)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in this process (0: torch's default, all cores)")
     parser.add_argument("--no-save", action="store_true", help="print only; write no bench/results/data-*.json")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows: list[Row] = []
     figures: dict[str, dict[str, float]] = {}
     for name in [n for n in args.only.split(",") if n]:
@@ -185,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         found, figures[name] = run_dataset(name, source, args.repeat)
         rows += found
-    print("one epoch of normalised batches (batch 128, shuffled, CPU); images/s over build + epoch; ratio vs baseline")
+    print(
+        f"one epoch of normalised batches (batch 128, shuffled, CPU, {torch.get_num_threads()} torch threads); images/s over build + epoch; ratio vs baseline"
+    )
     print(format_rows(rows))
     for name, numbers in figures.items():
         print(format_figures(name, numbers))
