@@ -253,3 +253,17 @@ def test_load_images_decodes_a_few_streamed_samples(tmp_path: Path) -> None:
     assert load_images(memory.train) is memory.train
     sample = load_images(stream.train.subset(pick))
     assert not isinstance(sample, StreamSet) and torch.equal(sample.images, memory.train.images[pick])
+
+
+def test_commands_that_read_pixels_work_on_a_streamed_run(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = write_folder(tmp_path / "photos")
+    stream = ["--data.pipeline", "stream", "--data.num-workers", "0"]
+    shown = cli("data", "show", str(folder), *stream, "--out", "grid.png", "--count", "6")
+    assert shown.code == 0, shown.err
+    assert (tmp_path / "grid.png").is_file()
+    trained = cli("train", "--data", str(folder), *stream, "--model", "mlp", "--epochs", "1", "--out", "run", "--no-progress")
+    assert trained.code == 0, trained.err
+    assert cli("show", "samples", "run").code == 0
+    evaluated = cli("evaluate", "run", "--split", "all")
+    assert evaluated.code == 0, evaluated.err
+    assert "36 images" in evaluated.out

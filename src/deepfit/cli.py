@@ -365,7 +365,7 @@ def data_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
 
 
 def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.data import build_data
+    from deepfit.data import build_data, load_images
     from deepfit.data.bundle import describe_bundle
 
     if args.count < 1:
@@ -378,7 +378,7 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.inspect import choose_sample
     from deepfit.plots import plot_samples, save_figure
 
-    chosen = bundle.train.subset(choose_sample(len(bundle.train), args.count, seed=config.train.seed))
+    chosen = load_images(bundle.train.subset(choose_sample(len(bundle.train), args.count, seed=config.train.seed)))
     title = f"{args.source}: {len(chosen)} of {len(bundle.train):,} training images"
     figure = plot_samples(chosen.images.numpy(), chosen.labels.numpy(), bundle.classes, title=title)
     print(save_figure(figure, Path(args.out or f"{Path(args.source).stem}-samples.png")))

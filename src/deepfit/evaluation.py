@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfit.data import DataBundle, ImageSet, build_data
+from deepfit.data import DataBundle, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.plots import plot_confusion, save_figure
@@ -138,14 +138,14 @@ def evaluation_images(trained: TrainedModel, data: str | None, split: str) -> tu
 
 def pick_split(bundle: DataBundle, split: str, source: str) -> ImageSet:
     if split == "all":
-        parts = [s for s in (bundle.train, bundle.val, bundle.test) if s is not None]
+        parts = [load_images(s) for s in (bundle.train, bundle.val, bundle.test) if s is not None]
         return ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]))
     chosen = bundle.test if split == "test" else bundle.val
     if chosen is None or len(chosen) == 0:
         have = [name for name, s in (("test", bundle.test), ("val", bundle.val)) if s is not None and len(s)]
         hint = f"; it has {', '.join(have)}" if have else ""
         raise EvaluationError(f"{source} has no {split} split{hint}; choose --split {'|'.join([*have, 'all'])}")
-    return chosen
+    return load_images(chosen)  # a split too large for the memory budget is decoded here, once
 
 
 def check_shape(images: ImageSet, trained: TrainedModel, source: str) -> None:

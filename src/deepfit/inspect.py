@@ -16,7 +16,7 @@ from torch import nn
 from deepfit import plots
 from deepfit.checkpoint import load_checkpoint, load_model_state
 from deepfit.config import Config, config_from_dict
-from deepfit.data import BatchLoader, ImageSet, build_data
+from deepfit.data import BatchLoader, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.history import read_metrics_csv
@@ -264,7 +264,7 @@ def samples_figure(run: LoadedRun, options: ShowOptions) -> Figure:
     train = run.cache["train_set"]
     assert isinstance(train, ImageSet)
     index = choose_sample(len(train), options.count or 32, seed=run.config.train.seed)
-    subset = train.subset(index)
+    subset = load_images(train.subset(index))  # a streamed split: only these are decoded
     title = f"Training samples and their labels ({len(subset)} of {len(train)})"
     return plots.plot_samples(subset.images.numpy(), subset.labels.numpy(), run.classes, title=title)
 
