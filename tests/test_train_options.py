@@ -214,3 +214,17 @@ def test_resnet18_fine_tuning_uses_a_lower_backbone_lr(cli, tmp_path: Path, weig
     assert backbone["name"] == "backbone" and backbone["lr"] == pytest.approx(0.0002)
     source = torch.load(weights_file, weights_only=True)
     assert not torch.equal(state["model"]["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # it learned
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7])
+def test_onecycle_runs_its_whole_span_however_few_steps_there_are(steps: int) -> None:
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = build_scheduler("onecycle", optimizer, span=ScheduleSpan(1, steps), max_lr=None, pct_start=0.25)
+    assert scheduler is not None
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(math.isfinite(lr) and 0 < lr <= 0.1 for lr in lrs)

@@ -119,7 +119,10 @@ def build_onecycle(optimizer: Optimizer, *, span: ScheduleSpan, max_lr: float | 
     backbone group at lr * 0.1 peaks at max_lr * 0.1)."""
     scale = 1.0 if max_lr is None else max_lr / optimizer.defaults["lr"]
     peak = [group["lr"] * scale for group in optimizer.param_groups]
-    return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=max(2, span.total), pct_start=pct_start)
+    total = max(3, span.total)
+    # torch divides by the length of each phase: with a few steps (a tiny dataset) keep both >= 1/2 step
+    pct = min(max(pct_start, 1.5 / total), 1.0 - 1.5 / total)
+    return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=pct)
 
 
 @SCHEDULERS.register("plateau")
