@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,15 @@ def test_onecycle_runs_its_whole_span_however_few_steps_there_are(steps: int) ->
         scheduler.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert all(math.isfinite(lr) and 0 < lr <= 0.1 for lr in lrs)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepfit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert runtime.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
