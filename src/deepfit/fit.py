@@ -28,7 +28,7 @@ from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
-from deepfit.trained import InitReport, init_weights
+from deepfit.trained import InitReport, init_weights, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
 EpochFn = Callable[[Row], None]
@@ -122,10 +122,7 @@ def prepare_run(
     device = select_device(config.train.device)
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     net, init = build_network(config, bundle, model, fresh=resume is None)
-    channels_last = use_channels_last(config.model.channels_last, net)
-    net = net.to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net, channels_last = place_model(net, config.model.channels_last, device)
     loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,
@@ -185,13 +182,6 @@ def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torc
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling; its current scale and growth count are saved with the run."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def use_channels_last(setting: str, model: nn.Module) -> bool:
-    """'auto': on for convolutional models (measured 1.1-1.5x faster on CPU), off otherwise."""
-    if setting != "auto":
-        return setting == "on"
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def augment_for(preset: str, bundle: DataBundle) -> str:

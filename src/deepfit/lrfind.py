@@ -21,14 +21,14 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from deepfit.config import Config, validate
-from deepfit.data import BatchLoader, DataBundle, build_data
+from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader
 from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, NonFiniteError
 from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, build_loss, build_optimizer
 from deepfit.plots import save_figure
 from deepfit.runtime import autocast_dtype, select_device, set_threads
-from deepfit.trained import init_weights, use_channels_last
+from deepfit.trained import init_weights, place_model
 
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai's rule)
 SMOOTHING_SHARE = 0.05  # the loss average spans this share of the sweep (200 steps: 10 batches)
@@ -100,13 +100,11 @@ def sweep_model(config: Config, bundle: DataBundle, model: nn.Module | None) -> 
 
 def sweep(config: Config, bundle: DataBundle, net: nn.Module, *, start_lr: float, end_lr: float, steps: int) -> LRFindResult:
     device = select_device(config.train.device)
-    channels_last = use_channels_last(config.model.channels_last, net)
-    net = net.to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    loader = BatchLoader(
+    net, channels_last = place_model(net, config.model.channels_last, device)
+    loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=config.data.augment, seed=config.train.seed, channels_last=channels_last,
+        num_workers=config.data.num_workers, skip_bad=config.data.skip_bad,
     )  # fmt: skip
     o = config.optim
     optimizer = build_optimizer(
@@ -135,7 +133,7 @@ def smoothing(steps: int) -> float:
     return 1.0 - 1.0 / max(5.0, SMOOTHING_SHARE * steps)
 
 
-def endless(loader: BatchLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def endless(loader: BatchLoader | StreamLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Epoch after epoch of reshuffled batches (small datasets have fewer batches than the sweep)."""
     while True:
         yield from loader
