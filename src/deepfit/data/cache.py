@@ -59,11 +59,14 @@ def save_cached(source: SourceData, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(handle)
+    except OSError:
+        return  # a cache is optional: no writable cache folder, no cache
+    os.close(handle)
+    try:
         torch.save(state, temp)
         os.replace(temp, path)
-    except OSError:
-        Path(locals().get("temp", path.with_suffix(".tmp"))).unlink(missing_ok=True)  # a cache is optional
+    except (OSError, RuntimeError):  # torch reports a full disk as RuntimeError
+        Path(temp).unlink(missing_ok=True)
 
 
 def load_cached(path: Path) -> SourceData | None:
