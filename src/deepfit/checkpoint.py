@@ -129,6 +129,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_task(state: dict[str, Any]) -> str:
+    """The task a checkpoint was trained for (image, regression, node); checkpoints from before
+    tasks existed are image classifiers."""
+    data = state.get("config", {}).get("data", {})
+    return str(data.get("task", "image")) if isinstance(data, dict) else "image"
+
+
 def resolve_run_checkpoint(run_dir: Path) -> Path:
     """A run folder stands for its best.pt, or last.pt when there is no best."""
     for name in ("best.pt", "last.pt"):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 # Top-level train flags -> dotted config keys.
 TRAIN_FLAGS = {
+    "task": "data.task",
     "data": "data.name",
     "data_dir": "data.dir",
     "model": "model.name",
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (overridden by the flags)")
+    parser.add_argument("--task", help="image (default), regression or node")
     parser.add_argument("--data", help="dataset name (digits, mnist, fashion-mnist, ...) or path")
     parser.add_argument("--data-dir", help="folder holding the dataset files")
     parser.add_argument("--model", help="registered model name (see `deepfit models`)")
@@ -383,6 +385,15 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     figure = plot_samples(chosen.images.numpy(), chosen.labels.numpy(), bundle.classes, title=title)
     print(save_figure(figure, Path(args.out or f"{Path(args.source).stem}-samples.png")))
     return 0
+
+
+# -- regression task commands --
+
+
+# -- node task commands --
+
+
+# -- serve command --
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {

@@ -16,6 +16,7 @@ from deepfit.errors import ConfigError
 
 @dataclass
 class DataConfig:
+    task: Literal["image", "regression", "node"] = "image"  # what is learned: image classes, a numeric target, graph node classes
     name: str = "digits"  # registered dataset, or a path to an image folder, .zip or .csv
     dir: str | None = None  # folder holding the dataset files (default: env var, then system dirs)
     download: bool = False  # let torchvision download the dataset when it is not found locally
@@ -32,6 +33,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes that decode for the streaming pipeline (0: in the main process)
     cache: bool = True  # keep decoded tensors on disk, keyed by the source's fingerprint
     cache_dir: str | None = None  # where decoded tensors are cached (default: ~/.cache/deepfit)
+    # -- regression task (data.task regression) --
+    # -- node task (data.task node) --
+    # -- training tricks --
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The regression task: CSV and embedded sources, linear/mlp models, regression metrics and figures."""
