@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 DATASETS ?= $(abspath ../shared/datasets)
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo test test-slow test-gpu lint bench bench-gpu install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,19 @@ test: lint
 
 test-slow: $(STAMP)
 	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} $(BIN)/pytest -m slow
+
+# The GPU machines have torch, pytest and pytest-xdist but no network: no venv, the sources from src/.
+GPU_PYTHON ?= python3
+GPU_WORKERS ?= 8
+CIFAR ?= $(DATASETS)/cifar10-jpg.zip
+
+test-gpu:
+	DEEPFIT_TEST_DEVICE=cuda PYTHONPATH=$(CURDIR)/src DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} \
+		$(GPU_PYTHON) -m pytest -m "not slow" -q -p no:cacheprovider \
+		$$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)")
+
+bench-gpu:
+	PYTHONPATH=$(CURDIR)/src $(GPU_PYTHON) bench/gpu.py --cifar $(CIFAR) $(if $(AIRBENCH),--airbench $(AIRBENCH))
 
 bench: $(STAMP)
 	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} $(BIN)/python bench/run.py

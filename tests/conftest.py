@@ -12,11 +12,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from deepfit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("DEEPFIT_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+# The one place tests pick their device: DEEPFIT_TEST_DEVICE (cpu, cuda, mps; default auto, the best
+# available) becomes $DEEPFIT_DEVICE, which select_device("auto") honours, in this process and in
+# the CLI processes tests start. `make test-gpu` sets it to cuda.
+TEST_DEVICE = os.environ.get("DEEPFIT_TEST_DEVICE", "auto")
+if TEST_DEVICE != "cpu":
+    # cuBLAS reads its workspace setting once, when it starts: set it before any test touches
+    # CUDA, so the train.deterministic tests are deterministic whatever ran before them.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.fixture(autouse=True)
+def _test_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPFIT_DEVICE", TEST_DEVICE)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device training in this test runs on."""
+    from deepfit.runtime import select_device
+
+    return select_device(TEST_DEVICE)
 
 
 @pytest.fixture(autouse=True)

@@ -77,12 +77,14 @@ def test_the_loop_can_be_called_directly(tiny_idx: Path) -> None:
     assert 0.0 <= evaluate(model, plain, loss_fn)["acc"] <= 1.0
 
 
-def test_training_is_deterministic_on_cpu(tiny_idx: Path, tmp_path: Path) -> None:
-    a = deepfit.fit(tiny_config(tiny_idx, tmp_path / "a", **{"train.epochs": "2"}))
-    b = deepfit.fit(tiny_config(tiny_idx, tmp_path / "b", **{"train.epochs": "2"}))
+def test_training_is_deterministic(tiny_idx: Path, tmp_path: Path) -> None:
+    """Bit-identical on the CPU always; on CUDA with train.deterministic, which this sets."""
+    exact = {"train.epochs": "2", "train.deterministic": "true"}
+    a = deepfit.fit(tiny_config(tiny_idx, tmp_path / "a", **exact))
+    b = deepfit.fit(tiny_config(tiny_idx, tmp_path / "b", **exact))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = deepfit.fit(tiny_config(tiny_idx, tmp_path / "c", **{"train.epochs": "2", "train.seed": "1"}))
+    c = deepfit.fit(tiny_config(tiny_idx, tmp_path / "c", **exact, **{"train.seed": "1"}))
     assert not all(torch.equal(sa[k], c.model.state_dict()[k]) for k in sa)
 
 

@@ -1,11 +1,13 @@
 """Exact resume: a run resumed from a mid-epoch step checkpoint, an epoch boundary or its end finishes
-with weights and optimizer state that hash identically to the uninterrupted run (same seed, CPU);
-leaving any one state item out of the checkpoint changes the hash.
+with weights and optimizer state that hash identically to the uninterrupted run (same seed, with
+train.deterministic: the CUDA promise; on the CPU it holds without it); leaving any one state item
+out of the checkpoint changes the hash.
 
 The test model gives every random generator a real consumer: dropout draws from torch's, input
 noise from numpy's, a per-batch gain from python's; flip-crop augmentation and the shuffle order
 draw from the loader's dedicated generator; a CPU GradScaler started near overflow skips steps
-depending on its saved scale (deepfit itself scales only for fp16 on CUDA)."""
+depending on its saved scale (deepfit itself scales only for fp16 on CUDA). The suite's device
+(DEEPFIT_TEST_DEVICE) trains it."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def tiny_config(tiny_idx: Path, out: Path) -> Config:
     values = {
         "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "data.augment": "flip-crop",
         "train.epochs": "3", "train.progress": "false", "train.out": str(out), "train.seed": "7",
-        "train.checkpoint-every": "3", "train.keep-last": "100", "sched.name": "onecycle",
+        "train.checkpoint-every": "3", "train.keep-last": "100", "sched.name": "onecycle", "train.deterministic": "true",
     }  # fmt: skip
     for key, value in values.items():
         set_value(config, key, value)
@@ -57,15 +59,15 @@ class EveryGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            noise = torch.from_numpy(np.random.standard_normal(x.shape)).float()  # numpy's generator
+            noise = torch.from_numpy(np.random.standard_normal(x.shape)).float().to(x.device)  # numpy's generator
             x = (x + 0.1 * noise) * (1.0 + 0.1 * random.random())  # python's generator
         return self.head(self.features(x)) + 100.0 * self.loud
 
 
 def cpu_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """Doubles after every good step until the scaled gradients of the model's loud bias overflow
+    """A GradScaler on the training device (fp16's, in any precision): doubles after every good step until the scaled gradients of the model's loud bias overflow
     fp32, then skips a step and halves: which steps are skipped depends on the scale it resumes with."""
-    return torch.amp.GradScaler("cpu", init_scale=2.0**118, growth_interval=1)
+    return torch.amp.GradScaler(device.type, init_scale=2.0**118, growth_interval=1)
 
 
 @pytest.fixture(autouse=True)

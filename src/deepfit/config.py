@@ -102,6 +102,7 @@ class TrainConfig:
     topk: int = 5  # k of the top-k accuracy metric
     progress: bool = True  # draw a progress bar per epoch
     tta: bool = False  # final test score averages each image's logits with its mirror's (flip-safe data only)
+    deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
 
 
 @dataclass

@@ -13,9 +13,17 @@ import torch
 
 from deepfit.errors import ConfigError
 
+DEVICE_ENV = "DEEPFIT_DEVICE"  # what "auto" means in this process (the test suite sets it from DEEPFIT_TEST_DEVICE)
+CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its kernels deterministic
+
 
 def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    """'auto' picks $DEEPFIT_DEVICE when set, else cuda, then mps, then cpu; an explicit device
+    that is absent is an error."""
+    if name == "auto" and os.environ.get(DEVICE_ENV, "auto") != "auto":
+        name = os.environ[DEVICE_ENV]
+        if name not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"${DEVICE_ENV} must be auto, cpu, cuda or mps; got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,6 +43,17 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels everywhere (train.deterministic): cuDNN's deterministic algorithms,
+    torch.use_deterministic_algorithms (ops without a deterministic CUDA kernel warn, naming the op),
+    and cuBLAS's fixed workspace, which cuBLAS reads once, when it first starts: so this runs
+    before any CUDA work (fit calls it first). On the CPU deepfit's kernels are deterministic anyway."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.deterministic = enabled
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
 
 
 def set_threads(threads: int) -> None:
