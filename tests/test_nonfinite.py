@@ -72,7 +72,7 @@ def test_a_fault_stops_at_its_step_and_nothing_is_saved_after_it(tiny_idx: Path,
     assert all_finite(last["model"])
     # the optimizer did not take the bad step: the live weights are still those of step bad-1
     live = {k: v.detach() for k, v in model.state_dict().items()}
-    assert all(torch.equal(live[k], last["model"][k]) for k in live)
+    assert all(torch.equal(live[k].cpu(), last["model"][k]) for k in live)
 
 
 def test_a_diverging_run_exits_3_with_a_clear_message(cli, tiny_idx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -91,3 +91,56 @@ def test_a_diverging_run_exits_3_with_a_clear_message(cli, tiny_idx: Path, tmp_p
     assert all(all_finite(s["model"]) and s["step"] < (bad or 10**9) for s in saved)
     if bad is not None and bad > 1:
         assert load_checkpoint(folder / "last.pt")["step"] == bad - 1
+
+
+class FaultAfterSnapshot(FaultAt):
+    """FaultAt that also keeps a copy of the weights and the optimizer state as they were when the
+    bad step began: what the run must end with."""
+
+    def __init__(self, bad: int, kind: str) -> None:
+        super().__init__(bad, kind)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.before: dict[str, torch.Tensor] = {}
+        self.optimizer_before: dict[int, dict[str, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.calls + 1 == self.bad:
+            self.before = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            assert self.optimizer is not None
+            self.optimizer_before = clone_state(self.optimizer)
+        return super().forward(x)
+
+
+def clone_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    state = optimizer.state_dict()["state"]
+    return {i: {k: torch.as_tensor(v).clone() for k, v in s.items()} for i, s in state.items()}
+
+
+OPTIMIZERS = {  # fused kernels skip the step on the device; rmsprop has none, so the loop reads the flag per step
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-2, fused=True),
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, fused=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_without_a_per_step_sync_a_nan_never_reaches_the_weights(
+    tiny_idx: Path, tmp_path: Path, kind: str, optimizer: str, device: torch.device
+) -> None:
+    """No step checkpoints: the guard's flag is read at the epoch's end (7 batches), so training runs
+    on past the bad batch 3, skipping every update on the device; the run then stops with the
+    weights and optimizer state (Adam's moments and step count too) of batch 2, bit for bit."""
+    model = FaultAfterSnapshot(3, kind).to(device)
+    config = tiny_config(tiny_idx, tmp_path / "run", **{"train.checkpoint-every": "0"})
+    model.optimizer = OPTIMIZERS[optimizer](model.parameters())
+    with pytest.raises(NonFiniteError, match=r"at batch 3;") as raised:
+        fit(config, model=model, optimizer=model.optimizer)
+    assert ("loss became nan" if kind == "loss" else "gradient became non-finite") in str(raised.value)
+    fused = optimizer != "rmsprop"
+    assert model.calls == (7 if fused else 3)  # fused: ran on to the epoch's end, no sync per step
+    assert model.before and all(torch.equal(model.before[k], v) for k, v in model.state_dict().items())
+    after = clone_state(model.optimizer)
+    assert after.keys() == model.optimizer_before.keys()
+    assert all(torch.equal(model.optimizer_before[i][k].cpu(), v.cpu()) for i, s in after.items() for k, v in s.items())
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # epoch 1 never ended: nothing saved

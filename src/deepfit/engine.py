@@ -1,6 +1,7 @@
 """The training and evaluation loops: plain PyTorch over any nn.Module and any iterable of
 (x, y) batches. No files, no prints; loss and accuracy are summed on the device and read once
-per epoch, so the loop never waits on the host per batch."""
+per epoch, and the non-finite guard lives on the device too (FiniteGuard), so the loop never
+waits on the host per batch."""
 
 from __future__ import annotations
 
@@ -29,6 +30,47 @@ class StepOptions:
     clip_grad: float = 0.0  # max gradient norm, 0 for no clipping
     accumulate: int = 1  # batches per optimizer step
     check_finite: bool = True  # stop on a NaN/inf loss or gradient
+    check_every: int = 32  # batches between reads of the guard's device flag (one host sync each)
+    guard: FiniteGuard | None = None  # the run's guard (default: a new one per call when check_finite)
+
+
+class FiniteGuard:
+    """The non-finite guard, kept on the device so no step waits for the host. It records the first
+    batch whose loss or gradient norm was NaN/inf; from then on every optimizer step is skipped on
+    the device (fused optimizers take the flag as `found_inf` and leave weights and state, step
+    count included, untouched), so the weights stay those of the last good step. `check()` reads
+    the record (one host sync): the loop calls it every `check_every` batches and at the epoch's
+    end, and fit before every checkpoint it writes."""
+
+    LOSS, GRADIENT = 1, 2  # kinds of fault
+
+    def __init__(self, device: torch.device) -> None:
+        self.batch = torch.zeros((), dtype=torch.long, device=device)  # first bad batch (1-based), 0: none
+        self.kind = torch.zeros((), dtype=torch.long, device=device)  # LOSS or GRADIENT
+        self.value = torch.zeros((), device=device)  # the bad loss, or the gradient norm
+
+    @property
+    def tripped(self) -> torch.Tensor:
+        """bool () on the device: a fault was seen; every later update is skipped."""
+        return self.batch > 0
+
+    def record(self, batch: int, value: torch.Tensor, kind: int) -> None:
+        """Note whether `value` (a loss or gradient norm, shape ()) of `batch` is finite; no sync."""
+        first = ~torch.isfinite(value.detach()) & ~self.tripped
+        self.batch = torch.where(first, batch, self.batch)
+        self.kind = torch.where(first, kind, self.kind)
+        self.value = torch.where(first, value.detach().float(), self.value)
+
+    def check(self) -> None:
+        """Raise NonFiniteError if a fault was recorded (reads three device scalars)."""
+        batch, kind, value = int(self.batch), int(self.kind), float(self.value)
+        if batch == 0:
+            return
+        if kind == self.LOSS:
+            raise NonFiniteError(f"the loss became {value} at batch {batch}; lower the learning rate or enable --train.clip-grad")
+        raise NonFiniteError(
+            f"a gradient became non-finite (norm {value}) at batch {batch}; lower the learning rate or enable --train.clip-grad"
+        )
 
 
 def train_one_epoch(
@@ -44,6 +86,7 @@ def train_one_epoch(
     opts = options or StepOptions()
     model.train()
     device = next(model.parameters()).device
+    guard = opts.guard or (FiniteGuard(device) if opts.check_finite else None)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, last = 0, len(batches) if hasattr(batches, "__len__") else -1  # type: ignore[arg-type]
@@ -51,16 +94,20 @@ def train_one_epoch(
         with autocast(device, opts.autocast_dtype):
             logits = model(x)
             loss = loss_fn(logits, y)
-        if opts.check_finite and not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {loss.item()} at batch {i + 1}; lower the learning rate or enable --train.clip-grad")
+        if guard is not None:
+            guard.record(i + 1, loss, FiniteGuard.LOSS)
         backward(loss / opts.accumulate, opts.scaler)
         if (i + 1) % opts.accumulate == 0 or i + 1 == last:
-            optimizer_step(model, optimizer, opts)
+            optimizer_step(model, optimizer, opts, guard, batch=i + 1)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+        if guard is not None and (i + 1) % max(opts.check_every, 1) == 0:
+            guard.check()
         if on_step is not None:
             on_step()
+    if guard is not None:
+        guard.check()
     return {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
 
 
@@ -71,22 +118,50 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
         loss.backward()
 
 
-def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions) -> None:
-    """Unscale, check and clip the gradients, step, clear them, advance the schedule."""
+def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, guard: FiniteGuard | None = None, *, batch: int = 0) -> None:
+    """Unscale, check and clip the gradients, step (skipped on the device once `guard` has seen a
+    fault), clear them, advance the schedule."""
     if opts.scaler is not None:
+        if guard is not None:
+            poison(model, guard.tripped)  # the scaler then skips the step as it skips an overflow
         opts.scaler.unscale_(optimizer)
-    if opts.clip_grad > 0 or opts.check_finite:
+    if opts.clip_grad > 0 or guard is not None:
         norm = grad_norm(model, opts.clip_grad)
-        if opts.check_finite and opts.scaler is None and not torch.isfinite(norm):
-            raise NonFiniteError(f"a gradient became non-finite (norm {norm.item()}); lower the learning rate or enable --train.clip-grad")
+        if guard is not None and opts.scaler is None:  # with a scaler an overflow is normal: it skips the step
+            guard.record(batch, norm, FiniteGuard.GRADIENT)
     if opts.scaler is not None:
         opts.scaler.step(optimizer)
         opts.scaler.update()
+    elif guard is not None:
+        step_unless(optimizer, guard)
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if opts.scheduler is not None:
         opts.scheduler.step()
+
+
+def step_unless(optimizer: Optimizer, guard: FiniteGuard) -> None:
+    """optimizer.step() unless the guard has tripped. Fused optimizers (deepfit's adam, adamw, sgd)
+    take the flag as GradScaler's `found_inf` and skip on the device; any other optimizer needs a
+    host read of the flag before its step (the one sync per step left)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        guard.check()
+        optimizer.step()
+        return
+    optimizer.found_inf = guard.tripped.float()  # type: ignore[attr-defined]
+    optimizer.grad_scale = None  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+
+
+def poison(model: nn.Module, tripped: torch.Tensor) -> None:
+    """Make one gradient NaN when `tripped` (bool ()), without a sync: a GradScaler skips the step."""
+    grad = next((p.grad for p in model.parameters() if p.grad is not None), None)
+    if grad is not None:
+        grad.masked_fill_(tripped, float("nan"))
 
 
 def grad_norm(model: nn.Module, clip: float) -> torch.Tensor:

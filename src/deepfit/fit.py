@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from deepfit import checkpoint as ckpt
 from deepfit.config import Config, parse_duration, save_config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
-from deepfit.engine import StepOptions, predict_logits, train_one_epoch
+from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
@@ -27,7 +27,7 @@ from deepfit.metrics import classification_metrics
 from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
-from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
+from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.trained import InitReport, init_weights, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
@@ -69,6 +69,7 @@ class Run:
     signals: StopFlag = field(default_factory=StopFlag)  # SIGINT/SIGTERM seen during training
     schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
     init: InitReport | None = None
+    guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
 
 
 def fit(
@@ -93,6 +94,7 @@ def fit(
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
     anchor_paths(config.data)
     set_threads(config.train.threads)
+    set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)
     run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
     with stop_on_signals() as run.signals:
@@ -230,11 +232,12 @@ def new_run_dir(config: Config) -> Path:
 
 def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:
     cfg = run.config.train
+    run.guard = FiniteGuard(run.device)
     per_epoch = run.schedule_interval == "epoch" or isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     options = StepOptions(
         scheduler=None if per_epoch else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
         clip_grad=cfg.clip_grad, accumulate=cfg.accumulate,
-        scaler=run.scaler,
+        scaler=run.scaler, guard=run.guard,
     )  # fmt: skip
     deadline = run.started + parse_duration(cfg.time_limit) if cfg.time_limit else math.inf
     while run.epoch < cfg.epochs and run.stopped_early is None:
@@ -350,7 +353,10 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save_state(run: Run, *, mid_epoch: bool) -> None:
-    """last.pt always; with step checkpoints, also step-N.pt, rotated to the newest train.keep_last."""
+    """last.pt always; with step checkpoints, also step-N.pt, rotated to the newest train.keep_last.
+    Never after a non-finite step: the guard is read first (the save waits on the device anyway)."""
+    if run.guard is not None:
+        run.guard.check()
     state = checkpoint_state(run)
     folder = run.run_dir / "checkpoints"
     ckpt.save_checkpoint(state, folder / "last.pt")

@@ -115,7 +115,10 @@ def sweep(config: Config, bundle: DataBundle, net: nn.Module, *, start_lr: float
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: growth**i)  # stepped by the engine after each step
     record = Recorder(build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing), optimizer, smoothing(steps))
     options = StepOptions(
-        scheduler=scheduler, autocast_dtype=autocast_dtype(config.train.precision, device), clip_grad=config.train.clip_grad
+        scheduler=scheduler,
+        autocast_dtype=autocast_dtype(config.train.precision, device),
+        clip_grad=config.train.clip_grad,
+        check_every=1,  # the recorder reads every loss anyway: stop at the first non-finite one
     )
     stopped = "completed"
     try:

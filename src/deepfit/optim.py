@@ -27,8 +27,11 @@ LOSSES: Registry[Callable[..., LossFn]] = Registry("loss")
 
 
 @OPTIMIZERS.register("sgd")
-def build_sgd(params: ParamsT, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, **_: Any) -> Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+def build_sgd(
+    params: ParamsT, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, fused: bool = False, **_: Any
+) -> Optimizer:
+    """Fused where the device has the kernel: one launch per step, and the non-finite guard skips a step on the device."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay, fused=fused)
 
 
 @OPTIMIZERS.register("adam")
@@ -67,7 +70,8 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     device: torch.device | None = None,
 ) -> Optimizer:
-    """The registered optimizer `name`; fused Adam kernels where the device has them (CPU: 2.5x faster step)."""
+    """The registered optimizer `name`; fused Adam/AdamW/SGD kernels where the device has them (CPU: 2.5x
+    faster Adam step; they also let the non-finite guard skip a step without a host sync)."""
     fused = device is not None and device.type in ("cpu", "cuda")
     return OPTIMIZERS.get(name)(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, betas=betas, fused=fused)
 
