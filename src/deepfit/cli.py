@@ -301,7 +301,8 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
     result = export_checkpoint(args.checkpoint, format=args.format, out=args.out)
     sizes = ", ".join(str(b) for b in result.batch_sizes)
     print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {TOLERANCE:g}; batches of {sizes})")
-    print(f"{result.format}: {result.path}")
+    exporter = f" ({result.exporter} exporter)" if result.exporter else ""
+    print(f"{result.format}{exporter}: {result.path}")
     return 0
 
 

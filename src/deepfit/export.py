@@ -43,6 +43,7 @@ class ExportResult:
     format: str
     max_abs_diff: float  # largest |exported - PyTorch| logit over the sample inputs
     batch_sizes: tuple[int, ...]  # sample batch sizes the check ran
+    exporter: str = ""  # ONNX: "dynamo" (torch.export based) or "torchscript" (the fallback, dynamo=False)
 
 
 def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None = None) -> ExportResult:
@@ -53,8 +54,9 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
     target.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(trained, 2, seed=0)
+    exporter = ""
     if format == "onnx":
-        write_onnx(trained, example, target)
+        exporter = write_onnx(trained, example, target)
     else:
         write_torchscript(trained, example, target)
     try:
@@ -65,7 +67,7 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     if not diff <= TOLERANCE:  # also catches NaN
         target.unlink(missing_ok=True)
         raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
-    return ExportResult(target, format, diff, CHECK_BATCHES)
+    return ExportResult(target, format, diff, CHECK_BATCHES, exporter)
 
 
 def default_out(given: Path, checkpoint: Path, format: str) -> Path:
@@ -100,25 +102,59 @@ def sample_inputs(trained: TrainedModel, batch: int, *, seed: int) -> torch.Tens
     return x.cpu()
 
 
-def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:
+ONNX_EXPORTERS = ("dynamo", "torchscript")  # tried in this order: torch.export first, then the TorchScript-based one
+
+
+def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> str:
+    """Write the ONNX file with the dynamo exporter, or the TorchScript-based one when that fails
+    (torch versions and models it cannot convert, or no onnxscript); returns which one wrote it."""
     import onnx
 
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                trained.model.cpu(), (example,), dynamo=True, dynamic_shapes=({0: batch},),
-                input_names=["input"], output_names=["logits"], verbose=False, external_data=False,
-            )  # fmt: skip
-    except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
-        raise ExportError(f"ONNX export of {trained.config.model.name} failed: {type(err).__name__}: {first_line(err)}") from None
-    assert program is not None
-    proto = program.model_proto
+    failures = []
+    for exporter in ONNX_EXPORTERS:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                proto = onnx_proto(trained.model.cpu(), example, dynamo=exporter == "dynamo")
+            break
+        except Exception as err:  # the exporters raise many types; all mean "this exporter cannot convert it"
+            failures.append(f"{exporter} exporter: {describe(err)}")
+    else:
+        raise ExportError(f"ONNX export of {trained.config.model.name} failed; " + "; ".join(failures))
     for key, value in metadata(trained).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(proto, str(target))
+    return exporter
+
+
+def onnx_proto(model: torch.nn.Module, example: torch.Tensor, *, dynamo: bool) -> Any:
+    """The model as an onnx.ModelProto with a dynamic batch dimension."""
+    import onnx
+
+    names: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **names)
+        assert program is not None
+        return program.model_proto
+    buffer = io.BytesIO()
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
+    file: Any = buffer  # the annotation says a path; a file object works and keeps it off the disk
+    torch.onnx.export(model, (example,), file, dynamo=False, dynamic_axes=axes, opset_version=17, **names)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def describe(err: BaseException) -> str:
+    """The error and the causes it chains (the exporters wrap the real reason), one line each, joined."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen and len(parts) < 4:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}: {first_line(current)}")
+        current = current.__cause__ or current.__context__
+    return " <- caused by ".join(parts)
 
 
 def write_torchscript(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:
