@@ -125,9 +125,10 @@ def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, gu
         if guard is not None:
             poison(model, guard.tripped)  # the scaler then skips the step as it skips an overflow
         opts.scaler.unscale_(optimizer)
-    if opts.clip_grad > 0 or guard is not None:
+    watch = guard is not None and opts.scaler is None  # with a scaler an overflow is normal: it skips the step
+    if opts.clip_grad > 0 or watch:
         norm = grad_norm(model, opts.clip_grad)
-        if guard is not None and opts.scaler is None:  # with a scaler an overflow is normal: it skips the step
+        if watch and guard is not None:
             guard.record(batch, norm, FiniteGuard.GRADIENT)
     if opts.scaler is not None:
         opts.scaler.step(optimizer)
