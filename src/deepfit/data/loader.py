@@ -245,8 +245,10 @@ def build_loader(
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the batch left-right."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    """Mirror a random half of the batch left-right. The draws come from the loader's CPU generator
+    (saved for exact resume); non_blocking copies them without waiting for the GPU: a plain .to()
+    from pageable memory synchronises the stream, three times a step here."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -254,8 +256,8 @@ def random_crop(x: torch.Tensor, *, pad: int, generator: torch.Generator) -> tor
     """Zero-pad by `pad` pixels, then take a random HxW window per image (a translation)."""
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device, non_blocking=True)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device, non_blocking=True)
     rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     padded = padded.gather(2, rows)  # (B, C, H, W+2p)
     cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
@@ -270,5 +272,5 @@ def random_resized_crop(x: torch.Tensor, *, generator: torch.Generator, scale: t
     cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - side)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = side, side, cx, cy
-    grid = torch.nn.functional.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = torch.nn.functional.affine_grid(theta.to(x.device, non_blocking=True), list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
