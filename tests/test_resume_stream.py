@@ -41,6 +41,7 @@ def stream_config(folder: Path, out: Path) -> Config:
         "data.batch-size": "16", "data.augment": "flip-crop",
         "train.epochs": "3", "train.progress": "false", "train.out": str(out), "train.seed": "7",
         "train.checkpoint-every": "3", "train.keep-last": "100", "sched.name": "onecycle",
+        "train.deterministic": "true",  # equal hashes: on CUDA only with deterministic kernels
     }  # fmt: skip
     for key, value in values.items():
         set_value(config, key, value)

@@ -26,6 +26,7 @@ def tiny_config(tiny_idx: Path, out: Path) -> Config:
     values = {
         "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn",
         "train.epochs": "2", "train.progress": "false", "train.out": str(out),
+        "train.deterministic": "true",  # resumed == straight: on CUDA only with deterministic kernels
     }  # fmt: skip
     for key, value in values.items():
         set_value(config, key, value)
