@@ -28,7 +28,7 @@ from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
-from deepfit.trained import InitReport, init_weights, place_model
+from deepfit.trained import InitReport, init_from_data, init_weights, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
 EpochFn = Callable[[Row], None]
@@ -165,6 +165,8 @@ def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *
     if model is None:
         architecture = config.model if fresh else dataclasses.replace(config.model, weights=None, init_from=None)
         model = build_model(architecture, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    if fresh and not config.model.init_from and not config.model.weights:
+        init_from_data(model, bundle)  # the model's own data-dependent init (a whitened stem), if it has one
     init = init_weights(model, config.model.init_from, classes=bundle.classes) if fresh and config.model.init_from else None
     if config.model.freeze == "backbone":
         freeze_backbone(model)  # before the optimizer: frozen parameters never reach it

@@ -12,7 +12,7 @@ from torch import nn
 
 from deepfit.checkpoint import load_checkpoint, load_model_state
 from deepfit.config import Config, config_from_dict
-from deepfit.data import BatchLoader, ImageSet
+from deepfit.data import BatchLoader, DataBundle, ImageSet
 from deepfit.errors import CheckpointError, ConfigError
 from deepfit.models import build_model, copy_matching_weights
 
@@ -103,6 +103,22 @@ def init_weights(model: nn.Module, source: str | Path, *, classes: list[str] | N
     if not result.copied:
         raise CheckpointError(f"--init-from {file}: no tensor of it matches this model by name and shape")
     return InitReport(file, result.copied, result.skipped, result.unused)
+
+
+INIT_IMAGES = 5000  # training images a model's own data-dependent init sees (airbench's number)
+
+
+def init_from_data(model: nn.Module, bundle: DataBundle) -> bool:
+    """Call `model.init_from_data(x)` when the model defines it (a whitened stem, for one) with the
+    first INIT_IMAGES training images, normalised, un-augmented, on the CPU: (N, C, H, W) float32.
+    Only in-memory training data; returns whether it ran."""
+    method = getattr(model, "init_from_data", None)
+    if method is None or not isinstance(bundle.train, ImageSet):
+        return False
+    loader = BatchLoader(bundle.train, batch_size=INIT_IMAGES, mean=bundle.mean, std=bundle.std, device=torch.device("cpu"))
+    x, _ = next(iter(loader))
+    method(x)
+    return True
 
 
 def use_channels_last(setting: str, model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 # Importing the modules registers their models.
-from deepfit.models import cnns, fast, mlp, resnet  # noqa: E402,F401
+from deepfit.models import cnns, fast, mlp, resnet, whitening  # noqa: E402,F401
 from deepfit.models.summary import ModelSummary, format_summary, summarize_model  # noqa: E402
 from deepfit.models.transfer import (  # noqa: E402
     WeightCopy,

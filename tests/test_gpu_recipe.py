@@ -1,0 +1,84 @@
+"""The GPU recipe (configs/cifar10-jpg-gpu.yaml) and the airbench parts it is built from: the
+whitened stem really whitens, BatchNorm learns only its bias, fit() runs a model's own
+data-dependent init (not on resume), and the recipe trains on tiny data (a CPU-sized smoke run:
+its accuracy and time can only be measured on a GPU, by bench/gpu.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepfit.config import ModelConfig, load_config
+from deepfit.fit import fit
+from deepfit.models import build_model
+from deepfit.models.whitening import BiasOnlyBatchNorm, Whiten
+from tests.test_configs import tiny_colour_bundle
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cifar10-jpg-gpu.yaml"
+
+
+def smooth_images(n: int = 64, side: int = 12) -> torch.Tensor:
+    """Strongly correlated neighbouring pixels and channels: (n, 3, side, side), zero mean."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, 1, side // 2, side // 2, generator=g)
+    x = torch.nn.functional.interpolate(base, size=(side, side), mode="bilinear", align_corners=False)
+    noise = torch.randn(n, 2, side, side, generator=g)
+    return torch.cat([x, 0.8 * x + 0.2 * noise[:, :1], 0.3 * noise[:, 1:] - x], dim=1)
+
+
+def test_whiten_makes_patch_features_uncorrelated_with_unit_variance() -> None:
+    x = smooth_images()
+    layer = Whiten(3, eps=1e-6)
+    layer.init_from_data(x)
+    with torch.no_grad():
+        out = layer(x)[:, :12]  # the eigen-filters; the other 12 are their negatives
+    features = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    covariance = features.T @ features / len(features)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(layer(x)[:, 12:], -layer(x)[:, :12])
+    assert not layer.weight.requires_grad and layer.bias.requires_grad
+
+
+def test_bias_only_batchnorm_keeps_its_scale() -> None:
+    norm = BiasOnlyBatchNorm(4)
+    optimizer = torch.optim.SGD([p for p in norm.parameters() if p.requires_grad], lr=0.5)
+    (norm(torch.randn(8, 4, 3, 3)) * torch.arange(4.0).view(1, 4, 1, 1)).sum().backward()
+    optimizer.step()
+    assert torch.equal(norm.weight, torch.ones(4)) and norm.weight.grad is None
+    assert not torch.equal(norm.bias, torch.zeros(4))
+
+
+def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp_path: Path) -> None:
+    config = load_config(RECIPE)
+    config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 16
+    assert config.model.name == "airbench_whiten" and config.train.tta and config.loss.label_smoothing == 0.2
+    bundle = tiny_colour_bundle()
+    result = fit(config, data=bundle)
+    assert 0.0 <= result.metrics["test_acc"] <= 1.0 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    x = (bundle.train.images.float() / 255 - mean) / std  # type: ignore[union-attr]
+    whiten = result.model.whiten.cpu().float()  # type: ignore[union-attr,operator]
+    with torch.no_grad():  # the stem's fixed filters whiten the training images' patches (a random init would not)
+        out = torch.nn.functional.conv2d(x, whiten.weight[:12])
+    features = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    covariance = features.T @ features / len(features)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_resume_does_not_init_from_data_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(RECIPE)
+    config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 32
+    config.train.precision, config.train.tta = "32", False
+    fit(config, data=tiny_colour_bundle())
+    calls: list[int] = []
+    monkeypatch.setattr(Whiten, "init_from_data", lambda self, x: calls.append(len(x)))
+    config.train.epochs = 2
+    fit(config, data=tiny_colour_bundle(), resume=tmp_path / "run")
+    assert calls == []
+
+
+def test_airbench_whiten_maps_cifar_images_to_logits() -> None:
+    model = build_model(ModelConfig(name="airbench_whiten"), input_shape=(3, 32, 32), num_classes=10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
