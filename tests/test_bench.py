@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,67 @@ def test_data_bench_compares_the_lessons_loader_with_deepfits(tiny_datasets: Pat
     assert rows[2].ratio == pytest.approx(rows[2].images_per_s / rows[0].images_per_s)
     assert figures["files"] == 36 and figures["first_decode_s"] > 0 and figures["cache_load_s"] > 0
     assert "fashion-mnist" in out and "deepfit cached" in out and "first decode of 36 files" in out
+
+
+FAKE_AIRBENCH = """
+print("---------------------------------------------------------------------------------------")
+print("|  run  |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |")
+for run, (acc, seconds) in enumerate([(0.904, 2.21), (0.906, 2.19)]):
+    print(f"|  {run}  |  0  |  1.2  |  0.5  |  0.6  |     |  0.5  |")
+    print(f"|  {run}  |  eval  |     |     |  0.9  |  {acc}  |  {seconds}  |")
+"""
+
+TINY_SUITE = """
+def test_one():
+    assert 1 + 1 == 2
+
+def test_two():
+    assert "deepfit"
+
+def test_three():
+    assert 1 == 2
+"""
+
+
+@pytest.mark.slow  # four processes that import torch: about 40 s of CPU on the 2-core machine
+def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench import gpu
+
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip")
+    (tmp_path / "airbench94.py").write_text(FAKE_AIRBENCH)
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "test_tiny.py").write_text(TINY_SUITE)
+    argv = ["--cifar", str(cifar), "--device", "cpu", "--seeds", "1", "--lesson-epochs", "1", "--workers", "1", "--no-save"]
+    argv += ["--suite", str(tmp_path / "suite"), "--airbench", str(tmp_path / "airbench94.py")]
+    argv += ["--set", "train.epochs=1", "--set", "data.batch_size=16", "--set", "train.precision=32", "--timeout", "900"]
+    assert gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"suite\s+pytest on cpu\s+passed 2, failed 1, errors 0, skipped 0, seconds", out), out
+    assert re.search(r"recipe\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, process_s", out), out
+    assert re.search(r"airbench94\s+run 1\s+test_acc 90\.60%, train_s 2\.19", out), out
+    assert re.search(r"airbench94\s+mean of 2\s+test_acc 90\.50%, train_s 2\.20", out), out
+    assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
+
+
+def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: Path) -> None:
+    """The two parts that need no torch in their child processes, quick: a tiny suite with one
+    failure, and an airbench stand-in printing airbench94's table."""
+    from bench import gpu
+
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "test_tiny.py").write_text(TINY_SUITE)
+    suite = gpu.run_suite([str(tmp_path / "suite")], "cpu", workers=1, timeout=300)
+    assert (suite.figures["passed"], suite.figures["failed"], suite.figures["exit"]) == (2.0, 1.0, "1")
+    (tmp_path / "airbench94.py").write_text(FAKE_AIRBENCH)
+    rows = gpu.run_airbench(tmp_path / "airbench94.py", "cpu", timeout=300)
+    assert [r.figures.get("test_acc") for r in rows[:2]] == [0.904, 0.906]
+    mean = gpu.summary(rows, "airbench94")
+    assert mean is not None and mean.figures["test_acc"] == pytest.approx(0.905) and mean.figures["train_s"] == pytest.approx(2.2)
+    assert "airbench94  mean of 2" in gpu.format_rows([mean])
+
+
+def test_pytest_summary_counts() -> None:
+    from bench.gpu import pytest_counts
+
+    counts = pytest_counts("== 3 failed, 1402 passed, 12 skipped, 2 errors in 280.1s ==")
+    assert counts == {"passed": 1402.0, "failed": 3.0, "errors": 2.0, "skipped": 12.0}

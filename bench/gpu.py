@@ -1,0 +1,257 @@
+"""`make bench-gpu`: one command, one table, on a GPU machine (torch, torchvision, pytest,
+pytest-xdist; no pip, no network). It reports
+  1. the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds;
+  2. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
+     seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device)
+     and whole-process seconds;
+  3. airbench94 on the same data when its script is given by path (never vendored here);
+  4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.
+
+    PYTHONPATH=src python3 bench/gpu.py --cifar PATH/cifar10-jpg.zip [--airbench PATH/airbench94.py]
+
+`--device cpu --tiny` runs every part at toy size (tests/test_bench.py does, on tiny data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `deepfit` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bench.common import REPO, machine, save_json
+
+RECIPE = REPO / "configs" / "cifar10-jpg-gpu.yaml"
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    part: str  # suite, recipe, airbench94, cnn_bn
+    what: str  # e.g. "seed 0", "lessons' loop"
+    figures: dict[str, float | str] = field(default_factory=dict)
+
+
+def child_env(device: str) -> dict[str, str]:
+    """The environment of the processes this starts: deepfit from src/, the chosen device."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "DEEPFIT_TEST_DEVICE": device, "DEEPFIT_DEVICE": device}
+
+
+# --- 1. the suite ----------------------------------------------------------------------------
+
+
+def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: float) -> Row:
+    """pytest -m 'not slow' on `device`; pytest-xdist spreads it over `workers` when installed."""
+    command = [sys.executable, "-m", "pytest", *targets, "-m", "not slow", "-q", "-p", "no:cacheprovider"]
+    if workers > 1 and has_module("xdist"):
+        command += ["-n", str(workers)]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=child_env(device), capture_output=True, text=True, timeout=timeout)
+        tail, code = done.stdout[-3000:], str(done.returncode)
+    except subprocess.TimeoutExpired as err:
+        tail, code = (
+            (err.stdout or b"")[-3000:].decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout or ""),
+            "timeout",
+        )
+    counts = pytest_counts(tail)
+    return Row("suite", f"pytest on {device}", {**counts, "seconds": time.perf_counter() - started, "exit": code})
+
+
+def pytest_counts(output: str) -> dict[str, float | str]:
+    """passed/failed/error/skipped counts from pytest's summary line."""
+    found = {kind: 0.0 for kind in ("passed", "failed", "errors", "skipped")}
+    for number, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped)", output):
+        found["errors" if kind.startswith("error") else kind] = float(number)
+    return dict(found)
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# --- 2. the recipe, one process per seed ------------------------------------------------------
+
+
+def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float) -> Row:
+    """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe)."""
+    with tempfile.TemporaryDirectory(prefix="deepfit-gpu-") as tmp:
+        command = [sys.executable, str(Path(__file__).resolve()), "--one-recipe", "--cifar", str(cifar), "--seed", str(seed)]
+        command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides]]
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=tmp, env=child_env(device), capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return Row("recipe", f"seed {seed}", {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
+    figures = json.loads(lines[-1])
+    return Row("recipe", f"seed {seed}", {**figures, "process_s": wall})
+
+
+def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str]) -> None:
+    """In the child process: train the recipe, print one JSON line (accuracy, training seconds)."""
+    from deepfit.config import load_config, set_value
+    from deepfit.fit import fit
+
+    config = load_config(RECIPE)
+    config.data.name, config.train.seed, config.train.device, config.train.out = str(cifar), seed, device, out
+    config.train.progress = False
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_value(config, key, value)
+    result = fit(config)
+    seconds = [row["seconds"] for row in result.history]
+    print(json.dumps({"test_acc": result.metrics.get("test_acc", float("nan")), "train_s": sum(seconds), "epochs": len(seconds)}))
+
+
+# --- 3. airbench94, given by path ---------------------------------------------------------------
+
+
+def run_airbench(script: Path, device: str, timeout: float) -> list[Row]:
+    """Run the given airbench script as it is; read its printed table (tta_val_acc and
+    total_time_seconds of each run's eval row), or its closing 'Mean:' line."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)], cwd=script.parent, env=child_env(device), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return [Row("airbench94", str(script.name), {"error": f"timed out after {timeout:.0f} s"})]
+    wall = time.perf_counter() - started
+    runs = airbench_runs(done.stdout)
+    if done.returncode != 0 and not runs:
+        return [Row("airbench94", str(script.name), {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]})]
+    rows = [Row("airbench94", f"run {i}", {"test_acc": acc, "train_s": seconds}) for i, (acc, seconds) in enumerate(runs)]
+    return [*rows, Row("airbench94", "whole process", {"process_s": wall, "runs": float(len(runs))})]
+
+
+def airbench_runs(output: str) -> list[tuple[float, float]]:
+    """(tta accuracy 0..1, training seconds) of each run in airbench's `print_columns` table."""
+    header: list[str] | None = None
+    runs = []
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "tta_val_acc" in cells:
+            header = cells
+        elif header is not None and len(cells) == len(header):
+            row = dict(zip(header, cells, strict=True))
+            if row.get("epoch") == "eval" and row.get("tta_val_acc"):
+                runs.append((float(row["tta_val_acc"]), float(row.get("total_time_seconds") or "nan")))
+    return runs
+
+
+# --- 4. the lessons' loop vs deepfit --------------------------------------------------------------
+
+
+def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
+    """bench/train.py's cnn_bn-cifar10 case: the same model, Adam, batch 128, `epochs` epochs."""
+    os.environ["DEEPFIT_DEVICE"] = device  # both sides pick the device through select_device("auto")
+    from bench import train
+
+    with tempfile.TemporaryDirectory(prefix="deepfit-gpu-data-") as tmp:
+        datasets = Path(tmp)
+        (datasets / "cifar10-jpg.zip").symlink_to(cifar.resolve())  # the layout bench/train.py reads
+        results, skipped = train.run_cases(["cnn_bn-cifar10"], datasets, epochs=epochs)
+    if skipped:
+        return [Row("cnn_bn", "lessons vs deepfit", {"error": "; ".join(skipped.values())[:200]})]
+    return [
+        Row(
+            "cnn_bn",
+            "lessons' loop" if r.impl == "baseline" else "deepfit",
+            {"images_per_s": r.images_per_s, "test_acc": r.test_acc, "ratio": r.ratio},
+        )
+        for r in results
+    ]
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def summary(rows: list[Row], part: str) -> Row | None:
+    """Mean accuracy and seconds over the rows of `part` that have them."""
+    done = [r.figures for r in rows if r.part == part and "test_acc" in r.figures and "train_s" in r.figures]
+    if not done:
+        return None
+    figures: dict[str, float | str] = {"test_acc": statistics.mean(float(f["test_acc"]) for f in done)}
+    figures["train_s"] = statistics.mean(float(f["train_s"]) for f in done)
+    walls = [float(f["process_s"]) for f in done if "process_s" in f]
+    if walls:
+        figures["process_s"] = statistics.mean(walls)
+    return Row(part, f"mean of {len(done)}", figures)
+
+
+def format_rows(rows: list[Row]) -> str:
+    lines = [f"{'part':11s} {'what':22s} figures", "-" * 78]
+    for row in rows:
+        cells = [f"{key} {format_value(key, value)}" for key, value in row.figures.items()]
+        lines.append(f"{row.part:11s} {row.what:22s} " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def format_value(key: str, value: float | str) -> str:
+    if isinstance(value, str):
+        return value
+    if key == "test_acc":
+        return f"{100 * value:.2f}%"
+    if key in ("passed", "failed", "errors", "skipped", "epochs", "runs"):
+        return f"{value:.0f}"
+    if key == "ratio":
+        return f"{value:.2f}x"
+    return f"{value:.1f}" if key == "images_per_s" and value > 1000 else f"{value:.2f}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", type=Path, required=True, help="cifar10-jpg.zip (train/ and test/ class folders)")
+    parser.add_argument("--airbench", type=Path, help="path of airbench94.py, run as given; omitted: not run")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--seeds", type=int, default=3, help="recipe runs, seeds 0..N-1")
+    parser.add_argument("--lesson-epochs", type=int, default=2, help="epochs of the cnn_bn comparison")
+    parser.add_argument("--suite", nargs="*", default=["tests"], help="test paths to run ('--suite' alone: skip the suite)")
+    parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the suite")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe config override, e.g. train.epochs=1")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds allowed to the suite (and to each other process)")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
+    parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 2
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="runs/gpu-recipe", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one_recipe:
+        one_recipe(args.cifar, args.seed, args.device, args.out, args.set)
+        return 0
+    rows: list[Row] = []
+    if args.suite:
+        rows.append(run_suite(args.suite, args.device, workers=args.workers, timeout=args.timeout))
+    rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout) for seed in range(args.seeds)]
+    if args.airbench is not None:
+        rows += run_airbench(args.airbench, args.device, args.timeout)
+    rows += [r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None]
+    rows += run_lessons(args.cifar, args.device, args.lesson_epochs)
+    print(f"deepfit on {args.device} ({machine()['cuda'] or 'no CUDA'}, torch {machine()['torch']})")
+    print(format_rows(rows))
+    if not args.no_save:
+        print(save_json({"machine": machine(), "rows": [r.__dict__ for r in rows]}, f"gpu-{args.device}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
