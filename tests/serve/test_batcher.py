@@ -60,3 +60,28 @@ def test_a_failing_pass_fails_its_requests_and_the_loop_goes_on() -> None:
 
     failed, fine = run(scenario())
     assert isinstance(failed[0], RuntimeError) and fine == [1, 2]
+
+
+def test_a_batch_holding_every_admitted_request_runs_without_waiting() -> None:
+    seen: list[list[int]] = []
+
+    def process(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    async def scenario() -> list[Any]:
+        batcher = Batcher(process, max_batch=64, max_wait_s=3600.0)  # waiting out max_wait would hang the test
+        batcher.start()
+
+        async def request(items: list[int]) -> list[Any]:
+            with batcher.admit():
+                await asyncio.sleep(0)
+                return await batcher.submit(items)
+
+        results = await asyncio.wait_for(asyncio.gather(request([1]), request([2, 3])), timeout=60)
+        assert batcher.admitted == 0
+        await batcher.stop()
+        return results
+
+    assert run(scenario()) == [[1], [2, 3]]
+    assert sorted(item for batch in seen for item in batch) == [1, 2, 3]

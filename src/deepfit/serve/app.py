@@ -134,13 +134,8 @@ def add_api_routes(app: Any, state: State) -> None:
         check_key(state, request.headers.get("authorization"))
         if not state.ready:
             raise ApiError(503, "the model is still warming up; retry shortly")
-        query_topk = request.query_params.get("topk")
-        limits = state.options.limits
-        body = await read_body(request.headers.get("content-length"), request.stream(), limits.max_body)
-        upload = await parse_upload(request.headers.get("content-type"), body, request.headers, limits)
-        topk = upload.topk or (parse_topk(query_topk) if query_topk is not None else state.options.default_topk)
-        results = await state.batcher.submit(upload.images)
-        return {"predictions": answer(state.model, results, topk)}
+        with state.batcher.admit():
+            return await classify(state, request)
 
     @app.get("/v1/model", summary="what is served: classes, input shape, architecture, final metrics")
     async def model_info(request: Request) -> Any:
@@ -161,6 +156,16 @@ def add_api_routes(app: Any, state: State) -> None:
         if not state.ready:
             return error_response(503, "warming up")
         return {"status": "ready", "backend": state.model.backend}
+
+
+async def classify(state: State, request: Any) -> dict[str, Any]:
+    query_topk = request.query_params.get("topk")
+    limits = state.options.limits
+    body = await read_body(request.headers.get("content-length"), request.stream(), limits.max_body)
+    upload = await parse_upload(request.headers.get("content-type"), body, request.headers, limits)
+    topk = upload.topk or (parse_topk(query_topk) if query_topk is not None else state.options.default_topk)
+    results = await state.batcher.submit(upload.images)
+    return {"predictions": answer(state.model, results, topk)}
 
 
 def answer(model: ServedModel, results: list[Any], topk: int) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +48,18 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepfit-forward")
         self.task: asyncio.Task[None] | None = None
         self.carried: Job | None = None  # a job that did not fit the last batch: first in the next
+        self.admitted = 0  # requests the server is handling now (see `admit`); 0 when nobody counts
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request from its start (before its body is read) to its answer: when every
+        request in the house is already in the batch, nobody can join it, so it runs at once
+        instead of waiting out max_wait (a lone request then pays no batching delay)."""
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.loop(), name="deepfit-batcher")
@@ -83,6 +95,8 @@ class Batcher:
         jobs, size = [first], len(first.items)
         deadline = time.monotonic() + self.max_wait_s
         while size < self.max_batch:
+            if 0 < self.admitted <= len(jobs):
+                break  # every request being handled is in this batch: no one to wait for
             job = self.next_ready()
             if job is None:
                 remaining = deadline - time.monotonic()

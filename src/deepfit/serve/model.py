@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from deepfit.data.decode import read_header
+from deepfit.data.loader import BatchPrep
 from deepfit.errors import DataError, DeepfitError
 from deepfit.export import default_out, export_checkpoint, onnx_runner, verify
 from deepfit.predict import Prediction, Predictor, decode
@@ -48,6 +49,7 @@ class ServedModel:
     onnx_path: Path | None = None
     max_pixels: int = 40_000_000  # width x height an upload may declare before it is decoded
     info: dict[str, Any] = field(default_factory=dict)  # what GET /v1/model returns
+    prepare: BatchPrep | None = None  # uint8 batch -> normalised float, on the model's device
 
     @property
     def trained(self) -> TrainedModel:
@@ -66,9 +68,12 @@ class ServedModel:
             raise ImageRejected(f"not a usable image: {err}") from None
 
     def run_batch(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 (B, C, H, W) -> float logits (B, K), normalised by the training BatchLoader code."""
-        x, _ = next(iter(self.trained.batches(images, batch_size=max(1, images.shape[0]))))
-        return self.logits(x)
+        """uint8 (B, C, H, W) -> float logits (B, K), normalised by the BatchPrep that the training
+        and `deepfit predict` BatchLoaders use (built once: a BatchLoader per batch cost 0.6 ms)."""
+        if self.prepare is None:
+            t = self.trained
+            self.prepare = BatchPrep(mean=t.mean, std=t.std, device=t.device, generator=torch.Generator(), channels_last=t.channels_last)
+        return self.logits(self.prepare(images))
 
     def process(self, items: Sequence[bytes]) -> list[np.ndarray | Exception]:
         """The batcher's work, in its worker thread: decode each upload (a bad one fails alone),
