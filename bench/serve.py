@@ -11,7 +11,7 @@
    non-200 answers for each, and deepfit's throughput as a multiple of LitServe's.
 
     python bench/serve.py --checkpoint RUN [--data-dir DIR] [--seconds 30] [--connections 16]
-           [--images 1000] [--load-backend torch|onnx] [--threads 1] [--max-batch 32] [--max-wait-ms 5]
+           [--images 1000] [--load-backend torch|onnx] [--threads 1] [--workers 1] [--max-batch 32] [--max-wait-ms 5]
            [--no-litserve] [--no-save]
 
 RUN is a Fashion-MNIST cnn_bn run folder (or checkpoint); make one with
@@ -52,29 +52,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="model CPU threads in every server (default 1)")
     parser.add_argument("--max-batch", type=int, default=32, help="batch limit of both servers (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="batch wait of both servers (default 5)")
+    parser.add_argument("--workers", type=int, default=1, help="deepfit serve processes (default 1; LitServe runs its own two)")
     parser.add_argument("--client", default="auto", choices=["auto", "hey", "httpx"], help="load generator (auto: hey when installed)")
     parser.add_argument("--no-litserve", action="store_true", help="skip the LitServe side")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/serve-*.json")
     return parser.parse_args(argv)
 
 
+def report_agreement(backend: str, url: str, checkpoint: str, pngs: list[Path]) -> dict[str, Any]:
+    check = agreement(url, checkpoint, pngs)
+    print(f"agreement with deepfit predict, {backend}: {check['disagreements']} disagreements in {check['images']} images", flush=True)
+    return check
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--threads", str(args.threads)]
+    limits = [
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--threads",
+        str(args.threads),
+        "--workers",
+        str(args.workers),
+    ]
     payload: dict[str, Any] = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="deepfit-bench-serve-") as scratch:
         pngs = write_pngs(Path(args.data_dir), Path(scratch) / "pngs", args.images)
         print(f"{len(pngs)} Fashion-MNIST test PNGs written", flush=True)
-        checks = {}
-        for backend in [b for b in args.agreement_backends.split(",") if b]:
-            with deepfit_server(args.checkpoint, backend, limits, Path(scratch)) as url:
-                checks[backend] = agreement(url, args.checkpoint, pngs)
-            print(
-                f"agreement with deepfit predict, {backend}: {checks[backend]['disagreements']} disagreements in {checks[backend]['images']} images",
-                flush=True,
-            )
+        checks: dict[str, Any] = {}
         loads: list[Load] = []
+        backends = [b for b in args.agreement_backends.split(",") if b and b != args.load_backend]
+        for backend in backends:
+            with deepfit_server(args.checkpoint, backend, limits, Path(scratch)) as url:
+                checks[backend] = report_agreement(backend, url, args.checkpoint, pngs)
         with deepfit_server(args.checkpoint, args.load_backend, limits, Path(scratch)) as url:
+            if args.load_backend in args.agreement_backends.split(","):
+                checks[args.load_backend] = report_agreement(args.load_backend, url, args.checkpoint, pngs)
             loads.append(
                 run_load(f"deepfit serve ({args.load_backend})", url, pngs[0], args.seconds, args.connections, args.client, Path(scratch))
             )
