@@ -143,3 +143,32 @@ def test_pytest_summary_counts() -> None:
 
     counts = pytest_counts("== 3 failed, 1402 passed, 12 skipped, 2 errors in 280.1s ==")
     assert counts == {"passed": 1402.0, "failed": 3.0, "errors": 2.0, "skipped": 12.0}
+def serve_bench_args(tiny_datasets: Path, tmp_path: Path) -> list[str]:
+    from deepfit.cli import main
+
+    run_dir = tmp_path / "fmnist-run"
+    args = ["train", "--data", "fashion-mnist", "--data-dir", str(tiny_datasets / "fashion-mnist"), "--model", "cnn_bn"]
+    assert main([*args, "--epochs", "1", "--no-progress", "--out", str(run_dir)]) == 0
+    data = ["--data-dir", str(tiny_datasets / "fashion-mnist"), "--images", "12", "--seconds", "1", "--connections", "2"]
+    return ["--checkpoint", str(run_dir), *data, "--client", "httpx", "--no-save"]
+
+
+def test_serve_bench_smoke_agrees_with_predict_and_measures_load(tiny_datasets: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench import serve as serve_bench
+
+    code = serve_bench.main([*serve_bench_args(tiny_datasets, tmp_path), "--agreement-backends", "torch", "--no-litserve"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "agreement with deepfit predict, torch: 0 disagreements in 12 images" in out
+    (line,) = [row for row in out.splitlines() if row.startswith("deepfit serve (torch)")]
+    assert float(line.split()[5]) > 0  # requests/s
+
+
+@pytest.mark.slow
+def test_serve_bench_smoke_with_litserve_and_onnx(tiny_datasets: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("litserve")
+    from bench import serve as serve_bench
+
+    assert serve_bench.main(serve_bench_args(tiny_datasets, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "onnx: 0 disagreements" in out and "litserve" in out and "x LitServe's" in out

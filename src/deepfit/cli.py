@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs or CSV pixel rows"))
     add_data_parser(commands.add_parser("data", help="describe a data source or draw a grid of its labelled samples"))
     add_lr_find_parser(commands.add_parser("lr-find", help="sweep the learning rate, plot loss against it, suggest one"))
+    add_serve_parser(commands.add_parser("serve", help="serve a checkpoint as an HTTP prediction API and web page"))
     return parser
 
 
@@ -397,6 +398,42 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
 # -- serve command --
 
 
+def add_serve_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="RUN", help="run folder (its best.pt) or checkpoint file")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="PyTorch, or the verified ONNX export on onnxruntime")
+    parser.add_argument("--device", default="cpu", help="torch backend: cpu (default), cuda, mps or auto")
+    parser.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of the model per process (default: the library's)")
+    parser.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, ms (default 5)")
+    parser.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body, MiB; larger gets 413 (default 10)")
+    parser.add_argument("--max-images", type=int, default=64, help="most images in one request; more gets 413 (default 64)")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width x height an image may declare (default 40M)")
+    parser.add_argument("--topk", type=int, default=5, help="classes listed per image when a request does not say (default 5)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set $DEEPFIT_API_KEY)")
+
+
+def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.serve import ServeOptions, ServeSettings, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
+        max_images=args.max_images, default_topk=args.topk, api_key=args.api_key,
+    )  # fmt: skip
+    settings = ServeSettings(
+        args.checkpoint, host=args.host, port=args.port, backend=args.backend, device=args.device,
+        workers=args.workers, threads=args.threads, max_pixels=args.max_pixels, options=options,
+    )  # fmt: skip
+
+    def announce(url: str) -> None:
+        print(f"serving {args.checkpoint} ({args.backend}) on {url}  API docs: {url}docs  stop: Ctrl-C or SIGTERM", flush=True)
+
+    serve(settings, announce=announce)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "train": cmd_train,
     "models": cmd_models,
@@ -407,6 +444,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     "predict": cmd_predict,
     "data": cmd_data,
     "lr-find": cmd_lr_find,
+    "serve": cmd_serve,
 }
 ACCEPTS_OVERRIDES = {"train", "data", "models", "lr-find"}
 

@@ -1,0 +1,10 @@
+"""`deepfit serve`: a checkpoint as an HTTP prediction API with dynamic batching and a web page.
+fastapi and uvicorn (the `serve` extra) are imported only when a server is built."""
+
+from __future__ import annotations
+
+from deepfit.serve.app import ServeOptions, create_app
+from deepfit.serve.model import ServedModel, load_served_model
+from deepfit.serve.server import ServeSettings, serve
+
+__all__ = ["ServeOptions", "ServeSettings", "ServedModel", "create_app", "load_served_model", "serve"]

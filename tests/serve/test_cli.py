@@ -1,0 +1,37 @@
+"""`deepfit serve` command-line errors: one line, exit code 2, no port bound; and the CLI's
+start-up does not import the serving stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nowhere"], "nowhere: no such run folder or checkpoint"),
+        (["RUN", "--max-batch", "0"], "--max-batch must be at least 1"),
+        (["RUN", "--max-body-mb", "-1"], "--max-body-mb must be positive"),
+        (["RUN", "--port", "70000"], "--port 70000 is not a TCP port"),
+        (["RUN", "--backend", "onnx", "--device", "cuda"], "--backend onnx runs on the CPU"),
+        (["BROKEN"], "BROKEN"),
+    ],
+)
+def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "BROKEN").write_bytes(b"not a checkpoint")
+    args = [str(serve_run) if a == "RUN" else a for a in args]
+    result = cli("serve", *args)
+    assert result.code == 2 and message in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_the_cli_does_not_import_fastapi_or_uvicorn_at_start_up() -> None:
+    code = (
+        "import sys, deepfit.cli as c; c.build_parser(); print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
