@@ -143,6 +143,8 @@ def test_pytest_summary_counts() -> None:
 
     counts = pytest_counts("== 3 failed, 1402 passed, 12 skipped, 2 errors in 280.1s ==")
     assert counts == {"passed": 1402.0, "failed": 3.0, "errors": 2.0, "skipped": 12.0}
+
+
 def serve_bench_args(tiny_datasets: Path, tmp_path: Path) -> list[str]:
     from deepfit.cli import main
 
