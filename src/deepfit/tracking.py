@@ -146,6 +146,7 @@ class MLflowLogger:
         saved = read_mlflow_file(info.run_dir) if info.resumed else None
         uri = info.mlflow_uri or (saved or {}).get("tracking_uri") or mlflow.get_tracking_uri()
         self.client = mlflow.tracking.MlflowClient(uri)
+        self.logged: set[int] = set()  # epochs this MLflow run already holds (a resumed run logs each once)
         if saved is not None and saved.get("tracking_uri") == uri:
             self.run_id = str(saved["run_id"])
             self.client.update_run(self.run_id, status="RUNNING")
@@ -164,17 +165,20 @@ class MLflowLogger:
         return run_id
 
     def catch_up(self, history: list[dict[str, float]]) -> None:
-        """Log the epochs the stopped process finished but did not log (killed in between)."""
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, "epoch")}
+        """Log the epochs the stopped process finished but did not log (killed in between); the
+        epochs it logged past its checkpoint are trained again identically and not logged twice."""
+        self.logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
         for row in history:
-            if int(row["epoch"]) not in logged:
-                self.log_epoch(0, row)
+            self.log_epoch(0, row)
 
     def log_step(self, step: int, values: Values) -> None:
         """Train loss per step goes to TensorBoard only; MLflow keeps the per-epoch table."""
 
     def log_epoch(self, step: int, row: Values) -> None:
-        self.log_values(row, int(row["epoch"]))
+        epoch = int(row["epoch"])
+        if epoch not in self.logged:
+            self.log_values(row, epoch)
+            self.logged.add(epoch)
 
     def log_values(self, values: Values, step: int) -> None:
         now = int(time.time() * 1000)
@@ -182,8 +186,9 @@ class MLflowLogger:
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_final(self, step: int, final: Final) -> None:
-        epochs = int(final.params.get("train.epochs", 0))
-        self.log_values(final.metrics, epochs)
+        last = max(self.logged, default=0)
+        if not any(m.step == last for m in self.client.get_metric_history(self.run_id, next(iter(final.metrics), "test_acc"))):
+            self.log_values(final.metrics, last)  # at the last epoch's step; once, even when resumed after the end
         for path in final.files:
             self.client.log_artifact(self.run_id, str(path), artifact_path=path.parent.name if path.suffix == ".png" else None)
 
