@@ -4,6 +4,7 @@ Reads like a table of contents; the loop itself lives in engine.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +32,8 @@ from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
-from deepfit.tracking import Final, LossTap, RunInfo, Trackers, flatten, require_trackers, start_trackers
+from deepfit.scorecard import draw_test_figures
+from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
 from deepfit.trained import InitReport, init_weights, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
@@ -118,10 +120,8 @@ def fit(
 
 def open_trackers(run: Run, *, resumed: bool) -> Trackers:
     """train.log's trackers, continuing the run's own logs when resumed."""
-    config = run.config
-    tags = {"data": config.data.name, "model": config.model.name, "task": config.data.task}
-    info = RunInfo(run.run_dir, flatten(config.to_dict()), tags, run.step, resumed, run.history, config.train.mlflow_uri)
-    run.tracker = start_trackers(config.train.log, info)
+    info = run_info(run.config, run.run_dir, step=run.step, resumed=resumed, history=run.history)
+    run.tracker = start_trackers(run.config.train.log, info)
     run.loss_tap = LossTap(run.loss_fn) if run.tracker.wants_steps else None
     return run.tracker
 
@@ -457,32 +457,6 @@ def finish(run: Run) -> FitResult:
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
-    run.tracker.log_final(run.step, final_record(run, metrics))
+    figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
+    run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
     return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)
-
-
-def final_record(run: Run, metrics: dict[str, float]) -> Final:
-    """For the trackers: test metrics, the config, the run's figures and report, best.pt, and
-    the test confusion matrix and predictions, drawn only if a tracker takes images."""
-    names = [*sorted((run.run_dir / "plots").glob("*.png")), run.run_dir / "report.html", run.run_dir / "checkpoints" / "best.pt"]
-    files = [path for path in names if path.is_file()]
-    return Final(metrics, flatten(run.config.to_dict()), files, lambda: test_figures(run))
-
-
-def test_figures(run: Run, count: int = 16) -> dict[str, Any]:
-    """The confusion matrix of the test split and a grid of its first `count` predictions."""
-    from deepfit.plots import plot_confusion, plot_predictions
-
-    test = run.data.test
-    if test is None or len(test) == 0:
-        return {}
-    loader = build_loader(test, batch_size=run.config.data.eval_batch_size, mean=run.data.mean, std=run.data.std, device=run.device)
-    logits, labels = predict_logits(evaluated(run), loader, autocast_dtype=autocast_dtype(run.config.train.precision, run.device))
-    preds, k = logits.argmax(1), run.data.num_classes
-    matrix = torch.bincount(labels * k + preds, minlength=k * k).reshape(k, k).numpy()
-    figures = {"test/confusion": plot_confusion(matrix, run.data.classes)}
-    if test.images.shape[0] >= count:  # streamed splits hold no pixels in memory
-        figures["test/predictions"] = plot_predictions(
-            test.images[:count].numpy(), labels[:count].numpy(), preds[:count].numpy(), run.data.classes
-        )
-    return figures

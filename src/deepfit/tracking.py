@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from deepfit.config import Config
 from deepfit.optional import MissingDependencyError, import_optional
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -77,6 +78,17 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = "none" if value is None else value
     return flat
+
+
+def run_info(config: Config, run_dir: Path, *, step: int, resumed: bool, history: list[dict[str, float]]) -> RunInfo:
+    tags = {"data": config.data.name, "model": config.model.name, "task": config.data.task}
+    return RunInfo(run_dir, flatten(config.to_dict()), tags, step, resumed, history, config.train.mlflow_uri)
+
+
+def final_record(config: Config, run_dir: Path, metrics: dict[str, float], figures: FigureFn | None) -> Final:
+    """For the trackers: test metrics, the config, the run's figures and report, and best.pt."""
+    names = [*sorted((run_dir / "plots").glob("*.png")), run_dir / "report.html", run_dir / "checkpoints" / "best.pt"]
+    return Final(metrics, flatten(config.to_dict()), [path for path in names if path.is_file()], figures)
 
 
 def finite(values: Values, *, skip: Iterable[str] = ()) -> dict[str, float]:
