@@ -84,13 +84,14 @@ def interrupt_at(batch: int):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow  # MLflow's import and the creation of its sqlite store take ~20 s on the loaded 2-core machine
-def test_mlflow_holds_metrics_csv_across_a_resume(tiny_idx: Path, tmp_path: Path) -> None:
+def test_mlflow_holds_metrics_csv_across_a_resume(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     from deepfit.config import Config, set_value
     from deepfit.fit import fit
     from deepfit.interrupts import SignalStop
 
+    monkeypatch.chdir(tmp_path)  # the sqlite store keeps artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config, run = Config(), tmp_path / "run"
     values = {"data.name": "mnist", "data.dir": str(tiny_idx), "model.name": "mlp", "train.epochs": "3", "data.batch-size": "16",
