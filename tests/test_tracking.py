@@ -60,6 +60,10 @@ def test_tensorboard_holds_metrics_csv_across_a_resume(cli, tiny_idx: Path, tmp_
     assert [e.step for e in events.Scalars("train_loss_step")] == [2, 4, 6, 8, 10, 12, 14]
     assert events.Scalars("test_acc")[0].value == pytest.approx(float(cli_metric(run, "test_acc")), abs=1e-4)
     assert {"test/confusion", "test/predictions"} <= set(events.Tags()["images"])
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == pytest.approx(0.003) and start.hparams["model.name"].string_value == "mlp"
 
 
 def cli_metric(run: Path, key: str) -> float:
