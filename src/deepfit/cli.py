@@ -31,6 +31,7 @@ TRAIN_FLAGS = {
     "monitor": "train.monitor",
     "time_limit": "train.time_limit",
     "init_from": "model.init_from",
+    "log": "train.log",
 }
 
 
@@ -79,6 +80,7 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT", help="start from an earlier run's weights")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--log", metavar="TRACKERS", help="also log to tensorboard, mlflow or tensorboard,mlflow (needs deepfit[track])")
     parser.epilog = "Any config field can be set as --section.field VALUE, e.g. --optim.lr 0.01 --sched.name onecycle."
 
 

@@ -36,6 +36,9 @@ class DataConfig:
     # -- regression task (data.task regression) --
     # -- node task (data.task node) --
     # -- training tricks --
+    mix: Literal["none", "mixup", "cutmix", "both"] = "none"  # blend training batches (both: either, per batch)
+    mix_alpha: float = 0.2  # Beta(alpha, alpha) draws the mixing share per batch; larger mixes harder
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: draw every class equally often (with replacement)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class SchedConfig:
 class LossConfig:
     name: str = "cross_entropy"  # cross_entropy, nll, bce, mse
     label_smoothing: float = 0.0  # cross_entropy: share of target mass spread over all classes
+    class_weights: str | None = None  # cross_entropy/nll: "balanced" (n_images / (n_classes * n_class)) or a file of weights
 
 
 @dataclass
@@ -103,6 +107,10 @@ class TrainConfig:
     progress: bool = True  # draw a progress bar per epoch
     tta: bool = False  # final test score averages each image's logits with its mirror's (flip-safe data only)
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
+    log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
+    log_every: int = 50  # tensorboard: train loss every this many steps
+    mlflow_uri: str | None = None  # MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
 
 
 @dataclass
@@ -244,6 +252,17 @@ def validate(config: Config) -> None:
         (0.0 <= config.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (0.0 <= config.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (config.train.topk >= 1, "train.topk must be at least 1"),
+        (0.0 <= config.train.ema < 1.0, "train.ema must be in [0, 1): the decay per step, e.g. 0.999 (0: off)"),
+        (config.train.log_every >= 1, "train.log_every must be at least 1"),
+        (config.data.mix_alpha > 0, "data.mix_alpha must be positive"),
+        (
+            config.data.mix == "none" or config.loss.name == "cross_entropy",
+            "data.mix needs loss.name cross_entropy (mixed targets are class shares)",
+        ),
+        (
+            set(config.train.log) <= {"tensorboard", "mlflow"},
+            f"train.log takes tensorboard, mlflow or both; got {','.join(config.train.log)}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -100,7 +100,7 @@ def train_one_epoch(
         if (i + 1) % opts.accumulate == 0 or i + 1 == last:
             optimizer_step(model, optimizer, opts, guard, batch=i + 1)
         loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()  # mixed targets (B, K): their larger share
         seen += len(y)
         if guard is not None and (i + 1) % max(opts.check_every, 1) == 0:
             guard.check()

@@ -4,6 +4,7 @@ Reads like a table of contents; the loop itself lives in engine.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +20,9 @@ from torch.utils.data import Dataset
 from deepfit import checkpoint as ckpt
 from deepfit.config import Config, parse_duration, save_config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
+from deepfit.data.balance import balanced_sample_weights, build_class_weights
+from deepfit.data.mix import Mix, MixedBatches
+from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
@@ -28,6 +32,8 @@ from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
+from deepfit.scorecard import draw_test_figures
+from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
 from deepfit.trained import InitReport, init_from_data, init_weights, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
@@ -70,6 +76,9 @@ class Run:
     schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
     init: InitReport | None = None
     guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
+    ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
+    tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
+    loss_tap: LossTap | None = None  # the training loss, read every train.log_every steps for TensorBoard
 
 
 def fit(
@@ -96,17 +105,27 @@ def fit(
     set_threads(config.train.threads)
     set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)
+    require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
-    with stop_on_signals() as run.signals:
-        try:
-            train_epochs(run, progress, on_epoch)
-        except StopRequested as stop:
-            save_state(run, mid_epoch=True)
-            if isinstance(stop, SignalStop):
-                stop.run_dir = run.run_dir
-            if run.stopped_early != "time limit":
-                raise
-    return finish(run)
+    with open_trackers(run, resumed=resume is not None):
+        with stop_on_signals() as run.signals:
+            try:
+                train_epochs(run, progress, on_epoch)
+            except StopRequested as stop:
+                save_state(run, mid_epoch=True)
+                if isinstance(stop, SignalStop):
+                    stop.run_dir = run.run_dir
+                if run.stopped_early != "time limit":
+                    raise
+        return finish(run)
+
+
+def open_trackers(run: Run, *, resumed: bool) -> Trackers:
+    """train.log's trackers, continuing the run's own logs when resumed."""
+    info = run_info(run.config, run.run_dir, step=run.step, resumed=resumed, history=run.history)
+    run.tracker = start_trackers(run.config.train.log, info)
+    run.loss_tap = LossTap(run.loss_fn) if run.tracker.wants_steps else None
+    return run.tracker
 
 
 def prepare_run(
@@ -132,11 +151,14 @@ def prepare_run(
     )  # fmt: skip
     optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)
     schedule, interval = choose_schedule(config, optimizer, scheduler, loader.batches_per_epoch)
-    loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
+    if config.data.sampler == "balanced":
+        loader.sample_weights = balanced_sample_weights(bundle.train.labels, bundle.num_classes)
+    loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing, weight=class_weights(config, bundle, device))
     run_dir = Path(resume) if resume is not None else new_run_dir(config)
     net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
+    run.ema = WeightAverage(unwrap(net), config.train.ema) if config.train.ema else None
     if resume is not None:
         ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
         restore(run, Path(resume) / "checkpoints" / "last.pt")
@@ -157,6 +179,12 @@ def save_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(skipped)
+
+
+def class_weights(config: Config, bundle: DataBundle, device: torch.device) -> torch.Tensor | None:
+    """loss.class_weights (K,) on the training device, from the training split's counts or a file."""
+    spec = config.loss.class_weights
+    return build_class_weights(spec, bundle.train.labels, bundle.classes).to(device) if spec else None
 
 
 def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *, fresh: bool) -> tuple[nn.Module, InitReport | None]:
@@ -242,16 +270,22 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
         scaler=run.scaler, guard=run.guard,
     )  # fmt: skip
     deadline = run.started + parse_duration(cfg.time_limit) if cfg.time_limit else math.inf
+    data = run.config.data
+    mix = Mix(data.mix, data.mix_alpha, run.data.num_classes) if data.mix != "none" else None
     while run.epoch < cfg.epochs and run.stopped_early is None:
         run.signals.check()
         started = time.monotonic()
         batches = progress(run.loader, f"epoch {run.epoch + 1}/{cfg.epochs}", len(run.loader)) if progress else run.loader
-        train = train_one_epoch(run.model, batches, run.optimizer, run.loss_fn, options=options, on_step=lambda: after_step(run, deadline))
+        if mix is not None:
+            batches = MixedBatches(batches, mix, run.loader.generator)
+        loss_fn = run.loss_tap or run.loss_fn
+        train = train_one_epoch(run.model, batches, run.optimizer, loss_fn, options=options, on_step=lambda: after_step(run, deadline))
         run.epoch += 1
         row = epoch_row(run, train, time.monotonic() - started)
         if per_epoch and run.scheduler is not None:  # after the epoch's row, before last.pt saves its state
             step_epoch_schedule(run.scheduler, row.get(monitored_key(run), math.nan))
         end_epoch(run, row)
+        run.tracker.log_epoch(run.step, row)
         if on_epoch is not None:
             on_epoch(row)
 
@@ -261,6 +295,10 @@ def after_step(run: Run, deadline: float) -> None:
     run.step += 1
     every = run.config.train.checkpoint_every
     aligned = run.loader.position % run.config.train.accumulate == 0
+    if run.ema is not None and (aligned or run.loader.position == run.loader.batches_per_epoch):  # an optimizer step was taken
+        run.ema.update(unwrap(run.model))
+    if run.loss_tap is not None and run.loss_tap.last is not None and run.step % run.config.train.log_every == 0:
+        run.tracker.log_step(run.step, {"train_loss_step": float(run.loss_tap.last)})
     if every and run.step % every == 0 and aligned and run.loader.position < run.loader.batches_per_epoch:
         save_state(run, mid_epoch=True)
     if aligned:
@@ -292,7 +330,7 @@ def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
         num_workers=run.config.data.num_workers,
         skip_bad=run.config.data.skip_bad,
     )
-    logits, labels = predict_logits(run.model, batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
+    logits, labels = predict_logits(evaluated(run), batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
     metrics = classification_metrics(logits, labels, topk=run.config.train.topk)
     metrics["loss"] = float(run.loss_fn(logits, labels))
     return metrics
@@ -329,6 +367,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def evaluated(run: Run) -> nn.Module:
+    """The weights that are measured, saved as "model" and exported: the average with train.ema."""
+    return run.ema.module if run.ema is not None else run.model
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+
 def checkpoint_state(run: Run) -> dict[str, Any]:
     """Everything to rebuild the model and continue exactly where the run is now."""
     return {
@@ -340,7 +387,8 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "mean": list(run.data.mean),
         "std": list(run.data.std),
         "flip_ok": run.data.flip_ok,
-        "model": {k: v.detach().clone() for k, v in unwrap(run.model).state_dict().items()},
+        "model": weights_of(evaluated(run)),
+        "ema": {"raw": weights_of(run.model), **run.ema.state_dict()} if run.ema is not None else None,  # the trained weights
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -370,7 +418,7 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
 
 def restore(run: Run, path: Path) -> None:
     state = ckpt.load_checkpoint(path)
-    ckpt.load_model_state(unwrap(run.model), state["model"], path)
+    restore_weights(run, state, path)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
@@ -381,6 +429,18 @@ def restore(run: Run, path: Path) -> None:
     run.history = [dict(row) for row in state["history"]]
     run.loader.load_state_dict(state["loader"])
     ckpt.set_rng_state(state["rng"])
+
+
+def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
+    """The trained weights, and the average when both the checkpoint and this run have one
+    (a run that turns train.ema on when resumed starts its average from the trained weights)."""
+    averaged = state.get("ema")
+    ckpt.load_model_state(unwrap(run.model), averaged["raw"] if averaged else state["model"], path)
+    if run.ema is not None and averaged:
+        ckpt.load_model_state(run.ema.module, state["model"], path)
+        run.ema.load_state_dict(averaged)
+    elif run.ema is not None:
+        run.ema.module.load_state_dict(unwrap(run.model).state_dict())
 
 
 SPAN_KEYS = ("total_steps", "T_max", "step_size", "milestones", "_milestones")
@@ -400,9 +460,11 @@ def finish(run: Run) -> FitResult:
     """Restore best weights if asked, measure the test split once, draw the curves."""
     if run.config.train.restore_best and run.best_epoch and run.best_epoch != run.epoch:
         best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
-        ckpt.load_model_state(unwrap(run.model), best["model"], run.run_dir / "checkpoints" / "best.pt")
+        ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
-    return FitResult(unwrap(run.model), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)
+    figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
+    run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
+    return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)

@@ -212,13 +212,14 @@ def step_epoch_schedule(scheduler: SchedulerLike, metric: float) -> None:
 
 
 @LOSSES.register("cross_entropy")
-def build_cross_entropy(*, label_smoothing: float = 0.0, **_: Any) -> LossFn:
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+def build_cross_entropy(*, label_smoothing: float = 0.0, weight: torch.Tensor | None = None, **_: Any) -> LossFn:
+    """Integer labels (B,) or class shares (B, K), e.g. mixed targets; `weight` (K,) per class."""
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
 @LOSSES.register("nll")
-def build_nll(**_: Any) -> LossFn:
-    nll = nn.NLLLoss()
+def build_nll(*, weight: torch.Tensor | None = None, **_: Any) -> LossFn:
+    nll = nn.NLLLoss(weight=weight)
     return lambda logits, y: nll(torch.log_softmax(logits, dim=1), y)
 
 
@@ -236,8 +237,14 @@ def build_mse(**_: Any) -> LossFn:
     return lambda logits, y: mse(torch.sigmoid(logits), nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype))
 
 
-def build_loss(name: str, *, label_smoothing: float = 0.0) -> LossFn:
-    return LOSSES.get(name)(label_smoothing=label_smoothing)
+WEIGHTED_LOSSES = ("cross_entropy", "nll")  # the losses that take per-class weights
+
+
+def build_loss(name: str, *, label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> LossFn:
+    """The registered loss `name`; `weight` (K,) on the training device weighs each class's terms."""
+    if weight is not None and name not in WEIGHTED_LOSSES:
+        raise ConfigError(f"loss.class_weights works with loss.name {' or '.join(WEIGHTED_LOSSES)}; got {name}")
+    return LOSSES.get(name)(label_smoothing=label_smoothing, weight=weight)
 
 
 def list_optimizers() -> list[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torchvision.transforms.v2 import functional as tvf
 
+from deepfit.data.balance import imbalance_warning
 from deepfit.errors import DataError
 
 
@@ -154,6 +155,9 @@ def describe_bundle(bundle: DataBundle) -> str:
     lines.append("  " + "class".ljust(width) + "".join(f"{name:>9}" for name in counts))
     for i, name in enumerate(bundle.classes):
         lines.append("  " + name.ljust(width) + "".join(f"{column[i]:>9,}" for column in counts.values()))
+    warning = imbalance_warning(counts["train"], bundle.classes)
+    if warning:
+        lines.append(warning)
     if bundle.skipped:
         lines.append(f"skipped {len(bundle.skipped)} bad file(s):")
         lines += [f"  {path}: {reason}" for path, reason in bundle.skipped]

@@ -64,6 +64,7 @@ class EpochOrder:
         self.order_device = order_device
         self.generator = torch.Generator().manual_seed(seed)
         self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
+        self.sample_weights: torch.Tensor | None = None  # (N,) set for data.sampler balanced: draw by weight, with replacement
         self.position = 0  # batches of this epoch already handed out
 
     @property
@@ -86,6 +87,8 @@ class EpochOrder:
     def draw_order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.count, device=self.order_device)
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, self.count, replacement=True, generator=self.generator).to(self.order_device)
         return torch.randperm(self.count, generator=self.generator).to(self.order_device)
 
     def batch_index(self, order: torch.Tensor, position: int) -> torch.Tensor:
