@@ -4,6 +4,7 @@ LinearRegression on `diabetes`, the lesson's own settings, CSV reading, and exac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 from collections.abc import Iterable
@@ -100,7 +101,7 @@ def test_lesson_settings_reproduce_the_lesson_and_defaults_converge_sooner(tmp_p
     defaults = line_run
     optimum = train_mse_oracle(lesson)
     losses = [row["train_mse"] for row in lesson.history]
-    assert losses[0] > 5 * optimum and all(b <= a + 1e-9 for a, b in zip(losses, losses[1:], strict=False))  # falls steadily
+    assert losses[0] > 5 * optimum and all(b <= a + 1e-9 for a, b in itertools.pairwise(losses))  # falls steadily
     slope, intercept = slope_intercept(lesson)
     ls_slope, ls_intercept = least_squares(
         lesson.data.table.features[lesson.data.train.rows], lesson.data.table.target[lesson.data.train.rows]
