@@ -263,9 +263,9 @@ TASK_BY_DATA = {"line": "regression", "diabetes": "regression", "cora": "node", 
 
 
 def infer_task(data: DataConfig) -> str:
-    """The task data.task names, or, while it is the default, the one --data implies."""
+    """The task data.task names, or, while it is the default, the one --data (or --target) implies."""
     if data.task == "image":
-        return TASK_BY_DATA.get(data.name, "image")
+        return "regression" if data.target else TASK_BY_DATA.get(data.name, "image")
     return data.task
 
 

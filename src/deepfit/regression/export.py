@@ -47,7 +47,7 @@ class RawFeaturesModel(nn.Module):
     def __init__(self, trained: RegressionModel) -> None:
         super().__init__()
         s = trained.scaling
-        self.model = trained.model
+        self.model = trained.model.requires_grad_(False)  # the exported graph is for inference: outputs need no .detach()
         self.mean: torch.Tensor
         self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(s.mean, dtype=torch.float32))
