@@ -109,6 +109,10 @@ def test_evaluate_scores_the_seeded_test_split(trained: tuple[Path, Path], capsy
     assert report["mse"] == pytest.approx(mean_squared_error(y, expected), rel=1e-5)
     assert report["mae"] == pytest.approx(mean_absolute_error(y, expected), rel=1e-5)
     assert (run / "plots" / "predicted.png").is_file() and (run / "plots" / "residuals.png").is_file()
+    assert main(["evaluate", str(run), "--data", str(table)]) == 0  # another file: every row, the checkpoint's scaling
+    everything = json.loads((run / "report.json").read_text())
+    all_x, all_y = np.c_[data["a"], data["b"]], data["y"]
+    assert everything["rows"] == ROWS and everything["r2"] == pytest.approx(r2_score(all_y, all_x @ w + b), abs=1e-6)
 
 
 def test_predict_keeps_the_id_column_and_reports_bad_rows(
@@ -124,6 +128,9 @@ def test_predict_keeps_the_id_column_and_reports_bad_rows(
     w, b = raw_linear(run)
     assert got[0] == ["key", "y"] and [r[0] for r in got[1:]] == ["k1", "k3"]
     assert float(got[1][1]) == pytest.approx(10 * w[0] - 2 * w[1] + b, rel=1e-5) and float(got[2][1]) == pytest.approx(b, rel=1e-5)
+    assert main(["predict", str(run), str(rows), "--format", "json"]) == 1
+    listed = json.loads(capsys.readouterr().out)
+    assert [item["row"] for item in listed] == [f"{rows}:2", f"{rows}:4"] and listed[1]["y"] == pytest.approx(b, rel=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
