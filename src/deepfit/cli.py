@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepfit.config import Config, config_from_dict, load_config, set_value
+from deepfit.config import Config, config_from_dict, infer_task, load_config, set_value
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested
 from deepfit.history import Row, format_epoch
 
@@ -32,6 +32,8 @@ TRAIN_FLAGS = {
     "time_limit": "train.time_limit",
     "init_from": "model.init_from",
     "log": "train.log",
+    "target": "data.target",
+    "features": "data.features",
 }
 
 
@@ -81,6 +83,8 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--log", metavar="TRACKERS", help="also log to tensorboard, mlflow or tensorboard,mlflow (needs deepfit[track])")
+    parser.add_argument("--target", metavar="COLUMN", help="regression: the CSV column to predict")
+    parser.add_argument("--features", metavar="A,B,C", help="regression: the CSV feature columns (default: every numeric one)")
     parser.epilog = "Any config field can be set as --section.field VALUE, e.g. --optim.lr 0.01 --sched.name onecycle."
 
 
@@ -101,8 +105,17 @@ def parse_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def resolve_train_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
-    """Defaults < the resumed run's config < --config YAML < flags < dotted overrides."""
-    config = Config()
+    """Defaults (the task's) < the resumed run's config < --config YAML < flags < dotted overrides.
+    The task is data.task, or the one --data implies (line -> regression)."""
+    config = layered_config(Config(), args, extra)
+    task = infer_task(config.data)
+    if task != "image":
+        config = layered_config(task_defaults(task), args, extra)
+        config.data.task = task  # type: ignore[assignment]
+    return config
+
+
+def layered_config(config: Config, args: argparse.Namespace, extra: Sequence[str]) -> Config:
     if args.resume:
         config = resumed_config(Path(args.resume))
     if args.config:
@@ -139,6 +152,8 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.fit import fit
 
     config = resolve_train_config(args, extra)
+    if config.data.task == "regression":
+        return train_regression(config, args)
     echo = print_epoch(config.train.epochs)
     progress = tqdm_progress if config.train.progress else None
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
@@ -229,6 +244,8 @@ def cmd_lr_find(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.resume:
         raise UsageError("lr-find starts from scratch (or --init-from); --resume is for train")
     config = resolve_train_config(args, extra)
+    if config.data.task != "image":
+        raise UsageError(f"lr-find sweeps image classifiers; for a {config.data.task} run set --optim.lr directly")
     result = find_lr(config, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     folder = Path(config.train.out) if config.train.out else lr_find_folder(config)
     files = save_lr_find(result, folder)
@@ -261,6 +278,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.inspect import ShowOptions, load_run, make_figure
     from deepfit.plots import save_figure
 
+    if task_of(args.run) == "regression":
+        return show_regression(args)
     run = load_run(args.run)
     figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
@@ -271,6 +290,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.report import write_report
 
+    if task_of(args.run) == "regression":
+        return report_regression(args)
     print(write_report(args.run, out=args.out))
     return 0
 
@@ -285,6 +306,8 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.evaluation import evaluate_checkpoint, format_report
 
+    if task_of(args.run) == "regression":
+        return evaluate_regression_cmd(args)
     result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta)
     print(format_report(result.report))
     print(f"report: {result.report_path}")
@@ -301,6 +324,8 @@ def add_export_parser(parser: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.export import TOLERANCE, export_checkpoint
 
+    if task_of(args.checkpoint) == "regression":
+        return export_regression_cmd(args)
     result = export_checkpoint(args.checkpoint, format=args.format, out=args.out)
     sizes = ", ".join(str(b) for b in result.batch_sizes)
     print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {TOLERANCE:g}; batches of {sizes})")
@@ -315,6 +340,7 @@ def add_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=3, help="classes to list per image (default 3)")
     parser.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--id-column", metavar="COLUMN", help="regression: copy this CSV column beside each prediction")
 
 
 def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -325,6 +351,10 @@ def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if args.topk < 1:
         raise UsageError("--topk must be at least 1")
+    if task_of(args.checkpoint) == "regression":
+        return predict_regression_cmd(args)
+    if args.id_column:
+        raise UsageError("--id-column is for regression checkpoints (CSV rows in, values out)")
     predictor = Predictor.from_checkpoint(args.checkpoint)
     result = predictor.predict_paths(args.paths, topk=args.topk, progress=None if args.no_progress else tqdm_files)
     for failure in result.failures:
@@ -391,7 +421,127 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     return 0
 
 
+def task_of(path: str) -> str:
+    """The task of a run folder's or checkpoint's model (image for checkpoints from before tasks)."""
+    from deepfit.checkpoint import checkpoint_task, load_checkpoint
+
+    return checkpoint_task(load_checkpoint(path))
+
+
+def task_defaults(task: str) -> Config:
+    """The config a task's run starts from, before --config and the flags."""
+    if task == "regression":
+        from deepfit.regression import default_config
+
+        return default_config()
+    return Config()
+
+
 # -- regression task commands --
+
+
+def train_regression(config: Config, args: argparse.Namespace) -> int:
+    from deepfit.regression import fit_regression
+
+    epochs = config.train.epochs
+    progress = tqdm_progress if config.train.progress else None
+    result = fit_regression(
+        config, resume=args.resume, progress=progress, on_epoch=lambda row: print(format_regression_epoch(row, epochs), flush=True)
+    )
+    table, data = result.data.table, result.data
+    sizes = " / ".join(str(len(s)) if s is not None else "0" for s in (data.train, data.val, data.test))
+    print(
+        f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}"
+    )
+    if table.ignored:
+        print(f"ignored text column(s): {', '.join(table.ignored)} (one-hot encode them with --data.categorical onehot)")
+    if table.dropped_rows:
+        print(f"dropped {table.dropped_rows} row(s) with missing values (--data.drop-missing)")
+    if result.stopped_early:
+        print(f"stopped early: {result.stopped_early}")
+        if result.stopped_early == "time limit":
+            print(f"resume with: deepfit train --resume {result.run_dir}")
+    metrics = result.metrics
+    if metrics:
+        print(
+            f"test_mse {metrics['test_mse']:.4g}  test_rmse {metrics['test_rmse']:.4g}  test_mae {metrics['test_mae']:.4g}  test_r2 {metrics['test_r2']:.4f}"
+        )
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def format_regression_epoch(row: Row, epochs: int) -> str:
+    """'epoch 3/50  train_loss 0.1234  val_loss 0.1301  val_rmse 2.95  val_r2 0.9312  lr 1.00e-01  0.0s'"""
+    parts = [f"epoch {int(row['epoch'])}/{epochs}"]
+    for key in ("train_loss", "val_loss", "val_rmse", "val_r2"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4g}" if key.endswith("rmse") else f"{key} {row[key]:.4f}")
+    parts.append(f"lr {row['lr']:.2e}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def evaluate_regression_cmd(args: argparse.Namespace) -> int:
+    from deepfit.regression.evaluate import evaluate_regression
+
+    if args.tta:
+        raise UsageError("--tta flips images; a regression model has none")
+    result = evaluate_regression(args.run, data=args.data, split=args.split)
+    m = result.metrics
+    print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {m['r2']:.4f}")
+    print(f"report: {result.report_path}")
+    print(f"figures: {', '.join(str(p) for p in result.figure_paths)}")
+    return 0
+
+
+def predict_regression_cmd(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from deepfit.regression.predict import predict_csv
+    from deepfit.regression.trained import load_regression_model
+
+    result = predict_csv(load_regression_model(args.checkpoint), args.paths, id_column=args.id_column)
+    for failure in result.failures:
+        print(f"deepfit: cannot predict {failure.path} line {failure.line}: {failure.reason}", file=sys.stderr)
+    rows = result.rows()
+    if args.format == "json":
+        print(json.dumps([{rows[0][0]: key, result.target: value} for key, value in zip(result.ids, result.values, strict=True)], indent=2))
+    elif args.format == "csv":
+        csv.writer(sys.stdout, lineterminator="\n").writerows(rows)
+    else:
+        width = max(len(row[0]) for row in rows)
+        print("\n".join(f"{row[0]:<{width}}  {row[1]}" for row in rows))
+    return 1 if result.failures else 0
+
+
+def export_regression_cmd(args: argparse.Namespace) -> int:
+    from deepfit.regression.export import export_regression
+
+    result = export_regression(args.checkpoint, format=args.format, out=args.out)
+    sizes = ", ".join(str(b) for b in result.batch_sizes)
+    print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {result.tolerance:.3g}; batches of {sizes})")
+    print(f"{result.format}: {result.path}")
+    return 0
+
+
+def show_regression(args: argparse.Namespace) -> int:
+    from deepfit.plots import save_figure
+    from deepfit.regression.views import load_regression_run, make_regression_figure
+
+    if args.image or args.layer or args.count:
+        raise UsageError("--image, --layer and --count are for image runs; regression figures: curves, predicted, residuals, feature")
+    trained, data, run_dir = load_regression_run(args.run)
+    figure = make_regression_figure(args.kind, trained.model, data, trained.history)
+    print(save_figure(figure, run_dir / "plots" / f"{args.kind}.png"))
+    return 0
+
+
+def report_regression(args: argparse.Namespace) -> int:
+    from deepfit.regression.report import write_regression_report
+
+    print(write_regression_report(args.run, out=args.out))
+    return 0
 
 
 # -- node task commands --

@@ -34,6 +34,12 @@ class DataConfig:
     cache: bool = True  # keep decoded tensors on disk, keyed by the source's fingerprint
     cache_dir: str | None = None  # where decoded tensors are cached (default: ~/.cache/deepfit)
     # -- regression task (data.task regression) --
+    target: str | None = None  # regression: the CSV column to predict (required for CSV files)
+    features: list[str] = field(default_factory=list)  # regression: CSV feature columns (empty: every numeric column)
+    categorical: Literal["ignore", "onehot"] = "ignore"  # regression: text columns left out (listed) or one-hot encoded
+    drop_missing: bool = False  # regression: drop rows with a missing value (counted) instead of stopping
+    test_fraction: float = 0.2  # regression: seeded share of the rows held out as the test split, 0.05..0.5
+    standardize: bool = True  # regression: scale features and target by training-split mean/std (undone in reports)
     # -- node task (data.task node) --
     # -- training tricks --
     mix: Literal["none", "mixup", "cutmix", "both"] = "none"  # blend training batches (both: either, per batch)
@@ -263,12 +269,24 @@ def validate(config: Config) -> None:
             set(config.train.log) <= {"tensorboard", "mlflow"},
             f"train.log takes tensorboard, mlflow or both; got {','.join(config.train.log)}",
         ),
+        (0.05 <= config.data.test_fraction <= 0.5, "data.test_fraction must be in 0.05..0.5"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     if config.train.time_limit is not None:
         parse_duration(config.train.time_limit)
+
+
+# Datasets whose name alone says the task: `--data line` needs no `--task regression`.
+TASK_BY_DATA = {"line": "regression", "diabetes": "regression", "cora": "node", "karate": "node"}
+
+
+def infer_task(data: DataConfig) -> str:
+    """The task data.task names, or, while it is the default, the one --data (or --target) implies."""
+    if data.task == "image":
+        return "regression" if data.target else TASK_BY_DATA.get(data.name, "image")
+    return data.task
 
 
 def parse_duration(text: str) -> float:

@@ -1,0 +1,190 @@
+"""`deepfit export` for regression checkpoints: ONNX or TorchScript of the whole prediction,
+standardisation included (raw feature rows (N, F) float32 in, the target's value (N, 1) out),
+with the schema and statistics as metadata, checked against PyTorch like deepfit.export does.
+deepfit.export cannot be imported from here (tasks sit beside it in the layers), so the few
+lines that write and run the files are this task's own."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepfit.errors import DeepfitError
+from deepfit.regression.trained import RegressionModel, load_regression_model
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+TOLERANCE = 1e-4  # largest difference from PyTorch, in standardised target units (x target_std in the target's)
+CHECK_BATCHES = (1, 5)
+EXTRA_FILE = "deepfit.json"
+
+
+class RegressionExportError(DeepfitError):
+    """An export that could not be written, or whose file does not compute what the model does."""
+
+
+@dataclass
+class RegressionExport:
+    path: Path
+    format: str
+    max_abs_diff: float  # in the target's units, over the sample rows
+    tolerance: float  # in the target's units
+    batch_sizes: tuple[int, ...]
+
+
+class RawFeaturesModel(nn.Module):
+    """The trained model with its standardisation: raw features (N, F) -> predicted target (N, 1)."""
+
+    def __init__(self, trained: RegressionModel) -> None:
+        super().__init__()
+        s = trained.scaling
+        self.model = trained.model.requires_grad_(False)  # the exported graph is for inference: outputs need no .detach()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(s.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(s.std, dtype=torch.float32))
+        self.target_mean, self.target_std = float(s.target_mean), float(s.target_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std) * self.target_std + self.target_mean
+
+
+def export_regression(path: str | Path, *, format: str, out: str | Path | None = None) -> RegressionExport:
+    """Export a regression run folder or checkpoint; the written file has been checked against PyTorch."""
+    if format not in FORMATS:
+        raise RegressionExportError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    trained = load_regression_model(path)
+    module = RawFeaturesModel(trained).eval()
+    target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    example = sample_rows(trained, 2, seed=0)
+    (write_onnx if format == "onnx" else write_torchscript)(module, example, target, metadata(trained))
+    tolerance = TOLERANCE * max(1.0, trained.scaling.target_std)
+    try:
+        diff = verify(module, trained, target, format)
+    except RegressionExportError:
+        target.unlink(missing_ok=True)
+        raise
+    if not diff <= tolerance:  # also catches NaN
+        target.unlink(missing_ok=True)
+        raise RegressionExportError(f"{format} export differs from the PyTorch model by {diff:.3g} (> {tolerance:g}); {target} removed")
+    return RegressionExport(target, format, diff, tolerance, CHECK_BATCHES)
+
+
+def default_out(given: Path, checkpoint: Path, format: str) -> Path:
+    run_dir = given if given.is_dir() else checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        return run_dir / "export" / f"model{SUFFIXES[format]}"
+    return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
+
+
+def metadata(trained: RegressionModel) -> dict[str, Any]:
+    """What a consumer needs besides the graph: the input columns and what comes out."""
+    return {
+        "deepfit_metadata_version": 1,
+        "task": "regression",
+        "features": trained.schema.feature_names(),
+        "columns": trained.schema.columns,
+        "categories": trained.schema.categories,
+        "target": trained.target,
+        "mean": trained.scaling.mean,
+        "std": trained.scaling.std,
+        "target_mean": trained.scaling.target_mean,
+        "target_std": trained.scaling.target_std,
+        "input_layout": "(N, F) float32 raw feature values in the order of `features` (one-hot columns as 0/1)",
+        "output": f"(N, 1) predicted {trained.target}, in its own units (standardisation is inside the graph)",
+        "model": trained.config.model.name,
+    }
+
+
+def sample_rows(trained: RegressionModel, batch: int, *, seed: int) -> torch.Tensor:
+    """Random raw rows around the training distribution: (batch, F) float32."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, len(trained.scaling.mean), generator=generator)
+    return noise * torch.tensor(trained.scaling.std) + torch.tensor(trained.scaling.mean)
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=["features"],
+                                        output_names=["prediction"], verbose=False, external_data=False)  # fmt: skip
+    except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
+        raise RegressionExportError(f"ONNX export failed: {type(err).__name__}: {first_line(err)}") from None
+    assert program is not None
+    proto = program.model_proto
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(target))
+
+
+def write_torchscript(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+            scripted = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.save(scripted, str(target), _extra_files={EXTRA_FILE: json.dumps(meta)})
+    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
+        raise RegressionExportError(f"TorchScript export failed: {type(err).__name__}: {first_line(err)}") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def verify(module: nn.Module, trained: RegressionModel, target: Path, format: str) -> float:
+    """Largest absolute difference between the written file's outputs and PyTorch's."""
+    run = onnx_runner(target) if format == "onnx" else torchscript_runner(target)
+    worst = 0.0
+    for i, batch in enumerate(CHECK_BATCHES):
+        x = sample_rows(trained, batch, seed=1 + i)
+        with torch.inference_mode():
+            expected = module(x).numpy()
+        try:
+            got = run(x.numpy())
+        except Exception as err:  # any runtime failure means the file is not usable as written
+            raise RegressionExportError(
+                f"the {format} file could not be run on {batch} row(s): {type(err).__name__}: {first_line(err)}"
+            ) from None
+        if got.shape != expected.shape:
+            raise RegressionExportError(f"{format} export returns shape {got.shape} for {batch} row(s), the model {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def onnx_runner(target: Path) -> Any:
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
+        raise RegressionExportError(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+    name = session.get_inputs()[0].name
+    return lambda x: np.asarray(session.run(None, {name: x})[0])
+
+
+def torchscript_runner(target: Path) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(target), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return np.asarray(loaded(torch.from_numpy(x)).numpy())
+
+    return run

@@ -1,0 +1,225 @@
+"""Regression tables: a CSV (or CSV.gz) with a header row, or an embedded dataset, read into
+float feature rows and a numeric target. The Schema says how a row of text becomes features,
+so training, evaluate and predict encode rows the same way (it is saved in the checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfit.errors import DataError
+
+MISSING = {"", "na", "nan", "n/a", "null", "none", "?"}  # cells read as "no value" (case-insensitive)
+MAX_LEVELS = 100  # a text column with more distinct values is an id or free text, not a category
+
+
+class MissingValue(ValueError):
+    """A row has no value (or a non-finite one) in a column it needs."""
+
+    def __init__(self, column: str) -> None:
+        super().__init__(f"missing value in column {column!r}")
+        self.column = column
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How a CSV row becomes a feature vector: numeric columns as they are, one-hot columns as one
+    0/1 feature per level (in the order of `levels`)."""
+
+    columns: list[str]  # the feature columns of the file, in order
+    target: str  # the column to predict
+    categories: dict[str, list[str]] = field(default_factory=dict)  # one-hot column -> its levels
+
+    def feature_names(self) -> list[str]:
+        names: list[str] = []
+        for column in self.columns:
+            levels = self.categories.get(column)
+            names += [f"{column}={level}" for level in levels] if levels is not None else [column]
+        return names
+
+    def encode(self, row: dict[str, str]) -> list[float]:
+        """One row's features; MissingValue or ValueError (an unknown level, a non-number) when it cannot."""
+        values: list[float] = []
+        for column in self.columns:
+            cell = row.get(column, "").strip()
+            if cell.lower() in MISSING:
+                raise MissingValue(column)
+            levels = self.categories.get(column)
+            if levels is None:
+                values.append(parse_number(cell, column))
+            elif cell in levels:
+                values += [1.0 if cell == level else 0.0 for level in levels]
+            else:
+                raise ValueError(f"column {column!r} has {cell!r}, a value not seen in training (known: {', '.join(levels[:10])})")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": list(self.columns), "target": self.target, "categories": {k: list(v) for k, v in self.categories.items()}}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Schema:
+        return cls(
+            [str(c) for c in raw["columns"]], str(raw["target"]), {str(k): [str(x) for x in v] for k, v in raw["categories"].items()}
+        )
+
+
+def parse_number(cell: str, column: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ValueError(f"column {column!r} has {cell!r}, not a number") from None
+    if not math.isfinite(value):
+        raise MissingValue(column)
+    return value
+
+
+@dataclass
+class Table:
+    """Rows of features (N, F) and targets (N,), in the file's units, plus what reading left out."""
+
+    features: np.ndarray  # (N, F) float64
+    target: np.ndarray  # (N,) float64
+    schema: Schema
+    source: str  # the dataset name or file path
+    ignored: list[str] = field(default_factory=list)  # text columns left out (data.categorical ignore)
+    dropped_rows: int = 0  # rows with a missing value dropped (data.drop_missing)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.schema.feature_names()
+
+
+def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and the data rows of a .csv or .csv.gz; DataError for anything unreadable."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.name.endswith(".gz") else raw).decode("utf-8-sig")
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: cannot read it: {err}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: is not a UTF-8 text CSV file") from None
+    try:
+        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    except csv.Error as err:
+        raise DataError(f"{path}: is not a valid CSV file: {err}") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs a header row and at least one data row")
+    header = [name.strip() for name in rows[0]]
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {number} has {len(row)} fields, the header {len(header)}")
+    return header, rows[1:]
+
+
+def numeric_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> set[str]:
+    """Columns whose every present value parses as a number (all-missing columns count as numeric)."""
+    numeric = set()
+    for i, name in enumerate(header):
+        try:
+            for row in rows:
+                cell = row[i].strip()
+                if cell.lower() not in MISSING:
+                    float(cell)
+        except ValueError:
+            continue
+        numeric.add(name)
+    return numeric
+
+
+def choose_schema(
+    header: list[str], rows: list[list[str]], *, target: str, features: list[str], onehot: bool, path: Path
+) -> tuple[Schema, list[str]]:
+    """The feature columns (given, or every other column) and one-hot levels; text columns left out are returned."""
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise DataError(f"{path}: column names appear twice: {', '.join(duplicated)}")
+    unknown = [name for name in [target, *features] if name not in header]
+    if unknown:
+        raise DataError(f"{path}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(header)}")
+    numeric = numeric_columns(header, rows)
+    if target not in numeric:
+        example = next(r[header.index(target)] for r in rows if r[header.index(target)].strip().lower() not in MISSING)
+        raise DataError(f"{path}: the target column {target!r} is not numeric (it holds {example!r}); regression predicts a number")
+    wanted = features or [name for name in header if name != target]
+    text = [name for name in wanted if name not in numeric]
+    if text and features and not onehot:
+        raise DataError(f"{path}: feature column(s) {', '.join(text)} hold text; use --data.categorical onehot or leave them out")
+    categories = {name: levels_of(rows, header.index(name), name, path) for name in text} if onehot else {}
+    columns = [name for name in wanted if name in numeric or name in categories]
+    if not columns:
+        raise DataError(
+            f"{path}: no numeric feature columns besides {target!r} (text columns: {', '.join(text)}; try --data.categorical onehot)"
+        )
+    return Schema(columns, target, categories), [] if onehot else text
+
+
+def levels_of(rows: list[list[str]], index: int, name: str, path: Path) -> list[str]:
+    levels = sorted({row[index].strip() for row in rows if row[index].strip().lower() not in MISSING})
+    if len(levels) > MAX_LEVELS:
+        raise DataError(
+            f"{path}: text column {name!r} has {len(levels)} distinct values (> {MAX_LEVELS}), too many to one-hot; leave it out with --features"
+        )
+    return levels
+
+
+def is_missing(cell: str) -> bool:
+    """An empty or NA-like cell, or a non-finite number (nan, inf)."""
+    text = cell.strip()
+    if text.lower() in MISSING:
+        return True
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def missing_counts(header: list[str], rows: list[list[str]], used: list[str]) -> tuple[dict[str, int], list[bool]]:
+    """Rows without a value, per used column, and which rows lack any."""
+    indices = {name: header.index(name) for name in used}
+    counts = {name: sum(is_missing(row[i]) for row in rows) for name, i in indices.items()}
+    gaps = [any(is_missing(row[i]) for i in indices.values()) for row in rows]
+    return {name: n for name, n in counts.items() if n}, gaps
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def encode_rows(
+    schema: Schema, header: list[str], rows: list[list[str]], *, drop_missing: bool, path: Path
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Features (N, F), targets (N,) and the number of rows dropped. Missing values are an error
+    naming each column and its row count, unless drop_missing drops those rows."""
+    counts, gaps = missing_counts(header, rows, [*schema.columns, schema.target])
+    dropped = sum(gaps)
+    if counts and not drop_missing:
+        detail = ", ".join(f"{name} ({plural(n, 'row')})" for name, n in counts.items())
+        raise DataError(
+            f"{path}: {plural(dropped, 'row')} of {len(rows)} have missing values: {detail}; drop them with --data.drop-missing true"
+        )
+    kept = [dict(zip(header, row, strict=True)) for row, gap in zip(rows, gaps, strict=True) if not gap]
+    if not kept:
+        raise DataError(f"{path}: every row has a missing value; nothing is left to train on")
+    features = [schema.encode(record) for record in kept]
+    targets = [parse_number(record[schema.target].strip(), schema.target) for record in kept]
+    return np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64), dropped
+
+
+def load_csv_table(path: Path, *, target: str | None, features: list[str], onehot: bool, drop_missing: bool) -> Table:
+    """A CSV file as a Table: --target names the column to predict, --features the inputs."""
+    if not target:
+        raise DataError(f"{path}: name the column to predict with --target COLUMN")
+    header, rows = read_csv_rows(path)
+    schema, ignored = choose_schema(header, rows, target=target, features=features, onehot=onehot, path=path)
+    x, y, dropped = encode_rows(schema, header, rows, drop_missing=drop_missing, path=path)
+    return Table(x, y, schema, str(path), ignored, dropped)

@@ -1,0 +1,212 @@
+"""The regression task through the command line: train on a CSV, evaluate, predict, export,
+show, report, --resume, and bad inputs (exit 2, one line, no run folder)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepfit.checkpoint import load_checkpoint
+from deepfit.cli import build_parser, main, resolve_train_config
+from deepfit.regression.split import split_rows
+
+ROWS = 120
+
+
+def write_table(path: Path, *, rows: int = ROWS, seed: int = 0, gaps: bool = False) -> Path:
+    """y = 2a - 3b + 5 + noise(0.1), an id column and a text column; gaps: two rows lack a value."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(10, 3, rows), rng.normal(-2, 1, rows)
+    y = 2 * a - 3 * b + 5 + rng.normal(0, 0.1, rows)
+    lines = ["id,a,b,city,y"] + [f"r{i},{a[i]:.6f},{b[i]:.6f},{'paris' if i % 2 else 'rome'},{y[i]:.6f}" for i in range(rows)]
+    if gaps:
+        lines[3] = lines[3].replace(",paris,", ",paris,").split(",", 2)[0] + ",," + lines[3].split(",", 2)[2]  # a missing
+        lines[6] = lines[6].rsplit(",", 1)[0] + ","  # y missing
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def raw_linear(run: Path) -> tuple[np.ndarray, float]:
+    """The best checkpoint's line in the file's units: y = x @ w + b (standardisation folded in)."""
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    w = state["model"]["weight"][0].double().numpy() * state["target_std"] / np.asarray(state["std"])
+    b = float(state["model"]["bias"][0]) * state["target_std"] + state["target_mean"] - float(w @ np.asarray(state["mean"]))
+    return w, b
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A linear run on a CSV with features a, b: (run folder, CSV)."""
+    root = tmp_path_factory.mktemp("regression-cli")
+    table = write_table(root / "table.csv")
+    code = main(
+        ["train", "--data", str(table), "--target", "y", "--features", "a,b", "--epochs", "60", "--no-progress", "--out", str(root / "run")]
+    )
+    assert code == 0
+    return root / "run", table
+
+
+def test_missing_values_stop_with_one_line_then_train_with_drop_missing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table = write_table(tmp_path / "gaps.csv", gaps=True)
+    failed = cli("train", "--task", "regression", "--data", str(table), "--target", "y", "--epochs", "3", "--no-progress")
+    assert failed.code == 2 and failed.err.count("\n") == 1 and "Traceback" not in failed.err
+    assert "2 rows of 120 have missing values: a (1 row), y (1 row)" in failed.err and "--data.drop-missing true" in failed.err
+    assert not (tmp_path / "runs").exists()
+    ok = cli(
+        "train",
+        "--task",
+        "regression",
+        "--data",
+        str(table),
+        "--target",
+        "y",
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--data.drop-missing",
+        "true",
+    )
+    assert ok.code == 0, ok.err
+    assert "dropped 2 row(s) with missing values" in ok.out and "ignored text column(s): id, city" in ok.out
+    assert "118 rows" in ok.out and "2 feature(s) -> y" in ok.out  # id is text (r0, r1, ...) and ignored too
+
+
+def test_train_writes_the_run_folder(trained: tuple[Path, Path]) -> None:
+    run, _ = trained
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        *(f"plots/{k}.png" for k in ("curves", "predicted", "residuals", "feature")),
+    ):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 60 and {"val_r2", "val_rmse", "train_mse"} <= set(rows[0])
+    w, b = raw_linear(run)
+    assert np.allclose(w, [2, -3], atol=0.05) and abs(b - 5) < 0.3  # the generating line
+
+
+def test_evaluate_scores_the_seeded_test_split(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    run, table = trained
+    assert main(["evaluate", str(run)]) == 0
+    assert "test split: 24 rows" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    data = np.genfromtxt(table, delimiter=",", names=True, dtype=None, encoding="utf-8")
+    _, _, test = split_rows(ROWS, test_fraction=0.2, val_fraction=0.1, seed=0)
+    w, b = raw_linear(run)
+    x, y = np.c_[data["a"], data["b"]][test], data["y"][test]
+    expected = x @ w + b
+    assert report["rows"] == 24 and report["r2"] == pytest.approx(r2_score(y, expected), abs=1e-6)
+    assert report["mse"] == pytest.approx(mean_squared_error(y, expected), rel=1e-5)
+    assert report["mae"] == pytest.approx(mean_absolute_error(y, expected), rel=1e-5)
+    assert (run / "plots" / "predicted.png").is_file() and (run / "plots" / "residuals.png").is_file()
+    assert main(["evaluate", str(run), "--data", str(table)]) == 0  # another file: every row, the checkpoint's scaling
+    everything = json.loads((run / "report.json").read_text())
+    all_x, all_y = np.c_[data["a"], data["b"]], data["y"]
+    assert everything["rows"] == ROWS and everything["r2"] == pytest.approx(r2_score(all_y, all_x @ w + b), abs=1e-6)
+
+
+def test_predict_keeps_the_id_column_and_reports_bad_rows(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _ = trained
+    rows = tmp_path / "new.csv"
+    rows.write_text("key,b,a\nk1,-2,10\nk2,,3\nk3,0,0\n")  # any column order; no target column needed
+    code = main(["predict", str(run), str(rows), "--id-column", "key", "--format", "csv"])
+    out, err = capsys.readouterr()
+    assert code == 1 and err.strip() == f"deepfit: cannot predict {rows} line 3: missing value in column 'b'"
+    got = list(csv.reader(io.StringIO(out)))
+    w, b = raw_linear(run)
+    assert got[0] == ["key", "y"] and [r[0] for r in got[1:]] == ["k1", "k3"]
+    assert float(got[1][1]) == pytest.approx(10 * w[0] - 2 * w[1] + b, rel=1e-5) and float(got[2][1]) == pytest.approx(b, rel=1e-5)
+    assert main(["predict", str(run), str(rows), "--format", "json"]) == 1
+    listed = json.loads(capsys.readouterr().out)
+    assert [item["row"] for item in listed] == [f"{rows}:2", f"{rows}:4"] and listed[1]["y"] == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_runs_on_raw_rows(trained: tuple[Path, Path], tmp_path: Path, fmt: str) -> None:
+    run, _ = trained
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    x = np.array([[10.0, -2.0], [0.0, 0.0], [4.0, 1.0]], dtype=np.float32)
+    if fmt == "onnx":
+        import onnxruntime
+
+        from deepfit.export import read_onnx_metadata
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        meta = read_onnx_metadata(out)
+        assert meta["features"] == ["a", "b"] and meta["target"] == "y"
+    else:
+        got = torch.jit.load(str(out))(torch.from_numpy(x)).detach().numpy()
+    w, b = raw_linear(run)
+    assert got.shape == (3, 1) and np.allclose(got[:, 0], x @ w + b, atol=1e-3)
+
+
+def test_show_draws_each_figure_and_report_embeds_them(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = trained
+    for kind in ("curves", "predicted", "residuals", "feature"):
+        (run / "plots" / f"{kind}.png").unlink()
+        assert main(["show", kind, str(run)]) == 0
+        assert (run / "plots" / f"{kind}.png").stat().st_size > 1000
+    assert main(["show", "gradcam", str(run)]) == 2
+    assert "valid: curves, predicted, residuals, feature" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("<img ") == 4 and "(regression)" in page and "val_r2" in page
+
+
+def test_resume_continues_to_the_same_weights(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    table = write_table(tmp_path / "t.csv")
+    common = ["--data", str(table), "--target", "y", "--model", "mlp", "--model.hidden", "8", "--data.batch-size", "16", "--no-progress"]
+    assert cli("train", *common, "--epochs", "4", "--out", "straight").code == 0
+    assert cli("train", *common, "--epochs", "2", "--out", "split").code == 0
+    resumed = cli("train", "--resume", "split", "--epochs", "4", "--no-progress")
+    assert resumed.code == 0, resumed.err
+    a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"] for name in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+BAD = {
+    "unknown dataset": ["--task", "regression", "--data", "nothing"],
+    "no target": ["--data", "TABLE"],
+    "unknown column": ["--data", "TABLE", "--target", "y", "--features", "a,zzz"],
+    "absent file": ["--task", "regression", "--data", "absent.csv", "--target", "y"],
+    "image model": ["--data", "line", "--model", "resnet18"],
+    "class loss": ["--data", "line", "--loss.name", "cross_entropy"],
+    "accuracy monitor": ["--data", "line", "--monitor", "val_acc"],
+    "test fraction": ["--data", "line", "--data.test-fraction", "0.9"],
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs_stop_with_one_line_and_no_run_folder(cli, tmp_path: Path, case: str) -> None:  # type: ignore[no-untyped-def]
+    table = write_table(tmp_path / "table.csv")
+    args = [str(table) if a == "TABLE" else a for a in BAD[case]]
+    result = cli("train", *args, "--epochs", "1", "--no-progress")
+    assert result.code == 2 and result.err.startswith("deepfit: error: ") and result.err.count("\n") == 1, result.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_task_is_inferred_from_data_and_starts_from_its_defaults() -> None:
+    def resolve(*argv: str):  # type: ignore[no-untyped-def]
+        args, extra = build_parser().parse_known_args(["train", *argv])
+        return resolve_train_config(args, extra)
+
+    line = resolve("--data", "line")
+    assert line.data.task == "regression" and (line.optim.name, line.optim.lr, line.model.name) == ("sgd", 0.2, "linear")
+    assert resolve("--data", "line", "--optim.lr", "0.05").optim.lr == 0.05
+    assert resolve("--task", "regression", "--data", "x.csv", "--target", "y").data.target == "y"
+    digits = resolve("--data", "digits")
+    assert digits.data.task == "image" and digits.optim.name == "adam"
