@@ -154,6 +154,8 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = resolve_train_config(args, extra)
     if config.data.task == "regression":
         return train_regression(config, args)
+    if config.data.task == "node":
+        return train_node(config, args)
     echo = print_epoch(config.train.epochs)
     progress = tqdm_progress if config.train.progress else None
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
@@ -280,6 +282,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if task_of(args.run) == "regression":
         return show_regression(args)
+    if task_of(args.run) == "node":
+        return show_node(args)
     run = load_run(args.run)
     figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
@@ -292,6 +296,8 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if task_of(args.run) == "regression":
         return report_regression(args)
+    if task_of(args.run) == "node":
+        return report_node(args)
     print(write_report(args.run, out=args.out))
     return 0
 
@@ -308,6 +314,8 @@ def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if task_of(args.run) == "regression":
         return evaluate_regression_cmd(args)
+    if task_of(args.run) == "node":
+        return evaluate_node(args)
     result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta)
     print(format_report(result.report))
     print(f"report: {result.report_path}")
@@ -326,6 +334,8 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if task_of(args.checkpoint) == "regression":
         return export_regression_cmd(args)
+    if task_of(args.checkpoint) == "node":
+        return export_node(args)
     result = export_checkpoint(args.checkpoint, format=args.format, out=args.out)
     sizes = ", ".join(str(b) for b in result.batch_sizes)
     print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {TOLERANCE:g}; batches of {sizes})")
@@ -353,6 +363,8 @@ def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise UsageError("--topk must be at least 1")
     if task_of(args.checkpoint) == "regression":
         return predict_regression_cmd(args)
+    if task_of(args.checkpoint) == "node":
+        return predict_node(args)
     if args.id_column:
         raise UsageError("--id-column is for regression checkpoints (CSV rows in, values out)")
     predictor = Predictor.from_checkpoint(args.checkpoint)
@@ -434,6 +446,10 @@ def task_defaults(task: str) -> Config:
         from deepfit.regression import default_config
 
         return default_config()
+    if task == "node":
+        from deepfit.graph import node_defaults
+
+        return node_defaults()
     return Config()
 
 
@@ -545,6 +561,96 @@ def report_regression(args: argparse.Namespace) -> int:
 
 
 # -- node task commands --
+
+
+def train_node(config: Config, args: argparse.Namespace) -> int:
+    """deepfit train for data.task node (config resolved over the node defaults: Kipf & Welling)."""
+    from deepfit.graph import fit_node
+
+    epochs = config.train.epochs
+    every = 1 if epochs <= 20 else 10  # an epoch takes milliseconds: a line per 10 of 200
+
+    def echo(row: Row) -> None:
+        if int(row["epoch"]) % every == 0 or int(row["epoch"]) == epochs:
+            print(format_epoch(row, epochs), flush=True)
+
+    result = fit_node(config, resume=args.resume, on_epoch=echo)
+    g = result.graph
+    print(f"graph {g.name}: {g.num_nodes} nodes, {g.edge_index.shape[1] // 2} edges, {g.num_features} features; "
+          f"{int(g.train_mask.sum())} train, {int(g.val_mask.sum())} val, {int(g.test_mask.sum())} test nodes")  # fmt: skip
+    if result.stopped_early:
+        print(f"stopped early: {result.stopped_early}")
+        if result.stopped_early == "time limit":
+            print(f"resume with: deepfit train --resume {result.run_dir}")
+    print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f}s")
+    for key in ("test_acc", "test_loss"):
+        if key in result.metrics:
+            value = result.metrics[key]
+            print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def evaluate_node(args: argparse.Namespace) -> int:
+    from deepfit.graph.inference import evaluate_node_checkpoint, format_node_report
+
+    if args.data or args.tta:
+        raise UsageError("a node checkpoint is evaluated on its own graph: --data and --tta do not apply")
+    result = evaluate_node_checkpoint(args.run, split=args.split)
+    print(format_node_report(result.report))
+    print(f"report: {result.report_path}")
+    return 0
+
+
+def predict_node(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from deepfit.graph.inference import format_node_table, predict_nodes
+
+    result = predict_nodes(args.checkpoint, list(args.paths), topk=args.topk)
+    for node in result.unknown:
+        print(f"deepfit: cannot predict node {node!r}: not a node of the checkpoint's graph", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps([p.to_dict() for p in result.predictions], indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["node", "label", "probability", "true_label", "split"])
+        writer.writerows([p.node, p.label, f"{p.probability:.6f}", p.true_label or "", p.split] for p in result.predictions)
+    elif result.predictions:
+        print(format_node_table(result.predictions))
+    return 1 if result.unknown else 0
+
+
+def export_node(args: argparse.Namespace) -> int:
+    from deepfit.graph.export import TOLERANCE, export_node_checkpoint
+
+    result = export_node_checkpoint(args.checkpoint, format=args.format, out=args.out)
+    print(f"verified: max abs difference {result.max_abs_diff:.3g} vs PyTorch (tolerance {TOLERANCE:g}; on {' and '.join(result.checks)})")
+    print(f"{result.format}: {result.path}")
+    return 0
+
+
+def show_node(args: argparse.Namespace) -> int:
+    from deepfit.graph import load_node_model
+    from deepfit.graph.figures import node_figure
+    from deepfit.graph.trained import run_folder
+    from deepfit.plots import save_figure
+
+    if args.image or args.layer or args.count:
+        raise UsageError("--image, --layer and --count are for image runs; a node run shows curves, embeddings, graph or inputs")
+    trained = load_node_model(args.run)
+    figure = node_figure(args.kind, list(trained.state["history"]), trained.model, trained.graph)
+    folder = run_folder(Path(args.run)) or trained.path.parent
+    print(save_figure(figure, folder / "plots" / f"{args.kind}.png"))
+    return 0
+
+
+def report_node(args: argparse.Namespace) -> int:
+    from deepfit.graph import write_node_report
+
+    print(write_node_report(args.run, out=args.out))
+    return 0
 
 
 # -- serve command --

@@ -41,6 +41,8 @@ class DataConfig:
     test_fraction: float = 0.2  # regression: seeded share of the rows held out as the test split, 0.05..0.5
     standardize: bool = True  # regression: scale features and target by training-split mean/std (undone in reports)
     # -- node task (data.task node) --
+    nodes: str | None = None  # node: node-table CSV (id,label,feature...) of a user graph whose edge-list CSV is data.name
+    node_test_fraction: float = 0.2  # node: share of a CSV graph's labelled nodes held out for test (Cora/karate have fixed splits)
     # -- training tricks --
     mix: Literal["none", "mixup", "cutmix", "both"] = "none"  # blend training batches (both: either, per batch)
     mix_alpha: float = 0.2  # Beta(alpha, alpha) draws the mixing share per batch; larger mixes harder
