@@ -193,7 +193,27 @@ def test_cora_gcn_reaches_the_paper_and_beats_the_mlp(tmp_path: Path) -> None:
     scores = {}
     for model in ("gcn", "mlp"):
         config = node_defaults()
-        for key, value in {"data.name": "cora", "data.dir": str(planetoid), "model.name": model, "train.out": str(tmp_path / model)}.items():
+        for key, value in {
+            "data.name": "cora",
+            "data.dir": str(planetoid),
+            "model.name": model,
+            "train.out": str(tmp_path / model),
+        }.items():
             set_value(config, key, value)
         scores[model] = fit_node(config).metrics["test_acc"]
     assert scores["gcn"] >= 0.80 and scores["mlp"] <= 0.65  # measured 82.4% (seed 0) and about 57%
+
+
+def test_a_checkpoint_whose_graph_does_not_fit_is_one_line_exit_2(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from deepfit.checkpoint import save_checkpoint
+
+    assert cli("train", "--data", "karate", "--epochs", "2", "--out", "run", *FAST).code == 0
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    state["graph"]["edge_index"] = torch.tensor([[0, 99], [99, 0]])  # node 99 does not exist
+    save_checkpoint(state, tmp_path / "bad.pt")
+    state["graph"]["feature_indices"] = torch.tensor([[5000], [0]])  # a feature row outside the matrix
+    save_checkpoint(state, tmp_path / "worse.pt")
+    for name in ("bad.pt", "worse.pt"):
+        result = cli("evaluate", name)
+        assert result.code == 2 and "cannot rebuild its node model and graph" in result.err
+        assert len(result.err.strip().splitlines()) == 1

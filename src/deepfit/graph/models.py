@@ -81,7 +81,9 @@ def build_node_model(
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
     """Weight decay on the first layer only, as in Kipf & Welling's code (the paper's 5e-4
     regularises the first layer's weights); the later layers train without it."""
-    layers = model.layers  # type: ignore[union-attr]
+    layers = model.layers
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no .layers list to group for weight decay")
     first = list(layers[0].parameters())
     rest = [p for layer in layers[1:] for p in layer.parameters()]
     groups: list[dict[str, object]] = [{"params": first, "weight_decay": weight_decay}]

@@ -189,7 +189,7 @@ def train_node_epochs(run: NodeRun, on_epoch: EpochFn | None) -> None:
 def batch_of(run: NodeRun, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(node indices, their labels) of a split, on the model's device."""
     nodes = run.graph.split(split)
-    device = run.selector.features.device
+    device = next(run.model.parameters()).device
     return nodes.to(device), run.graph.labels[nodes].to(device)
 
 
