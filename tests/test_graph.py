@@ -53,7 +53,7 @@ def test_karate_through_train_evaluate_predict_export_show_report(cli, tmp_path:
     evaluated = cli("evaluate", str(run))
     assert evaluated.code == 0, evaluated.err
     report = json.loads((run / "report.json").read_text())
-    assert report["nodes"] == 32 and report["accuracy"] >= 0.85  # 30 of 32 measured: nodes 2 and 8 sit between the factions
+    assert report["nodes"] == 32 and report["accuracy"] >= 0.85  # 31 of 32 measured: node 8 sits between the factions
 
     predicted = cli("predict", str(run), "all", "--format", "json")
     assert predicted.code == 0, predicted.err

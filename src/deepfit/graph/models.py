@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepfit.optional import import_optional
+from deepfit.graph.sources import import_pyg
 from deepfit.registry import Registry
 
 NODE_MODELS: Registry[Callable[..., nn.Module]] = Registry("node model")
@@ -60,7 +60,7 @@ def layer_widths(in_features: int, hidden: list[int], num_classes: int) -> list[
 def build_gcn(*, in_features: int, num_classes: int, hidden: list[int], dropout: float, cached: bool = False) -> nn.Module:
     """Graph convolutions (16 hidden units by default: Kipf & Welling's Cora setting). cached:
     normalise the adjacency once (training on one fixed graph); never for export."""
-    pyg = import_optional("torch_geometric.nn", extra="graph", purpose="the gcn node model")
+    pyg = import_pyg("torch_geometric.nn", purpose="the gcn node model")
     layers = [pyg.GCNConv(i, o, cached=cached) for i, o in layer_widths(in_features, hidden, num_classes)]
     return NodeNet(layers, dropout=dropout, graph=True)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -49,6 +51,14 @@ class Graph:
         return masks[name].nonzero().flatten()
 
 
+def import_pyg(module: str, *, purpose: str) -> ModuleType:
+    """A PyTorch Geometric module (the `graph` extra), without the FutureWarning its import
+    prints about torch.jit.script on every command."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
+        return import_optional(module, extra="graph", purpose=purpose)
+
+
 GraphBuilder = Callable[..., Graph]
 GRAPHS: Registry[GraphBuilder] = Registry("graph dataset")
 
@@ -61,7 +71,7 @@ def build_cora(*, data_dir: str | None, cache_dir: str | None, **_: object) -> G
     row-normalised as in Kipf & Welling. PyG's reader unpickles the eight known raw files only;
     its processed/ folder is written to deepfit's cache, never beside the (read-only) data."""
     raw = find_cora_raw(data_dir)
-    planetoid = import_optional("torch_geometric.datasets", extra="graph", purpose="--data cora")
+    planetoid = import_pyg("torch_geometric.datasets", purpose="--data cora")
     root = planetoid_root(raw, cache_dir)
     data = planetoid.Planetoid(str(root), "Cora")[0]
     features = data.x / data.x.sum(1, keepdim=True).clamp(min=1.0)  # NormalizeFeatures: rows sum to 1
