@@ -106,26 +106,49 @@ def plot_graph(graph: Graph, predicted: torch.Tensor) -> Figure:
     return fig
 
 
+def neighbourhood(graph: Graph, limit: int) -> list[int]:
+    """All nodes of a small graph in their own order; for a larger one, `limit` nodes reached
+    breadth-first from the best-connected node (so the picture has edges in it), sorted by class
+    so that edges inside a class gather in blocks on the diagonal."""
+    if graph.num_nodes <= limit:
+        return list(range(graph.num_nodes))
+    neighbours: list[list[int]] = [[] for _ in range(graph.num_nodes)]
+    for source, target in graph.edge_index.T.tolist():
+        neighbours[source].append(target)
+    start = max(range(graph.num_nodes), key=lambda node: len(neighbours[node]))
+    chosen, queue, seen = [], [start], {start}
+    while queue and len(chosen) < limit:
+        node = queue.pop(0)
+        chosen.append(node)
+        for other in neighbours[node]:
+            if other not in seen:
+                seen.add(other)
+                queue.append(other)
+    return sorted(chosen, key=lambda node: (int(graph.labels[node]), node))
+
+
 def plot_inputs(graph: Graph, *, limit: int = MATRIX_LIMIT) -> Figure:
     """The lesson's view of a graph's inputs: the adjacency matrix A (N x N) and the feature
-    matrix X (N x F), for the first `limit` nodes of a larger graph."""
-    n = min(graph.num_nodes, limit)
+    matrix X (N x F); for a larger graph, a neighbourhood of `limit` nodes."""
+    nodes = neighbourhood(graph, limit)
+    n, position = len(nodes), {node: i for i, node in enumerate(nodes)}
     adjacency = np.zeros((n, n))
-    edges = graph.edge_index.numpy()
-    inside = (edges[0] < n) & (edges[1] < n)
-    adjacency[edges[0, inside], edges[1, inside]] = 1.0
-    features = graph.features[:n].numpy()
-    columns = features.shape[1] if features.shape[1] <= 4 * limit else int(np.flatnonzero(features.any(0)).max(initial=0)) + 1
-    features = features[:, : min(columns, 4 * limit)]
+    for source, target in graph.edge_index.T.tolist():
+        if source in position and target in position:
+            adjacency[position[source], position[target]] = 1.0
+    features = graph.features[nodes].numpy()
+    used = np.flatnonzero(features.any(0)) if features.shape[1] > 4 * limit else np.arange(features.shape[1])
+    features = features[:, used]  # a wide bag of words: only the columns these nodes use
+    part = "" if n == graph.num_nodes else f" of {graph.num_nodes}: a neighbourhood, sorted by class"
     fig, (ax_a, ax_x) = plt.subplots(1, 2, figsize=(13, 6), layout="constrained", gridspec_kw={"width_ratios": [1, 1.3]})
     ax_a.imshow(adjacency, cmap="Greys", interpolation="nearest")
-    ax_a.set_title(f"Adjacency matrix A ({n} x {n}{'' if n == graph.num_nodes else f' of {graph.num_nodes}'} nodes)")
+    ax_a.set_title(f"Adjacency matrix A ({n} x {n} nodes{part})", fontsize=10)
     ax_a.set_xlabel("node")
     ax_a.set_ylabel("node")
     image = ax_x.imshow(features, cmap="viridis", aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax_x, fraction=0.046, pad=0.04)
-    ax_x.set_title(f"Feature matrix X ({n} nodes x {features.shape[1]} of {graph.num_features} features)")
-    ax_x.set_xlabel("feature")
+    ax_x.set_title(f"Feature matrix X ({n} nodes x {features.shape[1]} of {graph.num_features} features)", fontsize=10)
+    ax_x.set_xlabel("feature" if len(used) == graph.num_features else "feature (the columns these nodes use)")
     ax_x.set_ylabel("node")
     return fig
 
