@@ -116,7 +116,8 @@ def neighbourhood(graph: Graph, limit: int) -> list[int]:
     for source, target in graph.edge_index.T.tolist():
         neighbours[source].append(target)
     start = max(range(graph.num_nodes), key=lambda node: len(neighbours[node]))
-    chosen, queue, seen = [], [start], {start}
+    chosen: list[int] = []
+    queue, seen = [start], {start}
     while queue and len(chosen) < limit:
         node = queue.pop(0)
         chosen.append(node)
