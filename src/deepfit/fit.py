@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
-from deepfit.config import Config, parse_duration, save_config, validate
+from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
 from deepfit.data.balance import balanced_sample_weights, build_class_weights
 from deepfit.data.mix import Mix, MixedBatches
@@ -30,7 +30,6 @@ from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
 from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
-from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
@@ -82,22 +81,29 @@ class Run:
 
 
 def fit(
-    config: Config,
+    config: Config | None = None,
     *,
-    model: nn.Module | None = None,
-    data: DataBundle | Dataset[Any] | None = None,
+    model: nn.Module | str | None = None,
+    data: DataBundle | Dataset[Any] | str | None = None,
     resume: str | Path | None = None,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    **overrides: Any,
 ) -> FitResult:
     """Train `model` (default: the registered config.model.name) on `data` (default: config.data):
     a DataBundle, or any torch Dataset of (image, label) pairs (PIL images or CxHxW tensors).
+    A string names a registered model or a data source; keyword `overrides` (epochs=2,
+    optim={"lr": 3e-3}, ...) apply over `config` as the CLI's flags do (config_from_overrides).
     `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
     `scheduler`: anything deepfit.optim.Schedule takes (a scheduler object, class/partial, or a
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
     Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
+    named = {key: value for key, value in (("model", model), ("data", data)) if isinstance(value, (str, dict))}
+    config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
+    model = None if isinstance(model, (str, dict)) else model
+    data = None if isinstance(data, (str, dict)) else data
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
@@ -464,6 +470,8 @@ def finish(run: Run) -> FitResult:
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
+        from deepfit.plots import plot_curves, save_figure  # matplotlib loads when a run ends, not on import
+
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
     figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
     run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
