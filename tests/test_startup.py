@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_import_deepfit_and_its_entry_points_load_no_model_zoo_plots_or_extras(t
 
 
 def test_the_lazy_package_exports_the_same_names() -> None:
+    import deepfit.fit  # the submodule shares its name with the function: the package keeps the function
+
+    assert isinstance(deepfit.fit, types.FunctionType) and deepfit.fit.__module__ == "deepfit.fit"
     for name in deepfit.__all__:
         assert getattr(deepfit, name) is not None
     assert set(deepfit.__all__) <= set(dir(deepfit))

@@ -6,6 +6,8 @@ pay for torch; `import deepfit` alone imports nothing heavy until a name is touc
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -80,3 +82,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """`deepfit.fit` names both a submodule and the function users call. Importing the submodule
+    makes Python set the package attribute to the module; ignore that, so `deepfit.fit(...)` stays
+    the function (found by __getattr__), as it was when this package imported everything eagerly."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -25,7 +25,7 @@ from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
-from deepfit.history import Row, write_metrics_csv
+from deepfit.history import LR_FILE, LrPoint, Row, write_lr_csv, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
 from deepfit.models import build_model, freeze_backbone, parameter_groups
@@ -78,6 +78,7 @@ class Run:
     ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
     tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
     loss_tap: LossTap | None = None  # the training loss, read every train.log_every steps for TensorBoard
+    lrs: list[LrPoint] = field(default_factory=list)  # (fractional epoch, lr) after every batch -> lr.csv
 
 
 def fit(
@@ -299,6 +300,7 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
 def after_step(run: Run, deadline: float) -> None:
     """Per-batch bookkeeping: step checkpoints and the wall-time budget."""
     run.step += 1
+    run.lrs.append((run.epoch + run.loader.position / run.loader.batches_per_epoch, float(run.optimizer.param_groups[0]["lr"])))
     every = run.config.train.checkpoint_every
     aligned = run.loader.position % run.config.train.accumulate == 0
     if run.ema is not None and (aligned or run.loader.position == run.loader.batches_per_epoch):  # an optimizer step was taken
@@ -361,6 +363,7 @@ def end_epoch(run: Run, row: Row) -> None:
     if improved:
         run.best_metric, run.best_epoch = value, run.epoch
     write_metrics_csv(run.history, run.run_dir / "metrics.csv")
+    write_lr_csv(run.lrs, run.run_dir / LR_FILE)
     save_state(run, mid_epoch=False)
     if improved:
         ckpt.save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "best.pt")
@@ -403,6 +406,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "best_metric": run.best_metric,
         "best_epoch": run.best_epoch,
         "history": list(run.history),
+        "lrs": [list(point) for point in run.lrs],
         "rng": ckpt.rng_state(),
         "loader": run.loader.state_dict(),
     }
@@ -433,6 +437,7 @@ def restore(run: Run, path: Path) -> None:
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.best_metric, run.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
     run.history = [dict(row) for row in state["history"]]
+    run.lrs = [(float(epoch), float(lr)) for epoch, lr in state.get("lrs", [])]
     run.loader.load_state_dict(state["loader"])
     ckpt.set_rng_state(state["rng"])
 
@@ -472,7 +477,7 @@ def finish(run: Run) -> FitResult:
     if run.history:
         from deepfit.plots import plot_curves, save_figure  # matplotlib loads when a run ends, not on import
 
-        save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
+        save_figure(plot_curves(run.history, lrs=run.lrs), run.run_dir / "plots" / "curves.png")
     figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
     run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
     return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)

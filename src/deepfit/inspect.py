@@ -19,7 +19,7 @@ from deepfit.config import Config, config_from_dict
 from deepfit.data import BatchLoader, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
-from deepfit.history import read_metrics_csv
+from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
 from deepfit.models import build_model
 
 FIGURE_KINDS = ("curves", "samples", "predictions", "confusion", "mistakes", "filters", "features", "gradcam")
@@ -256,7 +256,7 @@ def curves_figure(run: LoadedRun, options: ShowOptions) -> Figure:
     path = run.run_dir / "metrics.csv"
     if not path.is_file():
         raise InspectError(f"{run.run_dir} has no metrics.csv to draw curves from")
-    return plots.plot_curves(read_metrics_csv(path))
+    return plots.plot_curves(read_metrics_csv(path), lrs=read_lr_csv(run.run_dir / LR_FILE))
 
 
 def samples_figure(run: LoadedRun, options: ShowOptions) -> Figure:
