@@ -183,3 +183,53 @@ def test_evaluate_table_aligns_hangul_class_names(cli, tmp_path: Path) -> None: 
     table = [line for line in result.out.splitlines() if line.split(" ")[0] in ("class", *HANGUL, "dog", "macro", "weighted")]
     assert len(table) == 6
     assert len({display_width(line) for line in table}) == 1  # every column ends in the same terminal cell
+
+
+# --- figures: Grad-CAM's layer, show all, --image, checkpoints that are not ---------------------
+
+
+def test_grad_cam_skips_layers_whose_maps_are_1x1() -> None:
+    import torch
+
+    from deepfit.config import ModelConfig
+    from deepfit.inspect import InspectError, grad_cam
+    from deepfit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="resnet18"), input_shape=(3, 32, 32), num_classes=4)
+    x = torch.rand(2, 3, 32, 32)
+    caught: list[torch.Tensor] = []
+    model.layer4[1].conv2.register_forward_hook(lambda m, i, out: caught.append(out))
+    cam = grad_cam(model, x)
+    assert caught[0].shape[2:] == (1, 1)  # the last convolution: one value per channel on 32x32 input
+    assert cam.heatmaps.shape == (2, 32, 32) and float(cam.heatmaps.std()) > 0.01  # a map with detail, from an earlier layer
+    with pytest.raises(InspectError, match=r"1x1 maps.*pass --layer"):
+        grad_cam(model, x, layer="layer4.1.conv2")
+
+
+def test_show_all_draws_every_figure_it_can_in_one_process(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("train", "--data", "digits", "--model", "mlp", "--model.hidden", "8", "--epochs", "1", "--out", "run").code == 0
+    result = cli("show", "all", "run")
+    drawn = {Path(line).stem for line in result.out.split()}
+    assert drawn == {"curves", "samples", "predictions", "confusion", "mistakes"}
+    assert all((tmp_path / "run" / "plots" / f"{kind}.png").stat().st_size > 0 for kind in drawn)
+    failed = result.err.strip().splitlines()  # an mlp has no convolution: one line each, the rest still drawn
+    assert result.code == 1 and [line.split(":")[1].strip() for line in failed] == ["show filters", "show features", "show gradcam"]
+    folder = cli("show", "gradcam", "run", "--image", str(tmp_path))
+    assert folder.code == 2 and f"--image {tmp_path} is a folder" in folder.err
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    assert cli("train", "--data", "digits", "--model", "mlp", "--model.hidden", "8", "--epochs", "1", "--out", "run").code == 0
+    torch.save({"path": Path("x")}, tmp_path / "run" / "pickled-path.pt")  # a pickle that safe loading refuses
+    for name in ("metrics.csv", "config.yaml", "plots/curves.png", "pickled-path.pt"):
+        result = cli("evaluate", f"run/{name}")
+        (line,) = result.err.strip().splitlines()
+        assert result.code == 2
+        if name.endswith(".pt"):
+            assert "refused by safe loading" in line and "PosixPath" in line
+        else:
+            assert f"run/{name} is not a checkpoint" in line and "pop from" not in line
+        assert "weights_only=False" not in line and "Re-running" not in line

@@ -308,7 +308,7 @@ def lr_find_folder(config: Config) -> Path:
 
 
 def add_show_parser(parser: argparse.ArgumentParser) -> None:
-    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam"
+    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam, or all of them"
     parser.add_argument("kind", metavar="KIND", help=kinds)
     parser.add_argument("run", metavar="RUN", help="run folder or checkpoint")
     parser.add_argument("--image", help="an image file for features and gradcam (default: test images)")
@@ -317,16 +317,25 @@ def add_show_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.inspect import ShowOptions, load_run, make_figure
+    from deepfit.inspect import FIGURE_KINDS, ShowOptions, load_run, make_figure
     from deepfit.plots import save_figure
 
     if task_of(args.run) == "regression":
         return show_regression(args)
-    run = load_run(args.run)
-    figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
+    run = load_run(args.run)  # once: `show all` draws every figure from one loaded model
+    options = ShowOptions(image=args.image, layer=args.layer, count=args.count)
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
-    print(save_figure(figure, run.run_dir / "plots" / f"{args.kind}{variant}.png"))
-    return 0
+    if args.kind != "all":
+        print(save_figure(make_figure(run, args.kind, options), run.run_dir / "plots" / f"{args.kind}{variant}.png"))
+        return 0
+    failed = 0
+    for kind in FIGURE_KINDS:
+        try:
+            print(save_figure(make_figure(run, kind, options), run.run_dir / "plots" / f"{kind}{variant}.png"))
+        except DeepfitError as err:  # e.g. no convolution to draw filters of: the other figures still come
+            print(f"deepfit: show {kind}: {err}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
