@@ -233,3 +233,15 @@ def test_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path: Path) -> None:  
         else:
             assert f"run/{name} is not a checkpoint" in line and "pop from" not in line
         assert "weights_only=False" not in line and "Re-running" not in line
+
+
+def test_report_captions_name_the_split_the_figures_show(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from deepfit.report import write_report
+
+    class_folders(tmp_path / "wild" / "train", HANGUL, 8)
+    class_folders(tmp_path / "wild" / "val", HANGUL, 3, seed=1)
+    assert (
+        cli("train", "--data", str(tmp_path / "wild"), "--model", "mlp", "--model.hidden", "8", "--epochs", "1", "--out", "run").code == 0
+    )
+    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "Confusion matrix (val split)" in page and "Predictions on the val split" in page and "test split" not in page

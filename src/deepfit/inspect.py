@@ -57,9 +57,15 @@ class LoadedRun:
                 raise DataError(f"{self.config.data.name} has no test or validation images to show")
             self.cache["train_set"] = bundle.train
             self.cache["eval_set"] = split
+            self.cache["eval_split"] = "test" if split is bundle.test else "val"
         value = self.cache["eval_set"]
         assert isinstance(value, ImageSet)
         return value
+
+    def eval_split(self) -> str:
+        """'test', or 'val' when the run's data has no test split: the split eval_set() shows."""
+        self.eval_set()
+        return str(self.cache["eval_split"])
 
     def eval_logits(self) -> torch.Tensor:
         """Logits (N, K) of the model on eval_set(), computed once."""
