@@ -219,7 +219,18 @@ def test_data_info_takes_the_train_data_flags(cli, tmp_path: Path) -> None:  # t
     assert result.code == 0 and "image shape: 1x3x4" in result.out
     skipped = empty_class(tmp_path)
     result = cli("data", "info", str(skipped), "--data.skip-bad", "true")
-    assert result.code == 0 and "skipped 1 bad file(s):" in result.out and "birds: empty class folder" in result.out
+    assert result.code == 1 and "1 bad file(s), not counted above:" in result.out and "birds: empty class folder" in result.out
+
+
+def test_data_info_describes_the_readable_images_and_lists_the_bad_ones(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"cats": 4, "dogs": 3})
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = cli("data", "info", str(root), "--data.val-fraction", "0")
+    assert result.code == 1, result.err  # 1: described, but not everything was readable
+    assert "splits: train 7" in result.out and re.search(r"dogs\s+3\n", result.out)
+    assert "1 bad file(s), not counted above:" in result.out and "broken.png" in result.out
+    assert "skip-bad" not in result.out + result.err and "train without" not in result.out + result.err
+    assert cli("train", str(root), "--epochs", "1").code == 2  # training keeps its rule: stop unless --data.skip-bad true
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import ResNet18_Weights
 
 from deepfit.checkpoint import load_checkpoint
 from deepfit.config import ModelConfig
@@ -25,7 +26,6 @@ from deepfit.models import (
     parameter_groups,
     summarize_model,
 )
-from deepfit.models.resnet import ResNet18_Weights
 from deepfit.trained import init_weights
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -57,6 +57,33 @@ def test_every_model_forwards_backwards_and_steps(name: str, shape: tuple[int, i
     assert all(not torch.equal(b, p) for b, p in zip(before, with_gradient, strict=True))
     head = dict(model.named_modules())[head_name(model)]
     assert isinstance(head, nn.Linear) and head.out_features == 7
+
+
+# The lessons' nets on 1x28x28 and 10 classes, counted by hand:
+# cnn3: conv 1*16*25+16 = 416, conv 16*32*25+32 = 12,832, conv 32*64*25+64 = 51,264 (28-4-4 -> pool 10 -> 6 -> pool 3),
+#       FC 64*3*3*100+100 = 57,700, FC 100*10+10 = 1,010 -> 123,222 (the lesson's figure)
+# cnn3_pad: the same convolutions, 28 -> pool 14 -> pool 7: FC 64*7*7*100+100 = 313,700 -> 379,222
+# lenet: conv 1*20*9+20 = 200, conv 20*40*9+40 = 7,240 (28-2 -> pool 13 -> 11 -> pool 5), FC 1000*240+240 = 240,240,
+#        240*120+120 = 28,920, 120*84+84 = 10,164, 84*10+10 = 850 -> 287,614
+# cifar_cnn on 3x32x32: conv 3*16*25+16 = 1,216 (32-4 -> pool 14), FC 16*14*14*128+128 = 401,536, 128*10+10 = 1,290 -> 404,042
+LESSON_PARAMETERS = {
+    ("cnn3", (1, 28, 28)): 123_222,
+    ("cnn3_pad", (1, 28, 28)): 379_222,
+    ("lenet", (1, 28, 28)): 287_614,
+    ("cifar_cnn", (3, 32, 32)): 404_042,
+}
+
+
+@pytest.mark.parametrize(("name", "shape"), list(LESSON_PARAMETERS))
+def test_lesson_nets_have_the_lessons_parameter_counts(name: str, shape: tuple[int, int, int]) -> None:
+    assert sum(p.numel() for p in build(name, shape, 10).parameters()) == LESSON_PARAMETERS[(name, shape)]
+
+
+def test_cnn3_is_unpadded_and_says_so_on_small_images(cli) -> None:  # type: ignore[no-untyped-def]
+    assert all(c.padding == (0, 0) for c in build("cnn3", (1, 28, 28), 10).modules() if isinstance(c, nn.Conv2d))
+    with pytest.raises(ConfigError, match="cannot take 1x8x8 input"):
+        build("cnn3", (1, 8, 8), 10)
+    assert build("cnn3_pad", (1, 8, 8), 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_lesson_models_have_the_lesson_layers() -> None:
@@ -219,8 +246,8 @@ def test_init_from_a_run_folder_through_the_cli(cli, tmp_path: Path) -> None:  #
 def test_init_from_nothing_that_matches_is_an_error(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first = train_digits(cli, "first", "--model", "mlp", "--model.hidden", "16")
     with pytest.raises(CheckpointError, match="no tensor of it matches"):
-        init_weights(build("cnn3", (1, 8, 8), 10), first)
-    result = cli("train", "--data", "digits", "--no-progress", "--model", "cnn3", "--init-from", str(tmp_path / "nowhere"))
+        init_weights(build("cnn3_pad", (1, 8, 8), 10), first)
+    result = cli("train", "--data", "digits", "--no-progress", "--model", "cnn3_pad", "--init-from", str(tmp_path / "nowhere"))
     assert result.code == 2 and "nowhere" in result.err
 
 
@@ -245,7 +272,8 @@ def test_cli_models_lists_and_summarizes(cli) -> None:  # type: ignore[no-untype
     assert all(len(line.split()) > 3 for line in lines)  # each with a description
     result = cli("models", "summary", "cnn3", "--input", "1x28x28", "--classes", "10")
     assert result.code == 0, result.err
-    assert re.search(r"features\.7\s+MaxPool2d\s+64x7x7\s+0", result.out)
+    assert re.search(r"features\.7\s+MaxPool2d\s+64x3x3\s+0", result.out)
+    assert "total parameters: 123,222" in result.out
     total = int(re.search(r"total parameters: ([\d,]+)", result.out).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert total == sum(p.numel() for p in build("cnn3", (1, 28, 28), 10).parameters())
     mlp = cli("models", "summary", "mlp", "--input", "3x8x8", "--model.hidden", "20", "--classes", "4")

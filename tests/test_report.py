@@ -73,12 +73,33 @@ def test_report_renders_the_evaluation_json(tiny_run: Path) -> None:
         "split": "test",
         "per_class": [{"class": "sneaker", "precision": 0.91, "recall": 0.5, "f1": 0.6452, "support": 17}],
         "confusion_pairs": [{"true": "shirt", "predicted": "t-shirt", "count": 123}],
+        "classes": ["shirt", "고양이"],
+        "confusion": [[5, 1], [2, 7]],
     }
     (tiny_run / "report.json").write_text(json.dumps(evaluation))
     page = write_report(tiny_run).read_text(encoding="utf-8")
     section = page.split("<h2>Evaluation</h2>", 1)[1].split("<h2>", 1)[0]
-    for text in ("0.8765", "sneaker", "0.6452", "<td>17</td>", "shirt", "t-shirt", "<td>123</td>", "per class", "confusion pairs"):
+    for text in (
+        "87.65%",
+        "sneaker",
+        "64.52%",
+        "91.00%",
+        "<td>17</td>",
+        "shirt",
+        "t-shirt",
+        "<td>123</td>",
+        "per class",
+        "confusion pairs",
+    ):
         assert text in section
+    assert "<td>shirt, 고양이</td>" in section and "[[" not in section and '["' not in section  # text, not JSON
+    confusion = re.search(r"<table class='confusion'>(.*?)</table>", section, re.S)
+    assert confusion is not None
+    cells = [
+        [int(v) for v in re.findall(r"<td>(\d+)</td>", row)]
+        for row in re.findall(r"<tr><th>[^<]*</th>(.*?)</tr>", confusion.group(1).split("<tbody>")[1])
+    ]
+    assert cells == [[5, 1], [2, 7]] and "<th>고양이</th>" in confusion.group(1)
 
 
 def test_report_without_convolutions_notes_the_figures_that_do_not_apply(cli, tiny_idx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -165,15 +165,41 @@ def safe_torch_load(path: Path) -> Any:
     if env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD") and env_flag("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
         # torch refuses to load at all when both are set; say so instead of "corrupt"
         raise CheckpointError("unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: deepfit always loads with weights_only=True")
+    data = path.read_bytes()
+    if not data.startswith(CHECKPOINT_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint: {what_file(data)}; give a run folder or a .pt file that train wrote")
     try:
         # From memory, not the open file: a real file's read(n) allocates n bytes before reading,
         # so a 7-byte pickle declaring a 2 GiB string cost 2 GiB (found by tests/test_fuzz.py);
         # BytesIO.read(n) returns only what is there.
-        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path} was refused by safe loading (weights_only=True): {reason(err)}") from None
+        raise CheckpointError(f"{path} was refused by safe loading (weights_only=True): {refusal(err)}") from None
     except LOAD_ERRORS as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt): {reason(err)}") from None
+
+
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container; the legacy format opens with a pickle protocol byte
+
+
+def what_file(data: bytes) -> str:
+    """A few words on what a file that is not a checkpoint seems to be."""
+    head = data[:512]
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")):
+        return "it is an image"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its bytes are not torch.save's format"
+    return "it is a text file"
+
+
+def refusal(err: BaseException) -> str:
+    """Why safe loading refused a file, without torch's advice to load it unsafely (weights_only=False)."""
+    for line in str(err).splitlines():
+        if "WeightsUnpickler error" in line or "Unsupported" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ")
+    return "it holds objects other than tensors and plain values"
 
 
 # What torch.load raises for truncated, corrupt or hostile bytes (beyond UnpicklingError).

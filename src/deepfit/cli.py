@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepfit.config import Config, config_from_dict, infer_task, load_config, set_value
-from deepfit.errors import DeepfitError, NonFiniteError, StopRequested
+from deepfit.config import Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
+from deepfit.errors import DeepfitError, NonFiniteError, StopRequested, did_you_mean
 from deepfit.history import Row, format_epoch
 
 if TYPE_CHECKING:
@@ -43,11 +43,27 @@ class UsageError(DeepfitError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit code 2, no usage dump
-        raise UsageError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("deepfit").strip()  # main() already says "deepfit: error:"
+        message = suggest_choice(message)
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def suggest_choice(message: str) -> str:
+    """argparse's "invalid choice: 'trian' (choose from 'train', ...)" with "; did you mean train?" added."""
+    import re
+
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if found is None:
+        return message
+    hint = did_you_mean(found.group(1), re.findall(r"'([^']*)'", found.group(2)))
+    return message.replace(f"'{found.group(1)}'", f"'{found.group(1)}'{hint}", 1) if hint else message
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deepfit import __version__
+
     parser = Parser(prog="deepfit", description="Train, evaluate, explain and export PyTorch image classifiers.")
+    parser.add_argument("--version", action="version", version=f"deepfit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(commands.add_parser("train", help="train a model and write a run folder"))
     add_models_parser(commands.add_parser("models", help="list the registered models, or summarize one layer by layer"))
@@ -94,7 +110,9 @@ def parse_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
     while items:
         flag = items.pop(0)
         if not flag.startswith("--") or "." not in flag:
-            raise UsageError(f"unrecognised argument {flag!r}; config fields are set as --section.field VALUE")
+            suggestion = suggest_key(flag.removeprefix("--").partition("=")[0]) if flag.startswith("--") else None
+            hint = f"did you mean --{suggestion}? " if suggestion else ""
+            raise UsageError(f"unrecognised argument {flag!r}; {hint}config fields are set as --section.field VALUE")
         key, eq, value = flag[2:].partition("=")
         if not eq:
             if not items or items[0].startswith("--"):
@@ -129,8 +147,17 @@ def layered_config(config: Config, args: argparse.Namespace, extra: Sequence[str
     if args.no_progress:
         config.train.progress = False
     for key, value in parse_overrides(extra):
-        set_value(config, key, value)
+        set_flag(config, key, value)
     return config
+
+
+def set_flag(config: Config, key: str, value: str) -> None:
+    """set_value for a --section.field flag: an unknown one is named, and its close match, as flags."""
+    try:
+        set_value(config, key, value)
+    except UnknownKeyError as err:
+        hint = f"; did you mean --{err.suggestion}?" if err.suggestion else "; see `deepfit train --help` and src/deepfit/config.py"
+        raise UsageError(f"unknown option --{key}{hint}") from None
 
 
 def resumed_config(run_dir: Path) -> Config:
@@ -149,15 +176,15 @@ def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Itera
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.fit import fit
-
-    config = resolve_train_config(args, extra)
+    config = resolve_train_config(args, extra)  # bad flags fail before torch loads
     if config.data.task == "regression":
         return train_regression(config, args)
     if config.data.task == "node":
         return train_node(config, args)
+    from deepfit.fit import fit
+
     echo = print_epoch(config.train.epochs)
-    progress = tqdm_progress if config.train.progress else None
+    progress = tqdm_progress if config.train.progress and sys.stderr.isatty() else None  # redirected: epoch lines only
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
     if result.init is not None:
         print(format_init(result.init))
@@ -169,12 +196,27 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         from deepfit.fit import SKIPPED_FILE
 
         print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
-    for key in ("test_acc", "test_loss"):
-        if key in result.metrics:
-            value = result.metrics[key]
-            print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
+    print(final_line(result.metrics, result.history, config.train.monitor))
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def final_line(metrics: dict[str, float], history: list[Row], monitor: str) -> str:
+    """The run's held-out result: the test metrics, else the best epoch's validation metrics."""
+    if "test_acc" in metrics:
+        return f"test_acc {metrics['test_acc']:.2%}  test_loss {metrics['test_loss']:.4f}"
+    if not history:
+        return "no epoch finished"
+    split = "val" if any(key.startswith("val_") for key in history[-1]) else "train"
+    key = monitor if monitor.startswith(f"{split}_") else f"{split}_{monitor.partition('_')[2]}"
+    scored = [row for row in history if key in row] or history
+    pick = min if key.endswith("loss") else max
+    best = pick(scored, key=lambda row: row.get(key, 0.0))
+    shown = "  ".join(
+        f"{k} {best[k]:.2%}" if k.endswith("acc") else f"{k} {best[k]:.4f}" for k in (f"{split}_acc", f"{split}_loss") if k in best
+    )
+    missing = "no test split" if split == "val" else "no test or validation split"
+    return f"{missing}: best {key} at epoch {int(best['epoch'])}: {shown}"
 
 
 def format_init(init: InitReport) -> str:
@@ -217,7 +259,7 @@ def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
     for key, value in parse_overrides(extra):
         if not key.startswith("model."):
             raise UsageError(f"--{key}: deepfit models summary takes only --model.* settings")
-        set_value(config, key, value)
+        set_flag(config, key, value)
     shape = input_shape(args.input)
     model = build_model(config.model, input_shape=shape, num_classes=args.classes)
     print(format_summary(summarize_model(model, shape), title=args.name))
@@ -241,13 +283,13 @@ def add_lr_find_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_lr_find(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.lrfind import find_lr, save_lr_find
-
     if args.resume:
         raise UsageError("lr-find starts from scratch (or --init-from); --resume is for train")
     config = resolve_train_config(args, extra)
     if config.data.task != "image":
         raise UsageError(f"lr-find sweeps image classifiers; for a {config.data.task} run set --optim.lr directly")
+    from deepfit.lrfind import find_lr, save_lr_find
+
     result = find_lr(config, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     folder = Path(config.train.out) if config.train.out else lr_find_folder(config)
     files = save_lr_find(result, folder)
@@ -268,7 +310,7 @@ def lr_find_folder(config: Config) -> Path:
 
 
 def add_show_parser(parser: argparse.ArgumentParser) -> None:
-    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam"
+    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam, or all of them"
     parser.add_argument("kind", metavar="KIND", help=kinds)
     parser.add_argument("run", metavar="RUN", help="run folder or checkpoint")
     parser.add_argument("--image", help="an image file for features and gradcam (default: test images)")
@@ -277,18 +319,27 @@ def add_show_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.inspect import ShowOptions, load_run, make_figure
+    from deepfit.inspect import FIGURE_KINDS, ShowOptions, load_run, make_figure
     from deepfit.plots import save_figure
 
     if task_of(args.run) == "regression":
         return show_regression(args)
     if task_of(args.run) == "node":
         return show_node(args)
-    run = load_run(args.run)
-    figure = make_figure(run, args.kind, ShowOptions(image=args.image, layer=args.layer, count=args.count))
+    run = load_run(args.run)  # once: `show all` draws every figure from one loaded model
+    options = ShowOptions(image=args.image, layer=args.layer, count=args.count)
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
-    print(save_figure(figure, run.run_dir / "plots" / f"{args.kind}{variant}.png"))
-    return 0
+    if args.kind != "all":
+        print(save_figure(make_figure(run, args.kind, options), run.run_dir / "plots" / f"{args.kind}{variant}.png"))
+        return 0
+    failed = 0
+    for kind in FIGURE_KINDS:
+        try:
+            print(save_figure(make_figure(run, kind, options), run.run_dir / "plots" / f"{kind}{variant}.png"))
+        except DeepfitError as err:  # e.g. no convolution to draw filters of: the other figures still come
+            print(f"deepfit: show {kind}: {err}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -305,6 +356,7 @@ def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (best.pt, else last.pt) or checkpoint file")
     parser.add_argument("--data", help="dataset name or path to score on (default: the run's own data)")
+    parser.add_argument("--data-dir", help="folder holding the dataset files, as in train")
     parser.add_argument("--split", default="test", choices=["test", "val", "all"], help="which split (default test)")
     parser.add_argument("--tta", choices=["flip"], help="average each image with its mirror (flip-safe data only)")
 
@@ -316,7 +368,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return evaluate_regression_cmd(args)
     if task_of(args.run) == "node":
         return evaluate_node(args)
-    result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta)
+    result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta, data_dir=args.data_dir)
     print(format_report(result.report))
     print(f"report: {result.report_path}")
     print(f"confusion matrix: {result.figure_path}")
@@ -368,7 +420,8 @@ def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.id_column:
         raise UsageError("--id-column is for regression checkpoints (CSV rows in, values out)")
     predictor = Predictor.from_checkpoint(args.checkpoint)
-    result = predictor.predict_paths(args.paths, topk=args.topk, progress=None if args.no_progress else tqdm_files)
+    progress = tqdm_files if not args.no_progress and sys.stderr.isatty() else None
+    result = predictor.predict_paths(args.paths, topk=args.topk, progress=progress)
     for failure in result.failures:
         print(f"deepfit: cannot predict {failure.path}: {failure.reason}", file=sys.stderr)
     if args.format == "json":
@@ -408,21 +461,23 @@ def data_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
     for key, value in parse_overrides(extra):
         if not key.startswith("data."):
             raise UsageError(f"--{key}: deepfit data takes only --data.* settings")
-        set_value(config, key, value)
+        set_flag(config, key, value)
     return config
 
 
 def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.data import build_data, load_images
-    from deepfit.data.bundle import describe_bundle
-
     if args.count < 1:
         raise UsageError("--count must be at least 1")
     config = data_config(args, extra)
+    if args.action == "info":
+        config.data.skip_bad = True  # describe the readable images and list the bad ones (exit 1), whatever training would do
+    from deepfit.data import build_data, load_images
+    from deepfit.data.bundle import describe_bundle
+
     bundle = build_data(config.data, seed=config.train.seed)
     if args.action == "info":
         print(describe_bundle(bundle))
-        return 0
+        return 1 if bundle.skipped else 0
     from deepfit.inspect import choose_sample
     from deepfit.plots import plot_samples, save_figure
 
@@ -712,7 +767,7 @@ def run(argv: Sequence[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return 0 if not argv else 2
     if extra and args.command not in ACCEPTS_OVERRIDES:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
     return COMMANDS[args.command](args, extra)
@@ -721,9 +776,7 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `deepfit` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if not arguments:
-        arguments = ["train"]  # `deepfit` alone trains the embedded default
-    try:
+    try:  # `deepfit` alone prints the help; `deepfit train` alone trains the embedded demo
         return run(arguments)
     except DeepfitError as err:
         print(f"deepfit: error: {err}", file=sys.stderr)
@@ -732,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepfit: stopped: {err}", file=sys.stderr)
         return NonFiniteError.exit_code
     except (StopRequested, KeyboardInterrupt) as err:
-        print(f"deepfit: stopped: {err or 'interrupted'}", file=sys.stderr)
+        print(f"deepfit: stopped: {str(err) or 'interrupted'}", file=sys.stderr)
         run_dir = getattr(err, "run_dir", None)
         if run_dir is not None:
             print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)

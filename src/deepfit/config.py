@@ -137,6 +137,41 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
+# Keyword shortcuts of fit(**overrides) and `deepfit train`'s top-level flags -> dotted keys.
+SHORTCUTS = {
+    "task": "data.task",
+    "data_dir": "data.dir",
+    "epochs": "train.epochs",
+    "seed": "train.seed",
+    "device": "train.device",
+    "out": "train.out",
+    "checkpoint_every": "train.checkpoint_every",
+    "keep_last": "train.keep_last",
+    "monitor": "train.monitor",
+    "time_limit": "train.time_limit",
+    "init_from": "model.init_from",
+}
+
+
+def config_from_overrides(config: Config | None = None, **overrides: Any) -> Config:
+    """A copy of `config` (default: the CLI's defaults) with keyword overrides, checked as the CLI checks flags:
+    a section and a dict (optim={"lr": 3e-3}), a section and a name (model="cnn_bn", data="fashion-mnist"),
+    a flag's name (epochs=2, data_dir=..., out=...) or a dotted key (**{"train.clip_grad": 1.0})."""
+    import copy
+
+    result = copy.deepcopy(config) if config is not None else Config()
+    for name, value in overrides.items():
+        if name in SECTIONS and isinstance(value, dict):
+            config_from_dict({name: value}, result)
+        elif name in SECTIONS and name != "train":
+            set_value(result, f"{name}.name", value)
+        elif name in SHORTCUTS or "." in name:
+            set_value(result, SHORTCUTS.get(name, name), value)
+        else:
+            raise unknown_key(name, f"fit() takes a config, the sections ({', '.join(SECTIONS)}), {', '.join(SHORTCUTS)} or dotted keys")
+    return result
+
+
 def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
     """Apply a nested dict (from YAML or a checkpoint) over `base`; unknown keys are errors."""
     config = base if base is not None else Config()
@@ -171,16 +206,67 @@ def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+class UnknownKeyError(ConfigError):
+    """A config key no section has; `suggestion` is the closest valid dotted key, if any is close."""
+
+    def __init__(self, message: str, *, key: str, suggestion: str | None) -> None:
+        super().__init__(message)
+        self.key, self.suggestion = key, suggestion
+
+
+# Field names users bring from other libraries -> deepfit's field name, for "did you mean".
+SYNONYMS = {
+    "learning_rate": "lr",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "wd": "weight_decay",
+    "epoch": "epochs",
+    "optimizer": "name",
+    "scheduler": "name",
+    "arch": "name",
+    "dataset": "name",
+    "workers": "num_workers",
+    "lr_max": "max_lr",
+}
+
+
+def all_keys() -> list[str]:
+    """Every dotted config key, 'data.task' .. 'train.tta', in declaration order."""
+    defaults = Config()
+    return [f"{section}.{f.name}" for section in SECTIONS for f in dataclasses.fields(getattr(defaults, section))]
+
+
+def suggest_key(dotted: str) -> str | None:
+    """The valid dotted key closest to `dotted` ('optim.learning_rate' -> 'optim.lr', 'lr' -> 'optim.lr')."""
+    import difflib
+
+    keys = all_keys()
+    section, _, name = dotted.replace("-", "_").rpartition(".")
+    name = SYNONYMS.get(name, name)
+    same_field = [k for k in keys if k.rpartition(".")[2] == name and (not section or k.startswith(f"{section}."))]
+    if same_field:
+        return same_field[0]
+    if section in SECTIONS:  # compare field names only: the shared section prefix would make everything look close
+        keys = [k for k in keys if k.startswith(f"{section}.")]
+    fields = difflib.get_close_matches(name, [k.rpartition(".")[2] for k in keys], n=1, cutoff=0.6)
+    return next((k for k in keys if fields and k.endswith(f".{fields[0]}")), None)
+
+
+def unknown_key(dotted: str, detail: str) -> UnknownKeyError:
+    suggestion = suggest_key(dotted)
+    hint = f"; did you mean {suggestion}?" if suggestion else ";"
+    return UnknownKeyError(f"unknown config key '{dotted}'{hint} {detail}", key=dotted, suggestion=suggestion)
+
+
 def set_value(config: Config, dotted: str, value: Any) -> None:
     """Set `section.field` (hyphens allowed) to `value`, coerced and checked against the field type."""
     section_name, _, key = dotted.replace("-", "_").partition(".")
     if section_name not in SECTIONS or not key:
-        raise ConfigError(f"unknown config key {dotted!r}; keys look like section.field, sections: {', '.join(SECTIONS)}")
+        raise unknown_key(dotted, f"keys look like section.field, sections: {', '.join(SECTIONS)}")
     section = getattr(config, section_name)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
-        valid = ", ".join(f"{section_name}.{k}" for k in hints)
-        raise ConfigError(f"unknown config key {section_name}.{key!r}; valid: {valid}")
+        raise unknown_key(dotted, "valid: " + ", ".join(f"{section_name}.{k}" for k in hints))
     setattr(section, key, coerce(value, hints[key], f"{section_name}.{key}"))
 
 

@@ -31,3 +31,11 @@ class StopRequested(Exception):
     """A signal (SIGINT/SIGTERM) or the wall-time budget asked training to stop cleanly."""
 
     exit_code = 130
+
+
+def did_you_mean(word: str, options: list[str] | tuple[str, ...], *, prefix: str = "") -> str:
+    """' (did you mean --optim.lr?)' for the closest option (difflib), or '' when none is close."""
+    import difflib  # light, but only needed on the error path
+
+    matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{matches[0]}?)" if matches else ""

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
-from deepfit.plots import plot_confusion, save_figure
 from deepfit.runtime import select_device
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
 
@@ -91,14 +91,16 @@ def evaluate_checkpoint(
     tta: str | None = None,
     device: str = "auto",
     write: bool = True,
+    data_dir: str | None = None,
 ) -> Evaluation:
-    """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path) and
-    its `split`; with `write`, save report.json and plots/confusion.png beside it."""
+    """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
+    files in `data_dir` as in training) and its `split`; with `write`, save report.json and
+    plots/confusion.png beside it."""
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     use_flip = check_tta(tta, trained)
-    images, source = evaluation_images(trained, data, split)
+    images, source = evaluation_images(trained, data, split, data_dir=data_dir)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=use_flip)
     report = build_report(logits, labels, trained, source=source, split=split, tta=use_flip)
@@ -106,6 +108,8 @@ def evaluate_checkpoint(
     if write:
         result.report_path, result.figure_path = output_paths(trained.path, Path(path))
         write_report_json(report, result.report_path)
+        from deepfit.plots import plot_confusion, save_figure  # matplotlib only when a figure is drawn
+
         save_figure(plot_confusion(np.array(report.confusion), trained.classes), result.figure_path)
     return result
 
@@ -123,13 +127,16 @@ def check_tta(tta: str | None, trained: TrainedModel) -> bool:
     return True
 
 
-def evaluation_images(trained: TrainedModel, data: str | None, split: str) -> tuple[ImageSet, str]:
+def evaluation_images(trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None) -> tuple[ImageSet, str]:
     """The images to score and the name of their source: the run's own data by default (its
-    seeded splits rebuild exactly), else `data` decoded to the model's input shape."""
+    seeded splits rebuild exactly), else `data` decoded to the model's input shape; `data_dir`
+    says where a named dataset's files are (as --data-dir in training)."""
     config = dataclasses.replace(trained.config.data)
     if data is not None and data != config.name:
         c, h, w = trained.input_shape
         config = dataclasses.replace(config, name=data, dir=None, image_size=h, channels=c, image_shape=f"{c}x{h}x{w}")
+    if data_dir is not None:
+        config = dataclasses.replace(config, dir=str(Path(data_dir).expanduser().resolve()))
     bundle = build_data(config, seed=trained.config.train.seed)
     chosen = pick_split(bundle, split, config.name)
     check_shape(chosen, trained, config.name)
@@ -247,7 +254,7 @@ def write_report_json(report: EvaluationReport, path: Path) -> None:
 
 def format_report(report: EvaluationReport) -> str:
     """The readable table `deepfit evaluate` prints."""
-    width = max([len(s.name) for s in report.per_class] + [12])
+    width = max([display_width(s.name) for s in report.per_class] + [12])
     lines = [
         f"{report.data} {report.split} split: {report.images} images{' (test-time flip)' if report.tta else ''}",
         f"accuracy {report.accuracy:.2%}   top-{report.topk} {report.topk_accuracy:.2%}   loss {report.loss:.4f}",
@@ -257,7 +264,7 @@ def format_report(report: EvaluationReport) -> str:
     for s in [*report.per_class, report.macro, report.weighted]:
         if s is report.macro:
             lines.append("")
-        lines.append(f"{s.name:<{width}}  {s.precision:9.4f}  {s.recall:6.4f}  {s.f1:6.4f}  {s.support:7d}")
+        lines.append(f"{pad(s.name, width)}  {s.precision:9.4f}  {s.recall:6.4f}  {s.f1:6.4f}  {s.support:7d}")
     if report.most_confused:
         lines += ["", "most confused (true -> predicted):"]
         lines += [f"  {p.true} -> {p.predicted}: {p.count} ({p.share:.1%} of {p.true})" for p in report.most_confused[:5]]

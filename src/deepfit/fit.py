@@ -18,19 +18,18 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
-from deepfit.config import Config, parse_duration, save_config, validate
+from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
 from deepfit.data.balance import balanced_sample_weights, build_class_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
-from deepfit.history import Row, write_metrics_csv
+from deepfit.history import LR_FILE, LrPoint, Row, write_lr_csv, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
 from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
-from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
@@ -79,25 +78,33 @@ class Run:
     ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
     tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
     loss_tap: LossTap | None = None  # the training loss, read every train.log_every steps for TensorBoard
+    lrs: list[LrPoint] = field(default_factory=list)  # (fractional epoch, lr) after every batch -> lr.csv
 
 
 def fit(
-    config: Config,
+    config: Config | None = None,
     *,
-    model: nn.Module | None = None,
-    data: DataBundle | Dataset[Any] | None = None,
+    model: nn.Module | str | None = None,
+    data: DataBundle | Dataset[Any] | str | None = None,
     resume: str | Path | None = None,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    **overrides: Any,
 ) -> FitResult:
     """Train `model` (default: the registered config.model.name) on `data` (default: config.data):
     a DataBundle, or any torch Dataset of (image, label) pairs (PIL images or CxHxW tensors).
+    A string names a registered model or a data source; keyword `overrides` (epochs=2,
+    optim={"lr": 3e-3}, ...) apply over `config` as the CLI's flags do (config_from_overrides).
     `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
     `scheduler`: anything deepfit.optim.Schedule takes (a scheduler object, class/partial, or a
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
     Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
+    named = {key: value for key, value in (("model", model), ("data", data)) if isinstance(value, (str, dict))}
+    config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
+    model = None if isinstance(model, (str, dict)) else model
+    data = None if isinstance(data, (str, dict)) else data
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
@@ -293,6 +300,7 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
 def after_step(run: Run, deadline: float) -> None:
     """Per-batch bookkeeping: step checkpoints and the wall-time budget."""
     run.step += 1
+    run.lrs.append((run.epoch + run.loader.position / run.loader.batches_per_epoch, float(run.optimizer.param_groups[0]["lr"])))
     every = run.config.train.checkpoint_every
     aligned = run.loader.position % run.config.train.accumulate == 0
     if run.ema is not None and (aligned or run.loader.position == run.loader.batches_per_epoch):  # an optimizer step was taken
@@ -355,6 +363,7 @@ def end_epoch(run: Run, row: Row) -> None:
     if improved:
         run.best_metric, run.best_epoch = value, run.epoch
     write_metrics_csv(run.history, run.run_dir / "metrics.csv")
+    write_lr_csv(run.lrs, run.run_dir / LR_FILE)
     save_state(run, mid_epoch=False)
     if improved:
         ckpt.save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "best.pt")
@@ -397,6 +406,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "best_metric": run.best_metric,
         "best_epoch": run.best_epoch,
         "history": list(run.history),
+        "lrs": [list(point) for point in run.lrs],
         "rng": ckpt.rng_state(),
         "loader": run.loader.state_dict(),
     }
@@ -427,6 +437,7 @@ def restore(run: Run, path: Path) -> None:
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
     run.best_metric, run.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
     run.history = [dict(row) for row in state["history"]]
+    run.lrs = [(float(epoch), float(lr)) for epoch, lr in state.get("lrs", [])]
     run.loader.load_state_dict(state["loader"])
     ckpt.set_rng_state(state["rng"])
 
@@ -464,7 +475,9 @@ def finish(run: Run) -> FitResult:
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
-        save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
+        from deepfit.plots import plot_curves, save_figure  # matplotlib loads when a run ends, not on import
+
+        save_figure(plot_curves(run.history, lrs=run.lrs), run.run_dir / "plots" / "curves.png")
     figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
     run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
     return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)

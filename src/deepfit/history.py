@@ -50,3 +50,24 @@ def format_epoch(row: Row, epochs: int) -> str:
     parts.append(f"lr {row['lr']:.2e}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)
+
+
+LR_FILE = "lr.csv"  # the learning rate after every training batch: step, epoch (fractional), lr
+
+LrPoint = tuple[float, float]  # (epoch as a fraction: 2.5 = half way through epoch 3, learning rate)
+
+
+def write_lr_csv(points: list[LrPoint], path: Path) -> None:
+    """One row per training batch, so the lr panel follows a schedule within epochs; replaced atomically."""
+    lines = ["step,epoch,lr", *(f"{step},{epoch:.6g},{lr:.6g}" for step, (epoch, lr) in enumerate(points, start=1))]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def read_lr_csv(path: Path) -> list[LrPoint]:
+    """The (fractional epoch, lr) points of lr.csv; [] when the run has none (runs from before it)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [(float(row["epoch"]), float(row["lr"])) for row in csv.DictReader(handle)]

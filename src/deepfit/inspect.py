@@ -19,7 +19,7 @@ from deepfit.config import Config, config_from_dict
 from deepfit.data import BatchLoader, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
-from deepfit.history import read_metrics_csv
+from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
 from deepfit.models import build_model
 
 FIGURE_KINDS = ("curves", "samples", "predictions", "confusion", "mistakes", "filters", "features", "gradcam")
@@ -57,9 +57,15 @@ class LoadedRun:
                 raise DataError(f"{self.config.data.name} has no test or validation images to show")
             self.cache["train_set"] = bundle.train
             self.cache["eval_set"] = split
+            self.cache["eval_split"] = "test" if split is bundle.test else "val"
         value = self.cache["eval_set"]
         assert isinstance(value, ImageSet)
         return value
+
+    def eval_split(self) -> str:
+        """'test', or 'val' when the run's data has no test split: the split eval_set() shows."""
+        self.eval_set()
+        return str(self.cache["eval_split"])
 
     def eval_logits(self) -> torch.Tensor:
         """Logits (N, K) of the model on eval_set(), computed once."""
@@ -154,7 +160,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, tar
     target class score over its positions; the map is ReLU(sum_c weight_c * A_c), upsampled
     to the input size. The target is the predicted class unless `target` is given.
     """
-    name = layer if layer is not None else last_conv_name(model)
+    name = layer if layer is not None else last_useful_conv(model, x)
     module = find_layer(model, name)
     caught: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda m, inputs, output: caught.append(output))
@@ -170,11 +176,38 @@ def grad_cam(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, tar
     activation = caught[0].detach()
     if activation.dim() != 4:
         raise InspectError(f"Grad-CAM needs a layer with (B, C, H, W) output; {name!r} gives {tuple(activation.shape)}")
+    if activation.shape[2] * activation.shape[3] == 1:
+        raise InspectError(
+            f"layer {name!r} gives 1x1 maps at this input size, so Grad-CAM there has no spatial detail; pass --layer with an earlier convolution: {', '.join(conv_layer_names(model))}"
+        )
     weights = grads.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     cam = torch.relu((weights * activation).sum(1, keepdim=True))  # (B, 1, h, w)
     cam = nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
     return GradCam(cam / peak, targets.detach(), logits.detach().softmax(1))
+
+
+def last_useful_conv(model: nn.Module, x: torch.Tensor) -> str:
+    """The last convolution whose maps are larger than 1x1 for input `x` (resnet18 on 32x32 ends in 1x1 maps)."""
+    last = last_conv_name(model)
+    sizes: dict[str, int] = {}
+    handles = [
+        find_layer(model, name).register_forward_hook(lambda m, i, out, name=name: sizes.__setitem__(name, out.shape[2] * out.shape[3]))
+        for name in conv_layer_names(model)
+    ]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    useful = [name for name in conv_layer_names(model) if sizes.get(name, 0) > 1]
+    if not useful:
+        raise InspectError(
+            f"every convolution of {type(model).__name__} gives 1x1 maps at this input size; pass --layer with a layer giving (B, C, H, W)"
+        )
+    return useful[-1] if sizes.get(last, 0) <= 1 else last
 
 
 def last_conv_name(model: nn.Module) -> str:
@@ -212,6 +245,8 @@ def load_image_file(path: str | Path, shape: tuple[int, int, int]) -> torch.Tens
     from torchvision.io import ImageReadMode, decode_image
 
     file = Path(path)
+    if file.is_dir():
+        raise InspectError(f"--image {file} is a folder; give one image file")
     if not file.is_file():
         raise InspectError(f"--image {file}: no such file")
     mode = ImageReadMode.GRAY if shape[0] == 1 else ImageReadMode.RGB
@@ -256,7 +291,7 @@ def curves_figure(run: LoadedRun, options: ShowOptions) -> Figure:
     path = run.run_dir / "metrics.csv"
     if not path.is_file():
         raise InspectError(f"{run.run_dir} has no metrics.csv to draw curves from")
-    return plots.plot_curves(read_metrics_csv(path))
+    return plots.plot_curves(read_metrics_csv(path), lrs=read_lr_csv(run.run_dir / LR_FILE))
 
 
 def samples_figure(run: LoadedRun, options: ShowOptions) -> Figure:
@@ -313,6 +348,8 @@ def chosen_images(run: LoadedRun, options: ShowOptions, default_count: int) -> t
 
 def features_figure(run: LoadedRun, options: ShowOptions) -> Figure:
     name = options.layer if options.layer is not None else conv_layer_names(run.model)[0] if conv_layer_names(run.model) else ""
+    if not name:
+        raise InspectError(f"{type(run.model).__name__} has no Conv2d layer to show feature maps of; pass --layer NAME")
     images, _ = chosen_images(run, ShowOptions(options.image, options.layer, 1), 1)
     maps = capture_output(run.model, name, run.normalise(images[:1]))[0]
     if maps.dim() != 3:

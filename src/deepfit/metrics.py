@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: int = 5) -> dict[str, float]:
     """acc (micro accuracy), top-k accuracy (k capped at the class count) and macro F1."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score  # slow import: on first use
+
     num_classes = logits.shape[1]
     k = min(topk, num_classes)
     preds = logits.argmax(1)

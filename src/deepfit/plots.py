@@ -19,9 +19,37 @@ from matplotlib.ticker import MaxNLocator
 
 Row = dict[str, float]
 
+# Fonts matplotlib falls back to, glyph by glyph, for class names in any script: the Hangul font
+# packaged with koreanize-matplotlib (a dependency; NanumGothic, SIL OFL), then the system's Noto CJK
+# or Nanum fonts where a distribution installed them. DejaVu Sans stays first for Latin text.
+FALLBACK_FONTS = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans CJK JP", "Noto Sans CJK SC")
 
-def plot_curves(rows: list[Row]) -> Figure:
-    """Loss and accuracy per epoch, train against validation, and the learning rate."""
+
+def use_fallback_fonts() -> list[str]:
+    """Register the packaged Hangul font and append the fallback fonts found to font.family;
+    returns the families now listed. Called once, when this module is imported for a figure."""
+    import importlib.util
+
+    from matplotlib import font_manager
+
+    spec = importlib.util.find_spec("koreanize_matplotlib")  # found, not imported: its import restyles matplotlib
+    folders = (spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        for font in sorted(Path(folder, "fonts").glob("NanumGothic.ttf")):
+            font_manager.fontManager.addfont(str(font))
+    known = {entry.name for entry in font_manager.fontManager.ttflist}
+    families = list(matplotlib.rcParams["font.family"])
+    families += [name for name in FALLBACK_FONTS if name in known and name not in families]
+    matplotlib.rcParams["font.family"] = families
+    return families
+
+
+use_fallback_fonts()
+
+
+def plot_curves(rows: list[Row], *, lrs: list[tuple[float, float]] | None = None) -> Figure:
+    """Loss and accuracy per epoch, train against validation, and the learning rate: after every
+    batch when `lrs` (fractional epoch, lr) is given, else at each epoch's end."""
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
     epochs = [row["epoch"] for row in rows]
     for ax, metric, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
@@ -33,15 +61,20 @@ def plot_curves(rows: list[Row]) -> Figure:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_lr.plot(epochs, [row["lr"] for row in rows], "-o", color="tab:green", markersize=4)
-    ax_lr.set_title("Learning rate (end of epoch)")
+    if lrs:
+        ax_lr.plot([epoch for epoch, _ in lrs], [lr for _, lr in lrs], "-", color="tab:green", linewidth=1.5)
+        ax_lr.set_title("Learning rate (per step)")
+    else:
+        ax_lr.plot(epochs, [row["lr"] for row in rows], "-o", color="tab:green", markersize=4)
+        ax_lr.set_title("Learning rate (end of epoch)")
     ax_lr.set_xlabel("epoch")
     ax_lr.set_yscale("log")
     ax_lr.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers
         if epochs:
-            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # a one-epoch run gets tick "1", not 0.96..1.04
+            low = min([*epochs, *(epoch for epoch, _ in lrs or [])])  # per-step points start inside epoch 1 (0..1)
+            ax.set_xlim(min(low, min(epochs) - 0.5), max(epochs) + 0.5)  # a one-epoch run gets tick "1", not 0.96..1.04
     return fig
 
 

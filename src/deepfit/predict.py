@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfit.columns import display_width, pad
 from deepfit.engine import predict_logits
 from deepfit.errors import DeepfitError
 from deepfit.runtime import select_device, set_threads
@@ -320,11 +321,12 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[Failure]]:
 
 def format_table(predictions: Sequence[Prediction]) -> str:
     """path, label, probability and the rest of the top-k, one line per image."""
-    width = max([len(p.path or "") for p in predictions] + [4])
-    lines = [f"{'path':<{width}}  {'label':<16} {'prob':>6}  top-k"]
+    width = max([display_width(p.path or "") for p in predictions] + [4])
+    label_width = max([display_width(p.label) for p in predictions] + [16])
+    lines = [f"{pad('path', width)}  {pad('label', label_width)} {'prob':>6}  top-k"]
     for p in predictions:
         rest = ", ".join(f"{label} {prob:.3f}" for label, prob in p.topk[1:])
-        lines.append(f"{p.path or '-':<{width}}  {p.label:<16} {p.probability:6.3f}  {rest}")
+        lines.append(f"{pad(p.path or '-', width)}  {pad(p.label, label_width)} {p.probability:6.3f}  {rest}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from deepfit.errors import ConfigError
+from deepfit.errors import ConfigError, did_you_mean
 
 T = TypeVar("T", bound=Callable[..., object])
 
@@ -31,7 +31,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             valid = ", ".join(self.names())
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            hint = did_you_mean(name, self.names())
+            raise ConfigError(f"unknown {self.kind} {name!r}{hint}; valid: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

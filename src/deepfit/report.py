@@ -21,9 +21,9 @@ from deepfit.plots import figure_png
 FIGURE_TITLES = {
     "curves": "Training curves",
     "samples": "Training samples",
-    "predictions": "Test predictions (predicted / true, mistakes in red)",
-    "confusion": "Confusion matrix (test split)",
-    "mistakes": "Top losses: most confident mistakes",
+    "predictions": "Predictions on the {split} split (predicted / true, mistakes in red)",
+    "confusion": "Confusion matrix ({split} split)",
+    "mistakes": "Top losses: most confident mistakes on the {split} split",
     "filters": "First convolution's filters",
     "features": "Feature maps of the first convolution",
     "gradcam": "Grad-CAM at the last convolution",
@@ -113,11 +113,16 @@ def format_metric(key: str, value: float) -> str:
         return ""
     if key == "epoch":
         return str(int(value))
-    if key.endswith(("acc", "f1")) or key.rsplit("_", 1)[-1].startswith("top"):  # shares, shown as %
+    if key.endswith(SHARES) or key.rsplit("_", 1)[-1].startswith("top"):  # shares, shown as %
         return f"{value:.2%}"
     if key == "lr":
         return f"{value:.2e}"
+    if key == "seconds":
+        return f"{value:.1f}"
     return f"{value:.4f}"
+
+
+SHARES = ("acc", "f1", "accuracy", "precision", "recall", "share")  # keys whose values are 0..1 shares, shown as percentages
 
 
 def table_html(rows: list[dict[str, Any]]) -> str:
@@ -128,16 +133,35 @@ def table_html(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         columns += [key for key in row if key not in columns]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{esc(show_value(row.get(c, '')))}</td>" for c in columns) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(show_value(row.get(c, ''), key_of(row, c)))}</td>" for c in columns) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def show_value(value: Any) -> str:
+def key_of(row: dict[str, Any], column: str) -> str:
+    """The name a value is formatted by: its column, or in a metric/value table the metric's name."""
+    return str(row.get("metric", row.get("name", column))) if column == "value" else column
+
+
+def show_value(value: Any, key: str = "") -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if not math.isnan(value) else ""
+        return format_metric(key, value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # class names as text
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
+
+
+def confusion_html(matrix: list[list[int]], classes: list[str]) -> str:
+    """The confusion matrix as a table: rows are true classes, columns predicted."""
+    names = classes if len(classes) == len(matrix) else [str(i) for i in range(len(matrix))]
+    head = "<th>true \\ predicted</th>" + "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><th>{esc(n)}</th>" + "".join(f"<td>{int(v)}</td>" for v in row) + "</tr>" for n, row in zip(names, matrix, strict=False)
+    )
+    return f"<table class='confusion'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def evaluation_section(path: Path) -> str:
@@ -151,10 +175,12 @@ def evaluation_section(path: Path) -> str:
         return f"<h2>Evaluation</h2><p class='note'>report.json could not be read: {esc(err)}</p>"
     if not isinstance(report, dict):
         return f"<h2>Evaluation</h2><pre>{esc(json.dumps(report, indent=2))}</pre>"
-    scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or v is None or k == "classes"}
     parts = ["<h2>Evaluation</h2>", table_html([{"metric": k, "value": v} for k, v in scalars.items()])]
     for key, value in report.items():
-        if key not in scalars:
+        if key == "confusion" and isinstance(value, list):
+            parts.append(f"<h3>confusion matrix</h3>{confusion_html(value, list(report.get('classes') or []))}")
+        elif key not in scalars:
             parts.append(f"<h3>{esc(key.replace('_', ' '))}</h3>{nested_html(value)}")
     return "\n".join(parts)
 
@@ -169,11 +195,19 @@ def nested_html(value: Any) -> str:
     return f"<pre>{esc(json.dumps(value, indent=2))}</pre>"
 
 
+def split_name(run: LoadedRun) -> str:
+    """The split the evaluation figures show (val when the data has no test split)."""
+    try:
+        return run.eval_split()
+    except DeepfitError:
+        return "test"
+
+
 def figures_section(run: LoadedRun) -> str:
     """Every figure kind that applies; a kind that does not (no convolution, no metrics) gets a note."""
     parts = ["<h2>Figures</h2>"]
     for kind in FIGURE_KINDS:
-        caption = esc(FIGURE_TITLES.get(kind, kind))
+        caption = esc(FIGURE_TITLES.get(kind, kind).format(split=split_name(run)))
         try:
             png = figure_png(make_figure(run, kind))
         except DeepfitError as err:

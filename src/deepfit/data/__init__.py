@@ -16,7 +16,7 @@ from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load
 from deepfit.data.sources import load_digits_source
 from deepfit.data.stream import StreamSet, load_images, pipeline_source, settle, stats_images
 from deepfit.data.user_dataset import dataset_source
-from deepfit.errors import DataError
+from deepfit.errors import DataError, did_you_mean
 from deepfit.registry import Registry
 
 __all__ = [
@@ -88,7 +88,8 @@ def unknown_source_message(name: str, path: Path) -> str:
     names = ", ".join(list_datasets())
     if path.exists():
         return f"--data {name} is neither a folder nor a .zip, .csv or .csv.gz file; registered datasets: {names}"
-    return f"unknown dataset {name!r}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
+    hint = did_you_mean(name, list_datasets())
+    return f"unknown dataset {name!r}{hint}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
 
 
 def check_settings(config: DataConfig) -> None:

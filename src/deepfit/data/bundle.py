@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-from torchvision.transforms.v2 import functional as tvf
 
+from deepfit.columns import display_width, pad
 from deepfit.data.balance import imbalance_warning
 from deepfit.errors import DataError
 
@@ -121,6 +121,8 @@ def conform_set(images: ImageSet, channels: int | None, image_size: int | None, 
 
 def conform_chunk(images: torch.Tensor, channels: int, size: list[int] | None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> (B, channels, *size): grey repeated to RGB or RGB to luma, antialiased resize."""
+    from torchvision.transforms.v2 import functional as tvf  # torchvision loads its model zoo: only when used
+
     if images.shape[1] == 1 and channels == 3:
         images = images.expand(-1, 3, -1, -1)
     elif images.shape[1] == 3 and channels == 1:
@@ -151,14 +153,14 @@ def describe_bundle(bundle: DataBundle) -> str:
         "images per class:",
     ]
     counts = {name: class_counts(s, bundle.num_classes) for name, s in splits.items() if s is not None}
-    width = max(len("class"), *(len(c) for c in bundle.classes))
-    lines.append("  " + "class".ljust(width) + "".join(f"{name:>9}" for name in counts))
+    width = max(len("class"), *(display_width(c) for c in bundle.classes))
+    lines.append("  " + pad("class", width) + "".join(f"{name:>9}" for name in counts))
     for i, name in enumerate(bundle.classes):
-        lines.append("  " + name.ljust(width) + "".join(f"{column[i]:>9,}" for column in counts.values()))
+        lines.append("  " + pad(name, width) + "".join(f"{column[i]:>9,}" for column in counts.values()))
     warning = imbalance_warning(counts["train"], bundle.classes)
     if warning:
         lines.append(warning)
     if bundle.skipped:
-        lines.append(f"skipped {len(bundle.skipped)} bad file(s):")
+        lines.append(f"{len(bundle.skipped)} bad file(s), not counted above:")
         lines += [f"  {path}: {reason}" for path, reason in bundle.skipped]
     return "\n".join(lines)

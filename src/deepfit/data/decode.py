@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as tvf
 
 from deepfit.errors import DataError
 
@@ -111,6 +109,8 @@ def as_buffer(data: bytes | memoryview) -> torch.Tensor:
 def decode_one(data: bytes | memoryview, channels: int, header: Header) -> torch.Tensor:
     """One file, by torchvision.io when it is a JPEG (PIL if libjpeg refuses it, e.g. CMYK quirks)."""
     if header.jpeg:
+        from torchvision.io import ImageReadMode, decode_jpeg  # torchvision loads its model zoo: only when decoding
+
         mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         try:
             return decode_jpeg(as_buffer(data), mode=mode)
@@ -124,6 +124,8 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (C, H, W) -> (C, *size), bilinear with antialiasing; unchanged when it already fits."""
     if tuple(image.shape[1:]) == size:
         return image
+    from torchvision.transforms.v2 import functional as tvf
+
     return tvf.resize(image, list(size), antialias=True)
 
 
@@ -152,6 +154,8 @@ def decode_many(
     images: list[torch.Tensor | None] = [None] * len(blobs)
     failures: dict[int, str] = {}
     jpegs = [i for i, h in enumerate(headers) if h.jpeg]
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     for start in range(0, len(jpegs), JPEG_BATCH):
         chunk = jpegs[start : start + JPEG_BATCH]

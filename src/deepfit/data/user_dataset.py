@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as tvf
 
 from deepfit.config import DataConfig
 from deepfit.data.bundle import ImageSet, SourceData, conform_chunk
@@ -54,6 +53,8 @@ def label_value(label: Any) -> Any:
 def as_uint8_image(image: Any, channels: int, size: tuple[int, int]) -> torch.Tensor:
     """PIL image or (C, H, W) / (H, W) tensor -> uint8 (channels, *size)."""
     if isinstance(image, Image.Image):
+        from torchvision.transforms.v2 import functional as tvf  # torchvision loads its model zoo: only when used
+
         tensor = tvf.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
     elif isinstance(image, torch.Tensor):
         tensor = uint8_pixels(image if image.dim() == 3 else image.unsqueeze(0))

@@ -54,12 +54,22 @@ def build_cnn_bn(*, config: ModelConfig, input_shape: tuple[int, int, int], num_
 
 @MODELS.register("cnn3")
 def build_cnn3(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The MNIST CNN lesson's net: three 5x5 convolutions (16, 32, 64) with ReLU, two max-pools, FC 100, FC classes."""
-    # padding 2 keeps each convolution size-preserving, so the net fits images down to 4x4 (8x8 digits too)
+    """The MNIST CNN lesson's net as written: unpadded 5x5 convolutions (16, 32, 64), two max-pools, FC 100, FC classes."""
+    return three_conv_net(input_shape, num_classes, padding=0)  # 123,222 parameters on 1x28x28; needs at least 20x20
+
+
+@MODELS.register("cnn3_pad")
+def build_cnn3_pad(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """cnn3 with size-preserving (padding 2) convolutions: fits images down to 4x4, such as the 8x8 digits."""
+    return three_conv_net(input_shape, num_classes, padding=2)  # 379,222 parameters on 1x28x28
+
+
+def three_conv_net(input_shape: tuple[int, int, int], num_classes: int, *, padding: int) -> ConvNet:
+    """Conv5 16, Conv5 32, pool, Conv5 64, pool (ReLU after each convolution), FC 100, FC classes."""
     features = nn.Sequential(
-        nn.Conv2d(input_shape[0], 16, 5, padding=2), nn.ReLU(),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, H/2, W/2)
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, H/4, W/4)
+        nn.Conv2d(input_shape[0], 16, 5, padding=padding), nn.ReLU(),
+        nn.Conv2d(16, 32, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),  # unpadded: (B, 32, (H-8)/2, (W-8)/2)
+        nn.Conv2d(32, 64, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),  # unpadded 28x28: (B, 64, 3, 3)
     )  # fmt: skip
     classifier = nn.Sequential(
         nn.Linear(flat_size(features, input_shape), 100), nn.ReLU(),

@@ -6,14 +6,17 @@ from __future__ import annotations
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
 from deepfit.config import ModelConfig
 from deepfit.errors import ConfigError
 from deepfit.models import MODELS
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 IMAGENET = "imagenet"
 
@@ -23,6 +26,8 @@ def build_resnet18(*, config: ModelConfig, input_shape: tuple[int, int, int], nu
     """torchvision ResNet-18 (11M parameters) for transfer learning: --model.weights imagenet|FILE|none."""
     # The ImageNet stem (7x7 stride 2, max pool) stays as pretrained, so the weights keep their
     # meaning; the global average pool makes any input from about 8x8 up work (32x32 -> 1x1 maps).
+    from torchvision.models import resnet18  # the model zoo pulls in torch._dynamo: only when used
+
     model = resnet18(weights=None)
     state = pretrained_state(config.weights)
     if state is not None:
@@ -43,6 +48,8 @@ def pretrained_state(weights: str | None) -> Mapping[str, torch.Tensor] | None:
 
 def imagenet_state() -> Mapping[str, torch.Tensor]:
     """ResNet18_Weights.DEFAULT, from torch's hub cache or downloaded into it (needs the internet once)."""
+    from torchvision.models import ResNet18_Weights
+
     try:
         return ResNet18_Weights.DEFAULT.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as err:

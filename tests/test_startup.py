@@ -1,0 +1,104 @@
+"""Start-up: help, usage errors and `import deepfit` load no heavy library (checked by what is in
+sys.modules, not by timing); bare `deepfit`, `--version`, Ctrl-C during start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import deepfit
+from tests.conftest import REPO, write_tiny_idx
+
+# What `deepfit --help` and usage errors must not pay for: torch alone takes seconds to import.
+NOT_FOR_HELP = ("torch", "torchvision", "matplotlib", "torchmetrics")
+# What the library must not load until a feature needs it (torch itself is fine once a name is used).
+NOT_FOR_IMPORT = (
+    "torchvision.models",
+    "torch._dynamo",
+    "matplotlib",
+    "torchmetrics",
+    "mlflow",
+    "tensorboard",
+    "fastapi",
+    "torch_geometric",
+)
+
+# Runs the CLI's main() in a fresh interpreter, then reports its exit code and the heavy modules loaded.
+CLI_PROBE = """
+import json, sys
+from deepfit.cli import main
+try:
+    code = main(sys.argv[2:])
+except SystemExit as stop:  # --help and --version exit through argparse
+    code = stop.code
+print(json.dumps({"code": code, "loaded": [m for m in json.loads(sys.argv[1]) if m in sys.modules]}))
+"""
+
+
+def probe(code: str, *args: str, tmp_path: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(NOT_FOR_HELP + NOT_FOR_IMPORT), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["--help"], 0), (["train", "--help"], 0), (["--version"], 0), ([], 0), (["trian"], 2), (["train", "--lr", "1"], 2),
+     (["train", "--optim.learning_rate", "1"], 2), (["evaluate", "run", "--split", "tst"], 2)],
+)  # fmt: skip
+def test_help_and_usage_errors_do_not_import_torch(args: list[str], code: int, tmp_path: Path) -> None:
+    result = probe(CLI_PROBE, *args, tmp_path=tmp_path)
+    assert result == {"code": code, "loaded": []}
+    assert not list(tmp_path.iterdir())  # no run folder for help or bad input
+
+
+def test_import_deepfit_and_its_entry_points_load_no_model_zoo_plots_or_extras(tmp_path: Path) -> None:
+    code = (
+        "import json, sys, deepfit\n"
+        "names = [deepfit.fit, deepfit.Predictor, deepfit.evaluate_checkpoint, deepfit.export_checkpoint, deepfit.build_model]\n"
+        "print(json.dumps({'code': 0, 'loaded': [m for m in json.loads(sys.argv[1]) if m in sys.modules]}))\n"
+    )
+    result = probe(code, tmp_path=tmp_path)
+    assert set(result["loaded"]) == {"torch"}  # type: ignore[arg-type]
+
+
+def test_the_lazy_package_exports_the_same_names() -> None:
+    import deepfit.fit  # the submodule shares its name with the function: the package keeps the function
+
+    assert isinstance(deepfit.fit, types.FunctionType) and deepfit.fit.__module__ == "deepfit.fit"
+    for name in deepfit.__all__:
+        assert getattr(deepfit, name) is not None
+    assert set(deepfit.__all__) <= set(dir(deepfit))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = deepfit.nope  # type: ignore[attr-defined]
+
+
+def test_version_matches_the_package_metadata() -> None:
+    declared = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert declared is not None and deepfit.__version__ == declared.group(1)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    data = write_tiny_idx(tmp_path / "data")
+    ready = "import sys, deepfit.cli; print('ready', flush=True); sys.exit(deepfit.cli.main(sys.argv[1:]))"
+    args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    child = subprocess.Popen([sys.executable, "-c", ready, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGINT)  # main() is now importing torch (seconds) or, on a fast machine, training
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert "Traceback" not in err and err.strip() == "deepfit: stopped: interrupted"
