@@ -3,11 +3,12 @@ Reads like a table of contents; the loop itself lives in engine.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -205,10 +206,21 @@ def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torc
     """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
     o = config.optim
     groups = parameter_groups(net, lr=o.lr, config=config.model)
-    return build_optimizer(
-        o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-        betas=(o.betas[0], o.betas[1]), device=device,
-    )  # fmt: skip
+    with config_choice(f"optim.name {o.name}"):
+        return build_optimizer(
+            o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+            betas=(o.betas[0], o.betas[1]), device=device,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def config_choice(what: str) -> Iterator[None]:
+    """torch's ValueError for a setting it rejects (a negative momentum, betas out of range, a
+    schedule the optimizer cannot follow) becomes one line naming the config choice."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"{what}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -238,11 +250,12 @@ def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     s = config.sched
     mode = "min" if config.train.monitor.endswith("loss") else "max"
-    return build_scheduler(
-        s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
-        step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
-        pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
-    )  # fmt: skip
+    with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
+        return build_scheduler(
+            s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
+            step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
+            pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
+        )  # fmt: skip
 
 
 def new_run_dir(config: Config) -> Path:
