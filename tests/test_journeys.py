@@ -68,3 +68,50 @@ def test_a_failed_export_removes_the_folder_it_created(cli, run: Path, monkeypat
     monkeypatch.setattr(importlib.import_module("deepfit.export"), "write_onnx", broken)
     result = cli("export", str(run), "--format", "onnx")
     assert result.code == 2 and not (run / "export").exists()
+
+
+# -- item 4: one run, one test accuracy: the final line, evaluate and predict all use best.pt --
+
+
+def test_the_final_test_line_names_best_pt_and_evaluate_agrees(cli, finished: tuple[Path, str], run: Path) -> None:  # type: ignore[no-untyped-def]
+    from deepfit.predict import Predictor
+
+    line = re.search(r"test_acc (\d+\.\d\d)% \(best\.pt, epoch (\d)\)", finished[1])
+    assert line is not None, finished[1]
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert int(line.group(2)) == best["epoch"] == best["best_epoch"]
+    evaluated = cli("evaluate", str(run))
+    assert evaluated.code == 0, evaluated.err
+    assert f"accuracy {line.group(1)}%" in evaluated.out  # the same number, to the printed digit
+    assert Predictor.from_checkpoint(run).trained.path.name == "best.pt"
+
+
+# -- item 5: evaluate keeps the run's own evaluation; the others go beside it, named --
+
+
+def test_other_evaluations_go_beside_the_runs_own_and_the_report_tells_them_apart(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
+    assert cli("evaluate", str(run)).code == 0
+    own = (run / "report.json").read_bytes()
+    assert json.loads(own)["split"] == "test" and not json.loads(own)["tta"]
+    val = cli("evaluate", str(run), "--split", "val")
+    assert val.code == 0 and "report-val.json" in val.out
+    last = cli("evaluate", str(run / "checkpoints" / "last.pt"), "--split", "all")
+    assert last.code == 0, last.err
+    assert (run / "report.json").read_bytes() == own  # the run's record is untouched
+    assert json.loads((run / "report-val.json").read_text())["split"] == "val"
+    assert json.loads((run / "report-last-all.json").read_text())["checkpoint"].endswith("last.pt")
+    assert (run / "plots" / "confusion-val.png").is_file() and (run / "plots" / "confusion-last-all.png").is_file()
+    page = (run / "report.html").read_text() if cli("report", str(run)).code == 0 else ""
+    assert "the run&#x27;s own evaluation" in page
+    assert "<h2>Evaluation: val</h2>" in page and "<h2>Evaluation: last-all</h2>" in page
+
+
+def test_tta_flip_is_refused_on_fashion_mnist(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = write_tiny_idx(tmp_path / "idx", train=60, test=20, side=12)
+    trained = cli(
+        "train", "--data", "fashion-mnist", "--data-dir", str(data), "--out", "fm", "--model", "mlp", "--epochs", "1", "--no-progress"
+    )
+    assert trained.code == 0, trained.err
+    result = cli("evaluate", "fm", "--tta", "flip")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "--tta flip is not allowed for fashion-mnist" in result.err and not (tmp_path / "fm" / "report-tta-flip.json").exists()

@@ -169,10 +169,11 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         from deepfit.fit import SKIPPED_FILE
 
         print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
+    weights = f" ({result.weights}, epoch {result.weights_epoch})"  # the weights evaluate, predict and export use
     for key in ("test_acc", "test_loss"):
         if key in result.metrics:
             value = result.metrics[key]
-            print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
+            print(f"{key} {value:.2%}{weights}" if key.endswith("acc") else f"{key} {value:.4f}")
     print(f"run folder: {result.run_dir}")
     return 0
 

@@ -105,7 +105,7 @@ class TrainConfig:
     keep_last: int = 1  # step checkpoints kept besides last.pt and best.pt
     monitor: str = "val_acc"  # metric deciding best.pt and early stopping (val_loss: lower wins)
     early_stop: int = 0  # stop after this many epochs without improvement (0: never)
-    restore_best: bool = False  # with early stopping: end with the best weights
+    restore_best: bool = True  # end with best.pt's weights (the monitor's best): the final test line, evaluate, predict, export use them
     clip_grad: float = 0.0  # clip the gradient norm to this value (0: off)
     accumulate: int = 1  # optimizer step every this many batches
     precision: Literal["32", "bf16", "fp16"] = "32"  # autocast dtype (fp16: CUDA only)

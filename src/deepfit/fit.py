@@ -50,6 +50,8 @@ class FitResult:
     data: DataBundle
     stopped_early: str | None = None  # why training ended before train.epochs, if it did
     init: InitReport | None = None  # what --init-from copied and which tensors did not match
+    weights: str = "last.pt"  # the checkpoint whose weights `model` and `metrics` are: best.pt unless restore_best is off
+    weights_epoch: int = 0  # the epoch those weights finished
 
 
 @dataclass
@@ -470,14 +472,18 @@ def keep_span(saved: Any, fresh: Any) -> Any:
 
 
 def finish(run: Run) -> FitResult:
-    """Restore best weights if asked, measure the test split once, draw the curves."""
-    if run.config.train.restore_best and run.best_epoch and run.best_epoch != run.epoch:
-        best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
-        ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
+    """Restore the best weights (the run stands for best.pt, as evaluate, predict and export read
+    it), measure the test split once with them, draw the curves."""
+    weights, epoch = "last.pt", run.epoch
+    if run.config.train.restore_best and run.best_epoch:
+        weights, epoch = "best.pt", run.best_epoch
+        if run.best_epoch != run.epoch:
+            best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
+            ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
         save_figure(plot_curves(run.history), run.run_dir / "plots" / "curves.png")
     figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
     run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
-    return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)
+    return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init, weights, epoch)
