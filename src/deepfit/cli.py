@@ -142,6 +142,23 @@ def resumed_config(run_dir: Path) -> Config:
     return config_from_dict(state["config"])
 
 
+def resume_lines(run_dir: Path, config: Config) -> list[str]:
+    """Where a resumed run picks up, and what --epochs did to its schedule (fit rebuilds a
+    per-step schedule for a new length from the step the run stands at)."""
+    from deepfit.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    done, step, planned = int(state["epoch"]), int(state["step"]), int(state["config"]["train"]["epochs"])
+    lines = [f"resuming {run_dir} at epoch {done + 1}, step {step}"]
+    if done >= config.train.epochs:
+        lines[0] = f"resuming {run_dir}: it has trained {done} epochs, nothing left to train for --epochs {config.train.epochs}"
+    elif planned != config.train.epochs and config.sched.name != "plateau" and (config.sched.name != "none" or config.sched.warmup_epochs):
+        lines.append(
+            f"the {config.sched.name} schedule was planned for {planned} epochs: rebuilt for {config.train.epochs}, from step {step}"
+        )
+    return lines
+
+
 def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Iterable[Any]:
     from tqdm import tqdm
 
@@ -158,6 +175,8 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return train_node(config, args)
     echo = print_epoch(config.train.epochs)
     progress = tqdm_progress if config.train.progress else None
+    if args.resume:
+        print("\n".join(resume_lines(Path(args.resume), config)), flush=True)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
     if result.init is not None:
         print(format_init(result.init))

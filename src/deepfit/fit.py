@@ -434,9 +434,13 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
 def restore(run: Run, path: Path) -> None:
     state = ckpt.load_checkpoint(path)
     restore_weights(run, state, path)
+    fresh_lrs = [group["lr"] for group in run.optimizer.param_groups]  # where the schedule built for this run starts
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
-        run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
+        if schedule_rebuilt(run, state):
+            fast_forward(run, fresh_lrs, int(state["scheduler"].get("last_epoch", state["step"])))
+        else:
+            run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
@@ -456,6 +460,28 @@ def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
         run.ema.load_state_dict(averaged)
     elif run.ema is not None:
         run.ema.module.load_state_dict(unwrap(run.model).state_dict())
+
+
+def schedule_rebuilt(run: Run, state: dict[str, Any]) -> bool:
+    """Whether `--resume --epochs N` changed the length of a per-step schedule that still has
+    steps to run: then the schedule is rebuilt for N epochs rather than stretched (a stretched
+    one-cycle climbed back to its peak lr; a finished cosine stayed at its minimum)."""
+    saved_epochs = int(state["config"].get("train", {}).get("epochs", run.config.train.epochs))
+    per_step = run.schedule_interval == "step" and not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return per_step and saved_epochs != run.config.train.epochs and int(state["epoch"]) < run.config.train.epochs
+
+
+def fast_forward(run: Run, fresh_lrs: list[float], steps: int) -> None:
+    """The schedule built for this run's epochs, stepped to where the run stands: its lr is the
+    new schedule's at that step (deterministic, so a second resume rebuilds it the same way)."""
+    import warnings
+
+    for group, lr in zip(run.optimizer.param_groups, fresh_lrs, strict=True):
+        group["lr"] = lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": replaying, not training
+        for _ in range(steps):
+            run.scheduler.step()
 
 
 SPAN_KEYS = ("total_steps", "T_max", "step_size", "milestones", "_milestones")
