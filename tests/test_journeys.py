@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deepfit.checkpoint import load_checkpoint
@@ -115,3 +116,48 @@ def test_tta_flip_is_refused_on_fashion_mnist(cli, tmp_path: Path) -> None:  # t
     result = cli("evaluate", "fm", "--tta", "flip")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "--tta flip is not allowed for fashion-mnist" in result.err and not (tmp_path / "fm" / "report-tta-flip.json").exists()
+
+
+# -- item 8: predict's edge cases --
+
+
+def pixel_rows(count: int, *, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, 12 * 12))
+
+
+def test_predict_reads_csv_rows_without_a_label_column(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
+    from deepfit.predict import Predictor
+
+    rows = pixel_rows(3)
+    np.savetxt(run / "rows.csv", rows, fmt="%d", delimiter=",")
+    result = cli("predict", str(run), str(run / "rows.csv"), "--format", "json")
+    assert result.code == 0, result.err
+    got = json.loads(result.out)
+    expected = Predictor.from_checkpoint(run).predict([row.reshape(12, 12).astype(np.uint8) for row in rows])
+    assert [p["path"].rsplit(":", 1)[1] for p in got] == ["1", "2", "3"]
+    assert [p["index"] for p in got] == [p.index for p in expected]
+    assert [p["probability"] for p in got] == pytest.approx([p.probability for p in expected], abs=1e-6)
+
+
+def test_predict_on_an_empty_folder_says_so_and_exits_1(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
+    (run / "empty").mkdir()
+    result = cli("predict", str(run), str(run / "empty"))
+    assert result.code == 1 and result.out == ""
+    assert (
+        result.err.strip()
+        == f"deepfit: cannot predict {run / 'empty'}: no images found in this folder (" + result.err.split("(", 1)[1].strip()
+    )
+
+
+def test_predict_into_a_pipe_that_closes_early_exits_quietly(run: Path) -> None:
+    import subprocess
+
+    np.savetxt(run / "many.csv", pixel_rows(2000), fmt="%d", delimiter=",")  # far more JSON than a pipe buffer holds
+    child = subprocess.Popen(
+        [sys.executable, "-m", "deepfit.cli", "predict", str(run), str(run / "many.csv"), "--format", "json", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdout.readline().strip() == b"["  # what `| head -1` reads
+    child.stdout.close()  # ... and then head exits
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 141 and err == b""

@@ -204,7 +204,8 @@ def read_csv_images(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
         from deepfit.data.csv_rows import read_pixel_csv
     except ImportError:  # until the CSV source lands (issue: data)
         return read_csv_with_numpy(path, shape)
-    return read_pixel_csv(path, image_shape="x".join(map(str, shape))).images  # "CxHxW", as data.image_shape
+    # "CxHxW", as data.image_shape; rows without a label column are the usual case for prediction
+    return read_pixel_csv(path, image_shape="x".join(map(str, shape)), unlabelled_ok=True).images
 
 
 def read_csv_with_numpy(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -305,7 +306,10 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[Failure]]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            if not found:
+                failures.append(Failure(item, f"no images found in this folder ({', '.join(IMAGE_SUFFIXES)})"))
         elif path.exists():
             files.append(path)
         elif glob.has_magic(item):
