@@ -161,3 +161,28 @@ def test_predict_into_a_pipe_that_closes_early_exits_quietly(run: Path) -> None:
     child.stdout.close()  # ... and then head exits
     _, err = child.communicate(timeout=300)
     assert child.returncode == 141 and err == b""
+
+
+# -- item 6: show features|gradcam --image decodes like predict --
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [("features", ".bmp"), ("gradcam", ".webp"), ("gradcam", ".tiff")])
+def test_show_takes_any_image_predict_takes(cli, run: Path, kind: str, suffix: str) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from deepfit.inspect import load_image_file
+    from deepfit.predict import Predictor
+
+    image = run / f"colour{suffix}"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(20, 16, 3), dtype=np.uint8)).save(image)  # colour, other size
+    result = cli("show", kind, str(run), "--image", str(image))
+    assert result.code == 0, result.err
+    assert (run / "plots" / f"{kind}-colour.png").is_file()
+    predictor = Predictor.from_checkpoint(run)
+    assert np.array_equal(load_image_file(image, predictor.input_shape).numpy(), predictor.to_pixels(image).numpy())
+
+
+def test_show_with_an_unreadable_image_is_one_line(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
+    (run / "broken.png").write_bytes(b"not an image")
+    result = cli("show", "gradcam", str(run), "--image", str(run / "broken.png"))
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and "broken.png" in result.err
