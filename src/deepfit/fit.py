@@ -27,9 +27,9 @@ from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, write_metrics_csv
-from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import NothingTrained, SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
-from deepfit.models import build_model, freeze_backbone, parameter_groups
+from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.plots import plot_curves, save_figure
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
@@ -104,18 +104,24 @@ def fit(
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
+    if model is not None and not type(model).__module__.startswith("deepfit."):  # config.yaml and the checkpoint say whose model
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="custom", class_path=class_path_of(model)))
     anchor_paths(config.data)
     set_threads(config.train.threads)
     set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
-    run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
+    try:
+        run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
+    except KeyboardInterrupt:  # Ctrl-C while data and model are built, before the handlers below
+        raise NothingTrained() from None
     with open_trackers(run, resumed=resume is not None):
         with stop_on_signals() as run.signals:
             try:
                 train_epochs(run, progress, on_epoch)
             except StopRequested as stop:
-                save_state(run, mid_epoch=True)
+                with run.signals.protect():  # a second Ctrl-C must not cost the checkpoint
+                    save_state(run, mid_epoch=True)
                 if isinstance(stop, SignalStop):
                     stop.run_dir = run.run_dir
                 if run.stopped_early != "time limit":
