@@ -62,6 +62,7 @@ class ModelConfig:
     init_from: str | None = None  # start from the weights of an earlier run or checkpoint
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout of conv activations
     compile: bool = False  # torch.compile the model for training (measured: slower on small CPU models)
+    class_path: str | None = None  # your own nn.Module as 'module:Class', built with no arguments (flag: --model.class)
 
 
 @dataclass
@@ -174,6 +175,7 @@ def save_config(config: Config, path: Path) -> None:
 def set_value(config: Config, dotted: str, value: Any) -> None:
     """Set `section.field` (hyphens allowed) to `value`, coerced and checked against the field type."""
     section_name, _, key = dotted.replace("-", "_").partition(".")
+    key = "class_path" if (section_name, key) == ("model", "class") else key  # `class` is a Python keyword
     if section_name not in SECTIONS or not key:
         raise ConfigError(f"unknown config key {dotted!r}; keys look like section.field, sections: {', '.join(SECTIONS)}")
     section = getattr(config, section_name)

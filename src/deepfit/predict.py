@@ -70,11 +70,14 @@ class Predictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", batch_size: int = 256, threads: int = 0) -> Predictor:
+    def from_checkpoint(
+        cls, path: str | Path, *, device: str = "auto", batch_size: int = 256, threads: int = 0, model: torch.nn.Module | None = None
+    ) -> Predictor:
         """threads > 0 sets torch's (process-wide) CPU threads: for one image at a time on a busy
-        machine, 1 thread measured 0.6 ms against 60 ms with 2 (bench/predict.py)."""
+        machine, 1 thread measured 0.6 ms against 60 ms with 2 (bench/predict.py). `model`: your
+        own nn.Module for a run trained with one (its weights are loaded into it)."""
         set_threads(threads)
-        return cls(load_trained_model(path, device=select_device(device)), batch_size=batch_size)
+        return cls(load_trained_model(path, device=select_device(device), model=model), batch_size=batch_size)
 
     @property
     def classes(self) -> list[str]:
