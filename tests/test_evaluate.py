@@ -147,11 +147,27 @@ def test_tta_flip_refused_where_mirrors_change_the_class(tiny_run: Path, capsys:
     assert len(err.splitlines()) == 1 and "flip" in err and "Traceback" not in err
 
 
+def write_image_folder(idx: Path, folder: Path) -> torch.Tensor:
+    """The tiny IDX data as a folder of PNGs (train/ and test/ sub-trees, one sub-folder per
+    class): a source whose flips are allowed. Returns the test images in class, then file order."""
+    test = []
+    for prefix, split in (("train", "train"), ("t10k", "test")):
+        images = read_idx(idx / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(idx / f"{prefix}-labels-idx1-ubyte.gz")
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            (folder / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / split / str(label) / f"{i:04d}.png")
+            if split == "test":
+                test.append((int(label), i, image))
+    return torch.from_numpy(np.stack([image for _, _, image in sorted(test, key=lambda t: t[:2])])).unsqueeze(1)
+
+
 def test_tta_flip_averages_each_image_with_its_mirror(tmp_path: Path) -> None:
     data = write_tiny_idx(tmp_path / "idx", train=100, test=30, side=12)
-    run = train(tmp_path / "run", data, data="fashion-mnist")  # same files; fashion-mnist allows flips
+    images = write_image_folder(data, tmp_path / "photos")  # an image folder allows flips (MNIST and Fashion-MNIST do not)
+    assert main(["train", "--data", str(tmp_path / "photos"), *TINY, "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
     result = evaluate_checkpoint(run, tta="flip", write=False)
-    images = torch.from_numpy(read_idx(data / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
     checkpoint = run / "checkpoints" / "best.pt"
     averaged = reference_logits(checkpoint, images) + reference_logits(checkpoint, images.flip(3))
     assert result.report.tta is True

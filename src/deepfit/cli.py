@@ -4,6 +4,7 @@ module that prints for people; every DeepfitError becomes one line on stderr and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -169,6 +170,23 @@ def resumed_config(run_dir: Path) -> Config:
     return config_from_dict(state["config"])
 
 
+def resume_lines(run_dir: Path, config: Config) -> list[str]:
+    """Where a resumed run picks up, and what --epochs did to its schedule (fit rebuilds a
+    per-step schedule for a new length from the step the run stands at)."""
+    from deepfit.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    done, step, planned = int(state["epoch"]), int(state["step"]), int(state["config"]["train"]["epochs"])
+    lines = [f"resuming {run_dir} at epoch {done + 1}, step {step}"]
+    if done >= config.train.epochs:
+        lines[0] = f"resuming {run_dir}: it has trained {done} epochs, nothing left to train for --epochs {config.train.epochs}"
+    elif planned != config.train.epochs and config.sched.name != "plateau" and (config.sched.name != "none" or config.sched.warmup_epochs):
+        lines.append(
+            f"the {config.sched.name} schedule was planned for {planned} epochs: rebuilt for {config.train.epochs}, from step {step}"
+        )
+    return lines
+
+
 def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Iterable[Any]:
     from tqdm import tqdm
 
@@ -185,6 +203,8 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     echo = print_epoch(config.train.epochs)
     progress = tqdm_progress if config.train.progress and sys.stderr.isatty() else None  # redirected: epoch lines only
+    if args.resume:
+        print("\n".join(resume_lines(Path(args.resume), config)), flush=True)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
     if result.init is not None:
         print(format_init(result.init))
@@ -196,7 +216,10 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         from deepfit.fit import SKIPPED_FILE
 
         print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
-    print(final_line(result.metrics, result.history, config.train.monitor))
+    weights = (
+        f" ({result.weights}, epoch {result.weights_epoch})" if "test_acc" in result.metrics else ""
+    )  # what evaluate, predict and export use
+    print(final_line(result.metrics, result.history, config.train.monitor) + weights)
     print(f"run folder: {result.run_dir}")
     return 0
 
@@ -326,6 +349,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return show_regression(args)
     if task_of(args.run) == "node":
         return show_node(args)
+    if args.kind == "curves":  # needs metrics.csv only, not the model (a run of your own nn.Module too)
+        return show_curves(Path(args.run))
     run = load_run(args.run)  # once: `show all` draws every figure from one loaded model
     options = ShowOptions(image=args.image, layer=args.layer, count=args.count)
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
@@ -340,6 +365,17 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
             print(f"deepfit: show {kind}: {err}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def show_curves(run: Path) -> int:
+    from deepfit.history import read_metrics_csv
+    from deepfit.plots import plot_curves, save_figure
+
+    run_dir = run if run.is_dir() else run.parent.parent  # runs/<name>/checkpoints/x.pt
+    if not (run_dir / "metrics.csv").is_file():
+        raise UsageError(f"{run_dir} has no metrics.csv to draw curves from")
+    print(save_figure(plot_curves(read_metrics_csv(run_dir / "metrics.csv")), run_dir / "plots" / "curves.png"))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -768,9 +804,30 @@ def run(argv: Sequence[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0 if not argv else 2
+    extra = allow_named_model_class(extra, keep=args.command in ACCEPTS_OVERRIDES)
     if extra and args.command not in ACCEPTS_OVERRIDES:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
     return COMMANDS[args.command](args, extra)
+
+
+def allow_named_model_class(extra: Sequence[str], *, keep: bool) -> list[str]:
+    """`--model.class pkg.mod:Net` names the user's own model: deepfit may import it (never only
+    because a checkpoint names it). Commands without config overrides take just this flag."""
+    from deepfit.models import allow_model_class
+
+    rest, items = [], list(extra)
+    while items:
+        flag = items.pop(0)
+        if flag.startswith("--model.class="):
+            items.insert(0, flag.partition("=")[2])
+            flag = "--model.class"
+        if flag == "--model.class" and items:
+            value = items.pop(0)
+            allow_model_class(value)
+            rest += [flag, value] if keep else []
+        else:
+            rest.append(flag)
+    return rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -781,15 +838,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeepfitError as err:
         print(f"deepfit: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `deepfit predict ... | head`: the reader has gone, so stop quietly
+        return quiet_broken_pipe()
     except NonFiniteError as err:
         print(f"deepfit: stopped: {err}", file=sys.stderr)
         return NonFiniteError.exit_code
     except (StopRequested, KeyboardInterrupt) as err:
+        if argv is None:  # the console script: a press while the interpreter shuts down printed a threading traceback
+            ignore_further_signals()
         print(f"deepfit: stopped: {str(err) or 'interrupted'}", file=sys.stderr)
         run_dir = getattr(err, "run_dir", None)
         if run_dir is not None:
             print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)
         return int(getattr(err, "exit_code", StopRequested.exit_code))  # 130 SIGINT, 143 SIGTERM
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what `cat` reports when its reader leaves
+
+
+def quiet_broken_pipe() -> int:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise again (Python's
+    documented recipe); no traceback, no message: the reader chose to stop reading."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return BROKEN_PIPE_EXIT
+
+
+def ignore_further_signals() -> None:
+    """The process is on its way out after a stop: more Ctrl-C presses change nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

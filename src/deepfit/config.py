@@ -62,6 +62,7 @@ class ModelConfig:
     init_from: str | None = None  # start from the weights of an earlier run or checkpoint
     channels_last: Literal["auto", "on", "off"] = "auto"  # memory layout of conv activations
     compile: bool = False  # torch.compile the model for training (measured: slower on small CPU models)
+    class_path: str | None = None  # your own nn.Module as 'module:Class', built with no arguments (flag: --model.class)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class TrainConfig:
     keep_last: int = 1  # step checkpoints kept besides last.pt and best.pt
     monitor: str = "val_acc"  # metric deciding best.pt and early stopping (val_loss: lower wins)
     early_stop: int = 0  # stop after this many epochs without improvement (0: never)
-    restore_best: bool = False  # with early stopping: end with the best weights
+    restore_best: bool = True  # end with best.pt's weights (the monitor's best): the final test line, evaluate, predict, export use them
     clip_grad: float = 0.0  # clip the gradient norm to this value (0: off)
     accumulate: int = 1  # optimizer step every this many batches
     precision: Literal["32", "bf16", "fp16"] = "32"  # autocast dtype (fp16: CUDA only)
@@ -261,6 +262,7 @@ def unknown_key(dotted: str, detail: str) -> UnknownKeyError:
 def set_value(config: Config, dotted: str, value: Any) -> None:
     """Set `section.field` (hyphens allowed) to `value`, coerced and checked against the field type."""
     section_name, _, key = dotted.replace("-", "_").partition(".")
+    key = "class_path" if (section_name, key) == ("model", "class") else key  # `class` is a Python keyword
     if section_name not in SECTIONS or not key:
         raise unknown_key(dotted, f"keys look like section.field, sections: {', '.join(SECTIONS)}")
     section = getattr(config, section_name)

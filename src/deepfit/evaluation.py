@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ def evaluate_checkpoint(
     report = build_report(logits, labels, trained, source=source, split=split, tta=use_flip)
     result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy())
     if write:
-        result.report_path, result.figure_path = output_paths(trained.path, Path(path))
+        label = evaluation_label(trained, Path(path), data=data, split=split, tta=use_flip)
+        result.report_path, result.figure_path = output_paths(trained.path, Path(path), label)
         write_report_json(report, result.report_path)
         from deepfit.plots import plot_confusion, save_figure  # matplotlib only when a figure is drawn
 
@@ -238,13 +240,36 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = PAIRS_SHO
     return [ConfusedPair(classes[t], classes[p], count, count / int(support[t])) for count, t, p in cells[:limit]]
 
 
-def output_paths(checkpoint: Path, given: Path) -> tuple[Path, Path]:
-    """report.json and plots/confusion.png in the run folder; beside a bare checkpoint, named after it."""
+def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: bool) -> str:
+    """'' for the run's own evaluation (the weights the run stands for, its own data, the test
+    split, no TTA); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
+    Other evaluations are written beside the run's own under this name, never over it."""
+    parts = []
+    if given.is_file() and run_folder(given) is not None and trained.path.name != resolved_name(trained.path):
+        parts.append(trained.path.stem)  # an explicit checkpoint other than the one the run stands for
+    if data is not None and data != trained.config.data.name:
+        parts.append("data-" + Path(data.rstrip("/")).name.split(".")[0])
+    if split != "test":
+        parts.append(split)
+    if tta:
+        parts.append("tta-flip")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def resolved_name(checkpoint: Path) -> str:
+    """The file name a run folder stands for: best.pt, else last.pt."""
+    return "best.pt" if (checkpoint.parent / "best.pt").is_file() else "last.pt"
+
+
+def output_paths(checkpoint: Path, given: Path, label: str = "") -> tuple[Path, Path]:
+    """report.json and plots/confusion.png in the run folder (report-LABEL.json and
+    plots/confusion-LABEL.png for other evaluations); beside a bare checkpoint, named after it."""
+    suffix = f"-{label}" if label else ""
     run_dir = run_folder(given) or run_folder(checkpoint)
     if run_dir is not None:
-        return run_dir / "report.json", run_dir / "plots" / "confusion.png"
+        return run_dir / f"report{suffix}.json", run_dir / "plots" / f"confusion{suffix}.png"
     stem = checkpoint.with_suffix("")
-    return stem.with_name(f"{stem.name}.report.json"), stem.with_name(f"{stem.name}.confusion.png")
+    return stem.with_name(f"{stem.name}.report{suffix}.json"), stem.with_name(f"{stem.name}.confusion{suffix}.png")
 
 
 def write_report_json(report: EvaluationReport, path: Path) -> None:

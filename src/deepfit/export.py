@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from deepfit.errors import DeepfitError
+from deepfit.optional import import_optional
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
 
 FORMATS = ("onnx", "torchscript")
@@ -50,24 +52,50 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     """Export a run folder or checkpoint; the written file has been checked against PyTorch."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    if format == "onnx":
+        require_onnx()  # before anything is read or written
     trained = load_trained_model(path, channels_last=False)  # exported graphs take plain NCHW
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
-    target.parent.mkdir(parents=True, exist_ok=True)
     example = sample_inputs(trained, 2, seed=0)
     exporter = ""
-    if format == "onnx":
-        exporter = write_onnx(trained, example, target)
-    else:
-        write_torchscript(trained, example, target)
-    try:
-        diff = verify(trained, target, format)
-    except ExportError:
-        target.unlink(missing_ok=True)
-        raise
-    if not diff <= TOLERANCE:  # also catches NaN
-        target.unlink(missing_ok=True)
-        raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
+    with new_folders(target.parent):
+        if format == "onnx":
+            exporter = write_onnx(trained, example, target)
+        else:
+            write_torchscript(trained, example, target)
+        try:
+            diff = verify(trained, target, format)
+        except ExportError:
+            target.unlink(missing_ok=True)
+            raise
+        if not diff <= TOLERANCE:  # also catches NaN
+            target.unlink(missing_ok=True)
+            raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
     return ExportResult(target, format, diff, CHECK_BATCHES, exporter)
+
+
+ONNX_PACKAGES = ("onnx", "onnxruntime")  # write, check (without onnxscript write_onnx falls back to the TorchScript-based exporter)
+
+
+def require_onnx() -> None:
+    """deepfit depends on these, but a partial install may lack one: one line and the pip command."""
+    for module in ONNX_PACKAGES:
+        import_optional(module, extra="", purpose="deepfit export --format onnx")
+
+
+@contextlib.contextmanager
+def new_folders(folder: Path) -> Iterator[None]:
+    """Create `folder` (and missing parents) for the export; if the export fails, remove the
+    folders created here again, so a failed export leaves no empty RUN/export/ behind."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only when empty: never deletes what someone else put there
+        raise
 
 
 def default_out(given: Path, checkpoint: Path, format: str) -> Path:

@@ -3,11 +3,12 @@ Reads like a table of contents; the loop itself lives in engine.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,9 +27,9 @@ from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import LR_FILE, LrPoint, Row, write_lr_csv, write_metrics_csv
-from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import NothingTrained, SignalStop, StopFlag, stop_on_signals
 from deepfit.metrics import classification_metrics
-from deepfit.models import build_model, freeze_backbone, parameter_groups
+from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
@@ -48,6 +49,8 @@ class FitResult:
     data: DataBundle
     stopped_early: str | None = None  # why training ended before train.epochs, if it did
     init: InitReport | None = None  # what --init-from copied and which tensors did not match
+    weights: str = "last.pt"  # the checkpoint whose weights `model` and `metrics` are: best.pt unless restore_best is off
+    weights_epoch: int = 0  # the epoch those weights finished
 
 
 @dataclass
@@ -108,18 +111,24 @@ def fit(
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
+    if model is not None and not type(model).__module__.startswith("deepfit."):  # config.yaml and the checkpoint say whose model
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="custom", class_path=class_path_of(model)))
     anchor_paths(config.data)
     set_threads(config.train.threads)
     set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
-    run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
+    try:
+        run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
+    except KeyboardInterrupt:  # Ctrl-C while data and model are built, before the handlers below
+        raise NothingTrained() from None
     with open_trackers(run, resumed=resume is not None):
         with stop_on_signals() as run.signals:
             try:
                 train_epochs(run, progress, on_epoch)
             except StopRequested as stop:
-                save_state(run, mid_epoch=True)
+                with run.signals.protect():  # a second Ctrl-C must not cost the checkpoint
+                    save_state(run, mid_epoch=True)
                 if isinstance(stop, SignalStop):
                     stop.run_dir = run.run_dir
                 if run.stopped_early != "time limit":
@@ -212,10 +221,21 @@ def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torc
     """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
     o = config.optim
     groups = parameter_groups(net, lr=o.lr, config=config.model)
-    return build_optimizer(
-        o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-        betas=(o.betas[0], o.betas[1]), device=device,
-    )  # fmt: skip
+    with config_choice(f"optim.name {o.name}"):
+        return build_optimizer(
+            o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+            betas=(o.betas[0], o.betas[1]), device=device,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def config_choice(what: str) -> Iterator[None]:
+    """torch's ValueError for a setting it rejects (a negative momentum, betas out of range, a
+    schedule the optimizer cannot follow) becomes one line naming the config choice."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"{what}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -245,11 +265,12 @@ def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     s = config.sched
     mode = "min" if config.train.monitor.endswith("loss") else "max"
-    return build_scheduler(
-        s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
-        step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
-        pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
-    )  # fmt: skip
+    with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
+        return build_scheduler(
+            s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
+            step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
+            pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
+        )  # fmt: skip
 
 
 def new_run_dir(config: Config) -> Path:
@@ -429,9 +450,13 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
 def restore(run: Run, path: Path) -> None:
     state = ckpt.load_checkpoint(path)
     restore_weights(run, state, path)
+    fresh_lrs = [group["lr"] for group in run.optimizer.param_groups]  # where the schedule built for this run starts
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
-        run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
+        if schedule_rebuilt(run, state):
+            fast_forward(run, fresh_lrs, int(state["scheduler"].get("last_epoch", state["step"])))
+        else:
+            run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
@@ -454,6 +479,28 @@ def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
         run.ema.module.load_state_dict(unwrap(run.model).state_dict())
 
 
+def schedule_rebuilt(run: Run, state: dict[str, Any]) -> bool:
+    """Whether `--resume --epochs N` changed the length of a per-step schedule that still has
+    steps to run: then the schedule is rebuilt for N epochs rather than stretched (a stretched
+    one-cycle climbed back to its peak lr; a finished cosine stayed at its minimum)."""
+    saved_epochs = int(state["config"].get("train", {}).get("epochs", run.config.train.epochs))
+    per_step = run.schedule_interval == "step" and not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return per_step and saved_epochs != run.config.train.epochs and int(state["epoch"]) < run.config.train.epochs
+
+
+def fast_forward(run: Run, fresh_lrs: list[float], steps: int) -> None:
+    """The schedule built for this run's epochs, stepped to where the run stands: its lr is the
+    new schedule's at that step (deterministic, so a second resume rebuilds it the same way)."""
+    import warnings
+
+    for group, lr in zip(run.optimizer.param_groups, fresh_lrs, strict=True):
+        group["lr"] = lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": replaying, not training
+        for _ in range(steps):
+            run.scheduler.step()
+
+
 SPAN_KEYS = ("total_steps", "T_max", "step_size", "milestones", "_milestones")
 
 
@@ -468,10 +515,14 @@ def keep_span(saved: Any, fresh: Any) -> Any:
 
 
 def finish(run: Run) -> FitResult:
-    """Restore best weights if asked, measure the test split once, draw the curves."""
-    if run.config.train.restore_best and run.best_epoch and run.best_epoch != run.epoch:
-        best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
-        ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
+    """Restore the best weights (the run stands for best.pt, as evaluate, predict and export read
+    it), measure the test split once with them, draw the curves."""
+    weights, epoch = "last.pt", run.epoch
+    if run.config.train.restore_best and run.best_epoch:
+        weights, epoch = "best.pt", run.best_epoch
+        if run.best_epoch != run.epoch:
+            best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
+            ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history:
@@ -480,4 +531,4 @@ def finish(run: Run) -> FitResult:
         save_figure(plot_curves(run.history, lrs=run.lrs), run.run_dir / "plots" / "curves.png")
     figures = functools.partial(draw_test_figures, evaluated(run), run.data, device=run.device, batch_size=run.config.data.eval_batch_size)
     run.tracker.log_final(run.step, final_record(run.config, run.run_dir, metrics, figures))
-    return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init)
+    return FitResult(unwrap(evaluated(run)), run.history, metrics, run.run_dir, run.data, run.stopped_early, run.init, weights, epoch)

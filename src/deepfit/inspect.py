@@ -241,23 +241,19 @@ def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def load_image_file(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """A PNG/JPEG file -> uint8 (C, H, W) in the run's channels and size."""
-    from torchvision.io import ImageReadMode, decode_image
+    """Any image file -> uint8 (C, H, W) in the run's channels and size, by the decoder training
+    and `predict` use (BMP, TIFF, a colour WebP for a grayscale model, ...)."""
+    from deepfit.data.decode import decode_image
 
     file = Path(path)
     if file.is_dir():
         raise InspectError(f"--image {file} is a folder; give one image file")
     if not file.is_file():
         raise InspectError(f"--image {file}: no such file")
-    mode = ImageReadMode.GRAY if shape[0] == 1 else ImageReadMode.RGB
     try:
-        image = decode_image(str(file), mode=mode)
-    except (RuntimeError, ValueError) as err:
-        raise InspectError(f"--image {file} could not be decoded: {str(err).splitlines()[0]}") from None
-    if tuple(image.shape[1:]) != shape[1:]:
-        resized = nn.functional.interpolate(image[None].float(), size=shape[1:], mode="bilinear", antialias=True, align_corners=False)
-        image = resized[0].round().clamp(0, 255).to(torch.uint8)
-    return image
+        return torch.as_tensor(decode_image(file, channels=shape[0], size=(shape[1], shape[2])))
+    except DeepfitError as err:
+        raise InspectError(f"--image {err}") from None
 
 
 # --- figures ------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """SIGINT/SIGTERM during training: the handler only records the signal; training checks it at
-the next step boundary, writes a resumable checkpoint and raises SignalStop. A second signal of
-the same kind stops at once (KeyboardInterrupt / SystemExit), for a run that hangs."""
+the next step boundary, writes a resumable checkpoint and raises SignalStop. A second signal
+never aborts that orderly stop (two quick Ctrl-C presses lost the checkpoint, issue 12); a third
+one abandons it (Abandoned: a run that hangs can still be stopped), except while the checkpoint
+is being written, which always finishes."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 from deepfit.errors import StopRequested
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+ABANDON_AT = 3  # the signal count that gives up on the orderly stop
+Notify = Callable[[str], None]
 
 
 class SignalStop(StopRequested):
@@ -27,20 +32,56 @@ class SignalStop(StopRequested):
         self.run_dir = run_dir
 
 
+class NothingTrained(StopRequested):
+    """Interrupted while the data and model were being built: no step ran, nothing to resume."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted before training started: nothing was trained; start the run again")
+
+
+class Abandoned(KeyboardInterrupt):
+    """The user signalled ABANDON_AT times: stopped at once, without a new checkpoint. A
+    KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received {ABANDON_AT} times: stopped without saving; training since the last checkpoint is lost")
+        self.exit_code = 128 + signum
+
+
 class StopFlag:
     """The first signal that arrived, or None; set from the handler, read by the loop."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.count = 0  # signals received so far
+        self.saving = False  # the stop's checkpoint is being written: no signal interrupts it
 
     def check(self, run_dir: Path | None = None) -> None:
         """Raise SignalStop if a signal arrived since training started."""
         if self.signum is not None:
             raise SignalStop(self.signum, run_dir)
 
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """While the stop's checkpoint is written, further signals only leave a note."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+def write_stderr(message: str) -> None:
+    """The handler's words to the person pressing Ctrl-C: only a signal handler knows when they
+    pressed again, and the main thread is busy, so it writes the line itself."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"deepfit: {message}\n")
+        sys.stderr.flush()
+
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
+def stop_on_signals(notify: Notify = write_stderr) -> Iterator[StopFlag]:
     """Install the handlers for the duration of training (main thread only; elsewhere signals
     keep their usual behaviour) and put back the previous ones afterwards."""
     flag = StopFlag()
@@ -50,12 +91,17 @@ def stop_on_signals() -> Iterator[StopFlag]:
     previous: dict[int, Any] = {int(signum): signal.getsignal(signum) for signum in HANDLED}
 
     def handle(signum: int, frame: FrameType | None) -> Any:
-        if flag.signum == signum:  # asked twice: stop now, as without deepfit
-            signal.signal(signum, previous[signum])
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        flag.signum = signum
+        flag.count += 1
+        if flag.signum is None:
+            flag.signum = signum
+        elif flag.saving:
+            notify("still writing the checkpoint; it finishes first")
+        elif flag.count >= ABANDON_AT:
+            raise Abandoned(signum)
+        else:
+            notify(
+                "stopping at the next step and saving a checkpoint; signal again to abandon it (training since the last checkpoint is lost)"
+            )
 
     for signum in HANDLED:
         signal.signal(signum, handle)

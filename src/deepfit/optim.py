@@ -126,7 +126,16 @@ def build_onecycle(optimizer: Optimizer, *, span: ScheduleSpan, max_lr: float | 
     total = max(3, span.total)
     # torch divides by the length of each phase: with a few steps (a tiny dataset) keep both >= 1/2 step
     pct = min(max(pct_start, 1.5 / total), 1.0 - 1.5 / total)
-    return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=pct)
+    return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=pct, cycle_momentum=has_momentum(optimizer))
+
+
+def has_momentum(optimizer: Optimizer) -> bool:
+    """Whether one-cycle may cycle the momentum: Adam-style betas, or a momentum the user turned on.
+    Adagrad and Adadelta have neither (torch raises), and cycling an SGD or RMSprop momentum of 0
+    would switch on a momentum the config turned off."""
+    if "betas" in optimizer.defaults:
+        return True
+    return float(optimizer.defaults.get("momentum", 0.0) or 0.0) > 0.0
 
 
 @SCHEDULERS.register("plateau")

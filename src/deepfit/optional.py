@@ -15,11 +15,11 @@ class MissingDependencyError(DeepfitError):
 
 def import_optional(module: str, *, extra: str, purpose: str) -> ModuleType:
     """import `module`, or raise MissingDependencyError saying what needs it and how to install it.
-    `extra` is the deepfit extra that brings it (serve, graph, track); `purpose` says what needs it."""
+    `extra` is the deepfit extra that brings it (serve, graph, track), or "" for a package deepfit
+    itself depends on (onnx: a broken or partial install); `purpose` says what needs it."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
         missing = (err.name or module).split(".")[0]
-        raise MissingDependencyError(
-            f"{purpose} needs the package {missing!r}, which is not installed: pip install 'deepfit[{extra}]'"
-        ) from None
+        command = f"pip install 'deepfit[{extra}]'" if extra else f"pip install {missing}"
+        raise MissingDependencyError(f"{purpose} needs the package {missing!r}, which is not installed: {command}") from None

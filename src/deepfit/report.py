@@ -74,6 +74,7 @@ def render_report(run: LoadedRun) -> str:
         summary_section(run),
         metrics_section(run.run_dir / "metrics.csv"),
         evaluation_section(run.run_dir / "report.json"),
+        *other_evaluations(run.run_dir),
         figures_section(run),
         "<h2>Config</h2>",
         f"<pre>{esc(yaml.safe_dump(run.config.to_dict(), sort_keys=False))}</pre>",
@@ -164,19 +165,32 @@ def confusion_html(matrix: list[list[int]], classes: list[str]) -> str:
     return f"<table class='confusion'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def evaluation_section(path: Path) -> str:
+OWN_EVALUATION = "the run's own evaluation: its test split, the weights the run stands for (best.pt), no test-time flips"
+
+
+def other_evaluations(run_dir: Path) -> list[str]:
+    """The evaluations `deepfit evaluate` wrote beside the run's own (report-LABEL.json: another
+    split, other data, test-time flips, another checkpoint), each headed by what it is."""
+    return [
+        evaluation_section(path, title=f"Evaluation: {path.stem.removeprefix('report-')}", note=f"not the run's own: {path.name}")
+        for path in sorted(run_dir.glob("report-*.json"))
+    ]
+
+
+def evaluation_section(path: Path, title: str = "Evaluation", note: str = OWN_EVALUATION) -> str:
     """report.json from `deepfit evaluate`: scalars in one table, each list or mapping of records
     (per-class metrics, confusion pairs, ...) in a table of its own, anything else as JSON."""
     if not path.is_file():
-        return "<h2>Evaluation</h2><p class='note'>no report.json yet: run <code>deepfit evaluate</code> on this run</p>"
+        return f"<h2>{esc(title)}</h2><p class='note'>no report.json yet: run <code>deepfit evaluate</code> on this run</p>"
+    heading = f"<h2>{esc(title)}</h2>"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        return f"<h2>Evaluation</h2><p class='note'>report.json could not be read: {esc(err)}</p>"
+        return f"{heading}<p class='note'>{esc(path.name)} could not be read: {esc(err)}</p>"
     if not isinstance(report, dict):
-        return f"<h2>Evaluation</h2><pre>{esc(json.dumps(report, indent=2))}</pre>"
+        return f"{heading}<pre>{esc(json.dumps(report, indent=2))}</pre>"
     scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or v is None or k == "classes"}
-    parts = ["<h2>Evaluation</h2>", table_html([{"metric": k, "value": v} for k, v in scalars.items()])]
+    parts = [heading, f"<p class='note'>{esc(note)}</p>", table_html([{"metric": k, "value": v} for k, v in scalars.items()])]
     for key, value in report.items():
         if key == "confusion" and isinstance(value, list):
             parts.append(f"<h3>confusion matrix</h3>{confusion_html(value, list(report.get('classes') or []))}")

@@ -51,7 +51,15 @@ class TrainedModel:
         )
 
 
-def load_trained_model(path: str | Path, *, device: torch.device | None = None, channels_last: bool | None = None) -> TrainedModel:
+def load_trained_model(
+    path: str | Path, *, device: torch.device | None = None, channels_last: bool | None = None, model: nn.Module | None = None
+) -> TrainedModel:
+    """Rebuild the model a checkpoint (or a run folder: best.pt, else last.pt) describes, or load
+    its weights into `model` (your own nn.Module, for a run trained with one)."""
+    return load_into(path, device=device, channels_last=channels_last, given=model)
+
+
+def load_into(path: str | Path, *, device: torch.device | None, channels_last: bool | None, given: nn.Module | None) -> TrainedModel:
     """Rebuild the model a checkpoint (or a run folder: best.pt, else last.pt) describes.
     Every problem with the file is a CheckpointError: missing, empty, corrupt, unsafe, another
     format version, a config or architecture this deepfit cannot build, weights that do not fit."""
@@ -65,7 +73,7 @@ def load_trained_model(path: str | Path, *, device: torch.device | None = None, 
         architecture.init_from = None
         input_shape = shape_of(state["input_shape"])
         classes = [str(name) for name in state["classes"]]
-        model = build_model(architecture, input_shape=input_shape, num_classes=len(classes))
+        model = given if given is not None else build_model(architecture, input_shape=input_shape, num_classes=len(classes))
     except (ConfigError, TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{file}: cannot rebuild its model: {err}") from None
     load_model_state(model, state["model"], file)

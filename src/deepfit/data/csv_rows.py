@@ -60,9 +60,10 @@ def is_header(line: bytes) -> bool:
     return False
 
 
-def read_pixel_csv(path: str | Path, *, image_shape: str | None = None) -> ImageSet:
+def read_pixel_csv(path: str | Path, *, image_shape: str | None = None, unlabelled_ok: bool = False) -> ImageSet:
     """CSV rows 'label,p0,p1,...' -> ImageSet uint8 (N, C, H, W) + int64 labels; every malformed
-    row is reported with its line number (1-based, header included)."""
+    row is reported with its line number (1-based, header included). unlabelled_ok (prediction,
+    image_shape given): rows of pixels only are read too, with labels 0."""
     path = Path(path)
     lines = read_lines(path)
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
@@ -72,12 +73,17 @@ def read_pixel_csv(path: str | Path, *, image_shape: str | None = None) -> Image
         raise DataError(f"{path} has no data rows")
     widths = [line.count(b",") + 1 for _, line in numbered]
     width = widths[0] if image_shape is None else math.prod(parse_image_shape(image_shape)) + 1
+    labelled = not (unlabelled_ok and image_shape is not None and widths[0] == width - 1)
+    width -= 0 if labelled else 1
     wrong = [(n, w) for (n, _), w in zip(numbered, widths, strict=True) if w != width]
     if wrong:
         n, w = wrong[0]
-        raise DataError(f"{path} line {n}: {w} values, expected {width} (label + pixels); {len(wrong)} row(s) like this")
+        expected = f"{width} (label + pixels)" if labelled else f"{width} (pixels, no label)"
+        raise DataError(f"{path} line {n}: {w} values, expected {expected}; {len(wrong)} row(s) like this")
     shape = parse_image_shape(image_shape) if image_shape else guess_shape(width - 1)
     values = parse_values(path, numbered, width)
+    if not labelled:
+        values = np.concatenate([np.zeros((len(values), 1)), values], axis=1)
     pixels = values[:, 1:]
     check_range(path, numbered, pixels)
     labels = values[:, 0]

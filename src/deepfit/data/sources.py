@@ -39,7 +39,7 @@ IDX_DATASETS = {
         "fashion-mnist",
         "FashionMNIST",
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        flip_ok=True,
+        flip_ok=False,  # every shoe faces left: test-time flips took a run from 89.44% to 79.00% (issue 12)
     ),
 }
 

@@ -24,12 +24,15 @@ from deepfit.models.transfer import (  # noqa: E402
     parameter_groups,
     starts_pretrained,
 )
+from deepfit.models.user import allow_model_class, build_user_model, class_path_of  # noqa: E402
 
 __all__ = [
     "MODELS",
     "ModelSummary",
     "WeightCopy",
+    "allow_model_class",
     "build_model",
+    "class_path_of",
     "copy_matching_weights",
     "describe_models",
     "format_summary",
@@ -54,6 +57,8 @@ def describe_models() -> list[tuple[str, str]]:
 def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Build the registered model `config.name` for (C, H, W) inputs and `num_classes` outputs.
     An input too small for the architecture (a dummy forward pass fails) is a ConfigError."""
+    if config.class_path:  # the user's own nn.Module, rebuilt from its import path
+        return build_user_model(config.class_path)
     builder = MODELS.get(config.name)
     try:
         return builder(config=config, input_shape=input_shape, num_classes=num_classes)
