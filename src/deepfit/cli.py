@@ -74,7 +74,8 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", help="random seed")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt (auto: --out's)")
+    parser.add_argument("--devices", metavar="N", type=int, help="train on N ranks of this machine via torchrun")
     parser.add_argument("--checkpoint-every", metavar="STEPS", help="also checkpoint every STEPS batches")
     parser.add_argument("--keep-last", metavar="K", help="step checkpoints to keep")
     parser.add_argument("--monitor", help="metric for best.pt and early stopping (val_acc, val_loss, val_f1, ...)")
@@ -149,16 +150,25 @@ def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Itera
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit import launch
     from deepfit.fit import fit
 
+    args.resume = launch.resolve_resume(args.resume, args.out)
     config = resolve_train_config(args, extra)
     if config.data.task == "regression":
         return train_regression(config, args)
     if config.data.task == "node":
         return train_node(config, args)
-    echo = print_epoch(config.train.epochs)
-    progress = tqdm_progress if config.train.progress else None
+    if args.devices and args.devices > 1 and not launch.in_worker():
+        return train_on_devices(args, config)
+    main_rank = launch.is_rank0()  # under torchrun only rank 0 prints progress
+    if args.resume and main_rank and (note := launch.world_change_note(Path(args.resume))):
+        print(note)
+    echo = print_epoch(config.train.epochs) if main_rank else None
+    progress = tqdm_progress if config.train.progress and main_rank else None
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
+    if not main_rank:
+        return 0
     if result.init is not None:
         print(format_init(result.init))
     if result.stopped_early:
@@ -175,6 +185,18 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
             print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def train_on_devices(args: argparse.Namespace, config: Config) -> int:
+    """Checked here first, so bad input stops before any rank starts; then torchrun in-process."""
+    from deepfit import launch
+    from deepfit.config import validate
+
+    validate(config)
+    code, message = launch.launch(args.argv, args.devices)
+    if message:
+        print(f"deepfit: {message}", file=sys.stderr)
+    return code
 
 
 def format_init(init: InitReport) -> str:
@@ -715,6 +737,7 @@ def run(argv: Sequence[str]) -> int:
         return 2
     if extra and args.command not in ACCEPTS_OVERRIDES:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    args.argv = list(argv)  # train --devices N hands the same command line to each rank
     return COMMANDS[args.command](args, extra)
 
 
