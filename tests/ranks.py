@@ -41,11 +41,11 @@ def digits_config(out: Path, **overrides: Any) -> Config:
     return config
 
 
-def rank_main(rank: int, size: int, port: int, config: Config, resume: str | None, stop_at: int | None) -> None:
-    """One rank: torchrun's environment variables, then the ordinary fit()."""
+def rank_main(rank: int, size: int, port: int, config: Config, resume: str | None, stop_at: int | None, build: Any) -> None:
+    """One rank: torchrun's environment variables, then the ordinary fit() (of `build()` when given)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks on two cores
-    fit(config, resume=resume, progress=stop_after(stop_at) if stop_at else None)
+    fit(config, resume=resume, progress=stop_after(stop_at) if stop_at else None, model=build() if build else None)
 
 
 def stop_after(batches: int) -> Callable[[Any, str, int], Any]:
@@ -64,10 +64,12 @@ def stop_after(batches: int) -> Callable[[Any, str, int], Any]:
 
 
 @contextlib.contextmanager
-def forked_ranks(size: int, config: Config, *, resume: str | None = None, stop_at: int | None = None) -> Iterator[list[Any]]:
+def forked_ranks(
+    size: int, config: Config, *, resume: str | None = None, stop_at: int | None = None, build: Callable[[], Any] | None = None
+) -> Iterator[list[Any]]:
     """Start `size` ranks of fit(config); yields the processes; kills any still alive on exit."""
     port = free_port()
-    procs = [FORK.Process(target=rank_main, args=(rank, size, port, config, resume, stop_at), daemon=True) for rank in range(size)]
+    procs = [FORK.Process(target=rank_main, args=(rank, size, port, config, resume, stop_at, build), daemon=True) for rank in range(size)]
     try:
         for proc in procs:
             proc.start()
@@ -79,9 +81,17 @@ def forked_ranks(size: int, config: Config, *, resume: str | None = None, stop_a
             proc.join(5)
 
 
-def run_ranks(size: int, config: Config, *, timeout: float = 240, resume: str | None = None, stop_at: int | None = None) -> list[int]:
+def run_ranks(
+    size: int,
+    config: Config,
+    *,
+    timeout: float = 600,
+    resume: str | None = None,
+    stop_at: int | None = None,
+    build: Callable[[], Any] | None = None,
+) -> list[int]:
     """Run fit(config) on `size` forked ranks to the end; their exit codes."""
-    with forked_ranks(size, config, resume=resume, stop_at=stop_at) as procs:
+    with forked_ranks(size, config, resume=resume, stop_at=stop_at, build=build) as procs:
         deadline = time.monotonic() + timeout
         for proc in procs:
             proc.join(max(0.1, deadline - time.monotonic()))

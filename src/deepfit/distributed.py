@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from deepfit.data import BatchLoader, ImageSet, StreamLoader
 from deepfit.data.loader import share_rows
@@ -128,7 +129,7 @@ def wrap_model(model: nn.Module, device: torch.device, loader: BatchLoader | Str
     if not active():
         return model
     if sync_bn:
-        model = convert_sync_batchnorm(model, device)
+        model = convert_sync_batchnorm(model, device, share=lambda: loader.batch_weight)
     ids = [device.index] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ddp.register_comm_hook(loader, weighted_mean_hook)
@@ -144,21 +145,27 @@ def weighted_mean_hook(loader: Any, bucket: dist.GradBucket) -> torch.futures.Fu
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, device: torch.device, share: Callable[[], float] = lambda: 1.0) -> nn.Module:
     """torch's SyncBatchNorm on GPUs; on the CPU (where torch's refuses to run) GlooSyncBatchNorm,
     the same statistics over every rank's rows, all-reduced with autograd."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cpu":
         for module in model.modules():
             if isinstance(module, nn.SyncBatchNorm):
-                module.__class__ = GlooSyncBatchNorm
+                module.__class__ = GlooSyncBatchNorm  # type: ignore[assignment]  # same state, CPU forward
+                module.share = share  # type: ignore[assignment]
     return model
 
 
-class GlooSyncBatchNorm(nn.SyncBatchNorm):
+class GlooSyncBatchNorm(_BatchNorm):
     """BatchNorm over the global batch for CPU ranks: count, sum and sum of squares per channel are
     all-reduced (differentiably, so gradients flow through the shared statistics as in torch's
-    CUDA kernel); running statistics use the unbiased variance of the global batch."""
+    CUDA kernel); running statistics use the unbiased variance of the global batch. Not a
+    SyncBatchNorm subclass: DDP refuses those on CPU modules."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
@@ -168,7 +175,10 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         dims = [0, *range(2, input.dim())]  # all but the channel axis of (B, C, ...)
         count = torch.tensor(float(input.numel() // input.shape[1]), dtype=input.dtype)
         stats = torch.cat([count.expand(1), input.sum(dims), (input * input).sum(dims)])  # (1 + 2C,)
-        stats = all_reduce(stats)
+        # Gradients through the shared statistics: rank s's loss is a mean over its rows, weighted
+        # w_s in the gradient average; rank r must receive sum_s w_s dL_s / w_r.
+        w = self.share() or 1.0
+        stats = ScaleGrad.apply(all_reduce(ScaleGrad.apply(stats, 1.0 / w)), w)
         total, mean = stats[0], stats[1 : 1 + input.shape[1]] / stats[0]
         var = stats[1 + input.shape[1] :] / total - mean * mean  # biased, as batch norm normalises
         self.track(mean, var, total)
@@ -177,6 +187,8 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out
+
+    share: Callable[[], float] = staticmethod(lambda: 1.0)  # this rank's rows / global rows of the batch
 
     @torch.no_grad()
     def track(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
@@ -187,6 +199,19 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         unbiased = var * total / (total - 1).clamp(min=1)
         self.running_mean.lerp_(mean.detach(), momentum)
         self.running_var.lerp_(unbiased.detach(), momentum)
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 def without_ddp(model: nn.Module) -> nn.Module:

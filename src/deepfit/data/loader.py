@@ -17,7 +17,7 @@ from deepfit.errors import DataError
 
 AUGMENT_PRESETS = ("none", "flip-crop", "random-resized-crop")
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
-Share = tuple[slice, int]  # the rows of a global batch one rank holds, and that batch's size
+Share = tuple[Any, int]  # the rows (a slice, or an index tensor) of a global batch one rank holds, and that batch's size
 
 
 def share_rows(total: int, rank: int, size: int) -> slice:
@@ -117,7 +117,7 @@ class EpochOrder:
 
     def hand_out(self, share: Share) -> None:
         """Book a batch share as handed out: images counted, its weight kept for the gradient average."""
-        rows = share[0].stop - share[0].start
+        rows = len(share[0]) if isinstance(share[0], torch.Tensor) else share[0].stop - share[0].start
         self.position += 1
         self.rows_this_epoch += rows
         self.batch_weight = rows / max(share[1], 1)
@@ -230,10 +230,11 @@ class StreamLoader(EpochOrder):
         try:
             for images, labels, failures in batches:
                 share = self.batch_share(self.position)
-                self.hand_out(share)
                 keep = raise_failures(failures, len(labels), skip_bad=self.skip_bad)
-                if keep is not None:
+                if keep is not None:  # skipped files: their random draws are made and left unused
                     images, labels = images[keep], labels[keep]
+                    share = (torch.arange(share[0].start, share[0].stop)[keep], share[1])
+                self.hand_out(share)
                 if len(labels):
                     yield self.prepare(images, share), labels.to(self.device, non_blocking=True)
             finished = True
