@@ -118,8 +118,22 @@ def deepfit_process(args: Sequence[str], *, cwd: Path, launcher: Sequence[str] =
     )
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (torchrun starts each rank in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
 def end_tree(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL the process group the test started, launcher and ranks alike."""
+    """SIGKILL what the test started: the launcher's ranks (in their own sessions), then its group."""
+    for pid in children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -127,17 +141,13 @@ def end_tree(proc: subprocess.Popen[str]) -> None:
 
 
 def rank_pid(launcher: subprocess.Popen[str], rank: int, timeout: float = 120) -> int:
-    """The pid of the worker process whose environment says RANK=rank (under `launcher`'s session)."""
+    """The pid of the launcher's worker whose environment says RANK=rank."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if (
-                        os.getsid(int(entry.name)) == launcher.pid
-                        and f"\0RANK={rank}\0".encode() in b"\0" + (entry / "environ").read_bytes()
-                    ):
-                        return int(entry.name)
+        for pid in children(launcher.pid):
+            with contextlib.suppress(OSError):
+                if f"\0RANK={rank}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                    return pid
         time.sleep(0.2)
     raise AssertionError(f"no rank {rank} process appeared within {timeout} s")
 

@@ -170,15 +170,12 @@ class GlooSyncBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, input.dim())]  # all but the channel axis of (B, C, ...)
         count = torch.tensor(float(input.numel() // input.shape[1]), dtype=input.dtype)
         stats = torch.cat([count.expand(1), input.sum(dims), (input * input).sum(dims)])  # (1 + 2C,)
         # Gradients through the shared statistics: rank s's loss is a mean over its rows, weighted
         # w_s in the gradient average; rank r must receive sum_s w_s dL_s / w_r.
-        w = self.share() or 1.0
-        stats = ScaleGrad.apply(all_reduce(ScaleGrad.apply(stats, 1.0 / w)), w)
+        stats = SharedSum.apply(stats, self.share() or 1.0)
         total, mean = stats[0], stats[1 : 1 + input.shape[1]] / stats[0]
         var = stats[1 + input.shape[1] :] / total - mean * mean  # biased, as batch norm normalises
         self.track(mean, var, total)
@@ -201,17 +198,22 @@ class GlooSyncBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased.detach(), momentum)
 
 
-class ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by `scale`."""
+class SharedSum(torch.autograd.Function):
+    """Forward: the sum of `x` over ranks. Backward: sum_s w_s grad_s / w_r, where w is each rank's
+    share of the global batch (the weights of the gradient average in weighted_mean_hook)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
+    def forward(ctx: Any, x: torch.Tensor, share: float) -> torch.Tensor:
+        ctx.share = share
+        total = x.detach().clone()
+        dist.all_reduce(total)
+        return total
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.scale, None
+        total = grad * ctx.share
+        dist.all_reduce(total)
+        return total / ctx.share, None
 
 
 def without_ddp(model: nn.Module) -> nn.Module:
