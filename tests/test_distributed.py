@@ -94,8 +94,10 @@ def test_failure_names_the_killed_rank() -> None:
         def __init__(self, exitcode: int, pid: int) -> None:
             self.exitcode, self.pid = exitcode, pid
 
-    code, message = describe_failure({0: Failure(1, 100), 1: Failure(-9, 101)})
-    assert code == 1 and message.startswith("rank 1 (pid 101) was killed by SIGKILL; ranks 0 were stopped")
+    code, message = describe_failure({0: Failure(-15, 100), 1: Failure(-9, 101)})  # rank 0: the agent's SIGTERM
+    assert code == 1 and message.startswith("rank 1 (pid 101) was killed by SIGKILL; rank 0 was stopped")
+    code, message = describe_failure({0: Failure(1, 100), 1: Failure(-15, 101), 2: Failure(-15, 102)})
+    assert code == 1 and message.startswith("rank 0 (pid 100) exited with code 1; ranks 1, 2 were stopped")
     code, message = describe_failure({0: Failure(2, 100), 1: Failure(2, 101)})
     assert code == 2 and message.startswith("rank 0 (pid 100) exited with code 2")
 

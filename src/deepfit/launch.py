@@ -61,18 +61,24 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
 
 
 def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
-    """Name the rank that failed first: one killed by a signal is the cause (the others then
-    lose their peer and fail too), else the lowest rank that exited with an error."""
-    killed = {rank: f for rank, f in failures.items() if f.exitcode < 0}
-    rank, failure = min((killed or failures).items())
+    """Name the rank that failed first. The agent ends the survivors with SIGTERM and they may lose
+    their peer and fail too, so a rank killed by another signal is the cause, then one that exited
+    with an error, then the lowest rank."""
+
+    def blame(item: tuple[int, Any]) -> tuple[int, int]:
+        code = item[1].exitcode
+        return (0 if code < 0 and code != -signal.SIGTERM else 1 if code > 0 else 2), item[0]
+
+    rank, failure = min(failures.items(), key=blame)
     if failure.exitcode < 0:
-        how = f"was killed by {signal.Signals(-failure.exitcode).name}"
-        code = 1
+        how, code = f"was killed by {signal.Signals(-failure.exitcode).name}", 1
     else:
         how, code = f"exited with code {failure.exitcode}", failure.exitcode
     others = sorted(set(failures) - {rank})
-    tail = f"; ranks {', '.join(map(str, others))} were stopped" if others else "; the other ranks were stopped"
-    return code, f"rank {rank} (pid {failure.pid}) {how}{tail}. The last checkpoint resumes with --resume RUN_DIR"
+    stopped = (
+        f"rank {others[0]} was" if len(others) == 1 else f"ranks {', '.join(map(str, others))} were" if others else "the other ranks were"
+    )
+    return code, f"rank {rank} (pid {failure.pid}) {how}; {stopped} stopped. The last checkpoint resumes with --resume RUN_DIR"
 
 
 def resolve_resume(resume: str | None, out: str | None) -> str | None:
