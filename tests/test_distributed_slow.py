@@ -46,10 +46,12 @@ def test_lenet_fashion_mnist_two_ranks_within_0_3_points(fashion_dir: Path, tmp_
 
 
 def bn_net() -> nn.Module:
-    """Conv-BatchNorm without dropout (cnn_bn's dropout draws a different mask per rank), seeded."""
+    """Conv-BatchNorm without dropout (cnn_bn's dropout draws a different mask per rank), seeded. The
+    conv has no bias: BatchNorm cancels it, so its gradient is float noise, which Adam would turn
+    into full-size steps that differ between any two summation orders."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)
     )
 
 
