@@ -76,7 +76,7 @@ def test_two_ranks_train_the_weights_of_one_process(tmp_path: Path) -> None:
 def test_a_killed_rank_does_not_hang_the_other(tmp_path: Path) -> None:
     """SIGKILL rank 1 after the first step checkpoint: rank 0 ends with an error well within 60 s
     instead of waiting for its peer, and the checkpoint it left is complete and loadable."""
-    config = digits_config(tmp_path / "run", data__batch_size=32, train__epochs=20, train__checkpoint_every=5)
+    config = digits_config(tmp_path / "run", data__batch_size=32, train__epochs=20, train__checkpoint_every=5, train__keep_last=1000)
     with forked_ranks(2, config) as procs:
         wait_for(tmp_path / "run" / "checkpoints" / "step-00000005.pt", 120)
         os.kill(procs[1].pid, signal.SIGKILL)

@@ -83,7 +83,7 @@ def test_cnn_bn_with_sync_batchnorm_scores_like_one_process(tmp_path: Path) -> N
 def test_killed_rank_ends_the_job_and_resume_finishes_like_a_straight_run(tmp_path: Path) -> None:
     """`deepfit train --devices 2`; SIGKILL rank 1 mid-epoch: the launcher ends within 60 s naming
     rank 1; `--resume` with 2 ranks ends at the weights of an uninterrupted 2-rank run."""
-    args = [*CLI_RUN, "--out", "run", "--checkpoint-every", "5", "--devices", "2"]
+    args = [*CLI_RUN, "--out", "run", "--checkpoint-every", "5", "--keep-last", "1000", "--devices", "2"]
     launcher = deepfit_process(args, cwd=tmp_path)
     try:
         wait_for(tmp_path / "run" / "checkpoints" / "step-00000005.pt", 300, launcher)
@@ -161,7 +161,7 @@ def test_two_nodes_on_localhost_train_like_one_node(tmp_path: Path) -> None:
 def test_resume_auto_across_preemptions(tmp_path: Path) -> None:
     """The same command, re-run after each kill: killed before its run folder existed, killed after
     a step checkpoint, then run to the end; it ends at the weights of an uninterrupted run."""
-    command = [*CLI_RUN, "--out", "run", "--resume", "auto", "--checkpoint-every", "10"]
+    command = [*CLI_RUN, "--out", "run", "--resume", "auto", "--checkpoint-every", "10", "--keep-last", "1000"]
     first = deepfit_process(command, cwd=tmp_path)
     try:
         time.sleep(0.5)  # still importing torch: no run folder yet
