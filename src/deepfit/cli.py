@@ -159,13 +159,10 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return train_regression(config, args)
     if config.data.task == "node":
         return train_node(config, args)
-    if args.devices and args.devices > 1 and not launch.in_worker():
+    if launch.wants_launch(args.devices):
         return train_on_devices(args, config)
     main_rank = launch.is_rank0()  # under torchrun only rank 0 prints progress
-    if args.resume and main_rank and (note := launch.world_change_note(Path(args.resume))):
-        print(note)
-    echo = print_epoch(config.train.epochs) if main_rank else None
-    progress = tqdm_progress if config.train.progress and main_rank else None
+    echo, progress = rank_outputs(args, config) if main_rank else (None, None)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
     if not main_rank:
         return 0
@@ -185,6 +182,15 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
             print(f"{key} {value:.2%}" if key.endswith("acc") else f"{key} {value:.4f}")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def rank_outputs(args: argparse.Namespace, config: Config) -> tuple[Callable[[Row], None], Any]:
+    """Rank 0's epoch lines and progress bar; a note first when a run resumes on another number of ranks."""
+    from deepfit import launch
+
+    if args.resume and (note := launch.world_change_note(Path(args.resume))):
+        print(note)
+    return print_epoch(config.train.epochs), tqdm_progress if config.train.progress else None
 
 
 def train_on_devices(args: argparse.Namespace, config: Config) -> int:

@@ -21,6 +21,11 @@ def in_worker() -> bool:
     return NO_LAUNCH in os.environ
 
 
+def wants_launch(devices: int | None) -> bool:
+    """--devices N > 1 outside torchrun's workers: start the ranks (inside one, train)."""
+    return bool(devices and devices > 1 and not in_worker())
+
+
 def is_rank0() -> bool:
     """Only rank 0 prints progress for people; the other ranks print only their errors."""
     return os.environ.get("RANK", "0") == "0"
