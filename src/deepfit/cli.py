@@ -164,8 +164,11 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     main_rank = launch.is_rank0()  # under torchrun only rank 0 prints progress
     echo, progress = rank_outputs(args, config) if main_rank else (None, None)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
-    if not main_rank:
-        return 0
+    return print_fit_result(result) if main_rank else 0
+
+
+def print_fit_result(result: Any) -> int:
+    """What a finished image run tells people: init report, early stop, skipped files, test scores, folder."""
     if result.init is not None:
         print(format_init(result.init))
     if result.stopped_early:
