@@ -91,7 +91,8 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", help="random seed")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt (auto: --out's)")
+    parser.add_argument("--devices", metavar="N", type=int, help="train on N ranks of this machine via torchrun")
     parser.add_argument("--checkpoint-every", metavar="STEPS", help="also checkpoint every STEPS batches")
     parser.add_argument("--keep-last", metavar="K", help="step checkpoints to keep")
     parser.add_argument("--monitor", help="metric for best.pt and early stopping (val_acc, val_loss, val_f1, ...)")
@@ -194,18 +195,26 @@ def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Itera
 
 
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit import launch  # light: torch loads only after the flags are checked
+
+    args.resume = launch.resolve_resume(args.resume, args.out)
     config = resolve_train_config(args, extra)  # bad flags fail before torch loads
     if config.data.task == "regression":
         return train_regression(config, args)
     if config.data.task == "node":
         return train_node(config, args)
+    if launch.wants_launch(args.devices):
+        return train_on_devices(args, config)
     from deepfit.fit import fit
 
-    echo = print_epoch(config.train.epochs)
-    progress = tqdm_progress if config.train.progress and sys.stderr.isatty() else None  # redirected: epoch lines only
-    if args.resume:
-        print("\n".join(resume_lines(Path(args.resume), config)), flush=True)
+    main_rank = launch.is_rank0()  # under torchrun only rank 0 prints progress
+    echo, progress = rank_outputs(args, config) if main_rank else (None, None)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
+    return print_fit_result(result, config.train.monitor) if main_rank else 0
+
+
+def print_fit_result(result: Any, monitor: str) -> int:
+    """What a finished image run tells people: init report, early stop, skipped files, test scores, folder."""
     if result.init is not None:
         print(format_init(result.init))
     if result.stopped_early:
@@ -219,7 +228,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     weights = (
         f" ({result.weights}, epoch {result.weights_epoch})" if "test_acc" in result.metrics else ""
     )  # what evaluate, predict and export use
-    print(final_line(result.metrics, result.history, config.train.monitor) + weights)
+    print(final_line(result.metrics, result.history, monitor) + weights)
     print(f"run folder: {result.run_dir}")
     return 0
 
@@ -240,6 +249,30 @@ def final_line(metrics: dict[str, float], history: list[Row], monitor: str) -> s
     )
     missing = "no test split" if split == "val" else "no test or validation split"
     return f"{missing}: best {key} at epoch {int(best['epoch'])}: {shown}"
+
+
+def rank_outputs(args: argparse.Namespace, config: Config) -> tuple[Callable[[Row], None], Any]:
+    """Rank 0's epoch lines and progress bar; a note first when a run resumes on another number of ranks."""
+    from deepfit import launch
+
+    if args.resume:
+        print("\n".join(resume_lines(Path(args.resume), config)), flush=True)
+    if args.resume and (note := launch.world_change_note(Path(args.resume))):
+        print(note)
+    progress = tqdm_progress if config.train.progress and sys.stderr.isatty() else None  # redirected: epoch lines only
+    return print_epoch(config.train.epochs), progress
+
+
+def train_on_devices(args: argparse.Namespace, config: Config) -> int:
+    """Checked here first, so bad input stops before any rank starts; then torchrun in-process."""
+    from deepfit import launch
+    from deepfit.config import validate
+
+    validate(config)
+    code, message = launch.launch(args.argv, args.devices)
+    if message:
+        print(f"deepfit: {message}", file=sys.stderr)
+    return code
 
 
 def format_init(init: InitReport) -> str:
@@ -807,6 +840,7 @@ def run(argv: Sequence[str]) -> int:
     extra = allow_named_model_class(extra, keep=args.command in ACCEPTS_OVERRIDES)
     if extra and args.command not in ACCEPTS_OVERRIDES:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+    args.argv = list(argv)  # train --devices N hands the same command line to each rank
     return COMMANDS[args.command](args, extra)
 
 

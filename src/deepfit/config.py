@@ -120,6 +120,7 @@ class TrainConfig:
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
     log_every: int = 50  # tensorboard: train loss every this many steps
     mlflow_uri: str | None = None  # MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
+    sync_bn: bool = False  # with several ranks: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass

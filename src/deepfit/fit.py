@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
+from deepfit import distributed
 from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
 from deepfit.data.balance import balanced_sample_weights, build_class_weights
@@ -156,7 +157,7 @@ def prepare_run(
     """Build everything that can fail on bad input first; create the run folder last."""
     if optimizer is not None and model is None:
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
-    device = select_device(config.train.device)
+    device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     net, init = build_network(config, bundle, model, fresh=resume is None)
     net, channels_last = place_model(net, config.model.channels_last, device)
@@ -170,7 +171,10 @@ def prepare_run(
     if config.data.sampler == "balanced":
         loader.sample_weights = balanced_sample_weights(bundle.train.labels, bundle.num_classes)
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing, weight=class_weights(config, bundle, device))
-    run_dir = Path(resume) if resume is not None else new_run_dir(config)
+    distributed.start(device)  # joined after bad input had its chance to stop every rank alike
+    distributed.shard_loader(loader)
+    run_dir = Path(resume) if resume is not None else distributed.agree(new_run_dir(config))
+    net = distributed.wrap_model(net, device, loader, sync_bn=config.train.sync_bn)
     net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
@@ -179,8 +183,9 @@ def prepare_run(
         ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
         restore(run, Path(resume) / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    if bundle.skipped:
+    if distributed.is_main():
+        save_config(config, run_dir / "config.yaml")
+    if bundle.skipped and distributed.is_main():
         save_skipped(bundle.skipped, run_dir / SKIPPED_FILE)
     return run
 
@@ -301,7 +306,7 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
     data = run.config.data
     mix = Mix(data.mix, data.mix_alpha, run.data.num_classes) if data.mix != "none" else None
     while run.epoch < cfg.epochs and run.stopped_early is None:
-        run.signals.check()
+        check_stop(run)
         started = time.monotonic()
         batches = progress(run.loader, f"epoch {run.epoch + 1}/{cfg.epochs}", len(run.loader)) if progress else run.loader
         if mix is not None:
@@ -330,14 +335,21 @@ def after_step(run: Run, deadline: float) -> None:
         run.tracker.log_step(run.step, {"train_loss_step": float(run.loss_tap.last)})
     if every and run.step % every == 0 and aligned and run.loader.position < run.loader.batches_per_epoch:
         save_state(run, mid_epoch=True)
-    if aligned:
-        run.signals.check()  # after the step checkpoint, so a signal costs no finished step
-    if time.monotonic() > deadline and aligned:
+    if aligned and check_stop(run, late=time.monotonic() > deadline):  # after the step checkpoint: a signal costs no step
         run.stopped_early = "time limit"
         raise StopRequested(f"time limit {run.config.train.time_limit} reached")
 
 
+def check_stop(run: Run, *, late: bool = False) -> bool:
+    """Raise SignalStop if a signal arrived (on any rank); whether any rank is past the time limit.
+    Ranks decide together, so all stop after the same step."""
+    run.signals.signum, late = distributed.sync_stop(run.signals.signum, late)
+    run.signals.check()
+    return late
+
+
 def epoch_row(run: Run, train: dict[str, float], seconds: float) -> Row:
+    train = distributed.mean_over_ranks(train, run.loader.rows_this_epoch)  # each rank saw its shards
     row: Row = {"epoch": float(run.epoch), "train_loss": train["loss"], "train_acc": train["acc"]}
     if run.data.val is not None:
         for key, value in measure(run, run.data.val).items():
@@ -350,7 +362,7 @@ def epoch_row(run: Run, train: dict[str, float], seconds: float) -> Row:
 def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
     """loss, acc, top-k and macro F1 of the current model on an ImageSet (tta: with mirrored copies)."""
     batches = build_loader(
-        split,
+        distributed.shard_split(split),  # each rank predicts its part; all ranks then hold every row
         batch_size=run.config.data.eval_batch_size,
         mean=run.data.mean,
         std=run.data.std,
@@ -359,7 +371,9 @@ def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
         num_workers=run.config.data.num_workers,
         skip_bad=run.config.data.skip_bad,
     )
-    logits, labels = predict_logits(evaluated(run), batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
+    model = unwrap(evaluated(run)) if distributed.active() else evaluated(run)  # DDP's forward would sync buffers per batch
+    logits, labels = predict_logits(model, batches, autocast_dtype=autocast_dtype(run.config.train.precision, run.device), tta=tta)
+    logits, labels = distributed.gather_rows(logits, labels)
     metrics = classification_metrics(logits, labels, topk=run.config.train.topk)
     metrics["loss"] = float(run.loss_fn(logits, labels))
     return metrics
@@ -383,10 +397,11 @@ def end_epoch(run: Run, row: Row) -> None:
     improved = math.isnan(run.best_metric) or (value < run.best_metric if lower else value > run.best_metric)
     if improved:
         run.best_metric, run.best_epoch = value, run.epoch
-    write_metrics_csv(run.history, run.run_dir / "metrics.csv")
-    write_lr_csv(run.lrs, run.run_dir / LR_FILE)
+    if distributed.is_main():
+        write_metrics_csv(run.history, run.run_dir / "metrics.csv")
+        write_lr_csv(run.lrs, run.run_dir / LR_FILE)
     save_state(run, mid_epoch=False)
-    if improved:
+    if improved and distributed.is_main():
         ckpt.save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "best.pt")
     patience = run.config.train.early_stop
     if patience and run.epoch - run.best_epoch >= patience:
@@ -394,7 +409,7 @@ def end_epoch(run: Run, row: Row) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
+    return distributed.without_ddp(getattr(model, "_orig_mod", model))
 
 
 def evaluated(run: Run) -> nn.Module:
@@ -430,6 +445,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "lrs": [list(point) for point in run.lrs],
         "rng": ckpt.rng_state(),
         "loader": run.loader.state_dict(),
+        "world_size": distributed.world().size,  # ranks that trained it; any number can resume it
     }
 
 
@@ -438,6 +454,9 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
     Never after a non-finite step: the guard is read first (the save waits on the device anyway)."""
     if run.guard is not None:
         run.guard.check()
+    if not distributed.is_main():  # every rank holds the same state; rank 0 writes it
+        distributed.barrier()
+        return
     state = checkpoint_state(run)
     folder = run.run_dir / "checkpoints"
     ckpt.save_checkpoint(state, folder / "last.pt")
@@ -445,6 +464,7 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
         ckpt.save_checkpoint(state, folder / f"step-{run.step:08d}.pt")
         for old in sorted(folder.glob("step-*.pt"))[: -run.config.train.keep_last]:
             old.unlink(missing_ok=True)
+    distributed.barrier()
 
 
 def restore(run: Run, path: Path) -> None:
@@ -525,7 +545,7 @@ def finish(run: Run) -> FitResult:
             ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
-    if run.history:
+    if run.history and distributed.is_main():
         from deepfit.plots import plot_curves, save_figure  # matplotlib loads when a run ends, not on import
 
         save_figure(plot_curves(run.history, lrs=run.lrs), run.run_dir / "plots" / "curves.png")

@@ -17,6 +17,15 @@ from deepfit.errors import DataError
 
 AUGMENT_PRESETS = ("none", "flip-crop", "random-resized-crop")
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
+Share = tuple[Any, int]  # the rows (a slice, or an index tensor) of a global batch one rank holds, and that batch's size
+
+
+def share_rows(total: int, rank: int, size: int) -> slice:
+    """Rank `rank` of `size`'s contiguous rows of `total`: shares differ by at most one row,
+    the first `total % size` ranks take the extra one, and together they cover every row once."""
+    base, extra = divmod(total, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 class BatchPrep:
@@ -41,12 +50,14 @@ class BatchPrep:
         self.augment = augment
         self.channels_last = channels_last
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, share: Share | None = None) -> torch.Tensor:
+        """share: `batch` is these rows of a larger global batch; the random draws are made for the
+        whole global batch and this share's rows used, so N ranks augment as one process does."""
         x = batch.to(self.device, non_blocking=True).float()
         if self.augment == "flip-crop":
-            x = random_crop(random_flip(x, self.generator), pad=4, generator=self.generator)
+            x = random_crop(random_flip(x, self.generator, share), pad=4, generator=self.generator, share=share)
         elif self.augment == "random-resized-crop":
-            x = random_resized_crop(random_flip(x, self.generator), generator=self.generator)
+            x = random_resized_crop(random_flip(x, self.generator, share), generator=self.generator, share=share)
         x = x.mul_(self.scale).sub_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -66,6 +77,9 @@ class EpochOrder:
         self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
         self.sample_weights: torch.Tensor | None = None  # (N,) set for data.sampler balanced: draw by weight, with replacement
         self.position = 0  # batches of this epoch already handed out
+        self.shard = (0, 1)  # (rank, world size): each global batch is split by share_rows
+        self.rows_this_epoch = 0  # images this rank was handed in the current (or last) epoch
+        self.batch_weight = 1.0  # this rank's share of the current global batch (rows / global rows)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -79,6 +93,7 @@ class EpochOrder:
         """The order, drawn now unless a resumed or interrupted epoch already has one."""
         if self.order is None:
             self.order = self.draw_order()
+            self.rows_this_epoch = 0
         return self.order
 
     def end_epoch(self) -> None:
@@ -94,6 +109,18 @@ class EpochOrder:
     def batch_index(self, order: torch.Tensor, position: int) -> torch.Tensor:
         start = position * self.batch_size
         return order[start : start + self.batch_size]
+
+    def batch_share(self, position: int) -> Share:
+        """This rank's rows of global batch `position` (all of them in a single process)."""
+        total = min(self.batch_size, self.count - position * self.batch_size)
+        return share_rows(total, *self.shard), total
+
+    def hand_out(self, share: Share) -> None:
+        """Book a batch share as handed out: images counted, its weight kept for the gradient average."""
+        rows = len(share[0]) if isinstance(share[0], torch.Tensor) else share[0].stop - share[0].start
+        self.position += 1
+        self.rows_this_epoch += rows
+        self.batch_weight = rows / max(share[1], 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -139,9 +166,10 @@ class BatchLoader(EpochOrder):
     def __iter__(self) -> Iterator[Batch]:
         order = self.start_epoch()
         while self.position < self.batches_per_epoch:
-            index = self.batch_index(order, self.position)
-            self.position += 1
-            yield self.prepare(self.images[index]), self.labels[index]
+            share = self.batch_share(self.position)
+            index = self.batch_index(order, self.position)[share[0]]
+            self.hand_out(share)
+            yield self.prepare(self.images[index], share), self.labels[index]
         self.end_epoch()
 
 
@@ -160,7 +188,8 @@ class BatchPlan:
         owner = self.owner
         order = owner.start_epoch()
         for position in range(owner.position, owner.batches_per_epoch):
-            yield owner.data.index[owner.batch_index(order, position)].tolist()
+            rows = owner.batch_share(position)[0]
+            yield owner.data.index[owner.batch_index(order, position)[rows]].tolist()
 
 
 class StreamLoader(EpochOrder):
@@ -200,12 +229,14 @@ class StreamLoader(EpochOrder):
         batches, finished = iter(self.loader), False
         try:
             for images, labels, failures in batches:
-                self.position += 1
+                share = self.batch_share(self.position)
                 keep = raise_failures(failures, len(labels), skip_bad=self.skip_bad)
-                if keep is not None:
+                if keep is not None:  # skipped files: their random draws are made and left unused
                     images, labels = images[keep], labels[keep]
+                    share = (torch.arange(share[0].start, share[0].stop)[keep], share[1])
+                self.hand_out(share)
                 if len(labels):
-                    yield self.prepare(images), labels.to(self.device, non_blocking=True)
+                    yield self.prepare(images, share), labels.to(self.device, non_blocking=True)
             finished = True
         finally:
             if not finished:
@@ -247,32 +278,44 @@ def build_loader(
     return BatchLoader(data, **common)
 
 
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def drawn(values: torch.Tensor, share: Share | None) -> torch.Tensor:
+    """The rows of per-image random values (drawn for the whole global batch) that `share` holds."""
+    return values if share is None else values[share[0]]
+
+
+def draw_count(x: torch.Tensor, share: Share | None) -> int:
+    return x.shape[0] if share is None else share[1]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator, share: Share | None = None) -> torch.Tensor:
     """Mirror a random half of the batch left-right. The draws come from the loader's CPU generator
     (saved for exact resume); non_blocking copies them without waiting for the GPU: a plain .to()
     from pageable memory synchronises the stream, three times a step here."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device, non_blocking=True)
+    flip = (drawn(torch.rand(draw_count(x, share), generator=generator), share) < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-def random_crop(x: torch.Tensor, *, pad: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop(x: torch.Tensor, *, pad: int, generator: torch.Generator, share: Share | None = None) -> torch.Tensor:
     """Zero-pad by `pad` pixels, then take a random HxW window per image (a translation)."""
     b, c, h, w = x.shape
+    n = draw_count(x, share)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device, non_blocking=True)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device, non_blocking=True)
+    dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
+    dx = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
     rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     padded = padded.gather(2, rows)  # (B, C, H, W+2p)
     cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
     return padded.gather(3, cols)  # (B, C, H, W)
 
 
-def random_resized_crop(x: torch.Tensor, *, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0)) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor, *, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0), share: Share | None = None
+) -> torch.Tensor:
     """Per image, a random square crop of `scale` of the area at a random place, resized back."""
-    b = x.shape[0]
-    side = torch.empty(b).uniform_(scale[0], scale[1], generator=generator).sqrt()  # (B,) share of side
-    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - side)
-    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - side)
+    b, n = x.shape[0], draw_count(x, share)
+    side = drawn(torch.empty(n).uniform_(scale[0], scale[1], generator=generator).sqrt(), share)  # (B,) share of side
+    cx = (drawn(torch.rand(n, generator=generator), share) * 2 - 1) * (1 - side)
+    cy = (drawn(torch.rand(n, generator=generator), share) * 2 - 1) * (1 - side)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = side, side, cx, cy
     grid = torch.nn.functional.affine_grid(theta.to(x.device, non_blocking=True), list(x.shape), align_corners=False)

@@ -1,0 +1,108 @@
+"""`deepfit train --devices N`: torchrun's launcher (torch.distributed.run) started in this process,
+so one command trains on N GPUs of a laptop or server; `--resume auto`; and what a failed job says.
+The training itself runs in the N worker processes, each `python -m deepfit train ...` as under
+`torchrun --nproc-per-node N -m deepfit train ...` (deepfit/distributed.py joins them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deepfit.errors import ConfigError
+
+NO_LAUNCH = "LOCAL_RANK"  # set by torchrun in every worker: --devices is then already in effect
+
+
+def in_worker() -> bool:
+    """True inside a process torchrun started (it sets LOCAL_RANK)."""
+    return NO_LAUNCH in os.environ
+
+
+def wants_launch(devices: int | None) -> bool:
+    """--devices N > 1 outside torchrun's workers: start the ranks (inside one, train)."""
+    return bool(devices and devices > 1 and not in_worker())
+
+
+def is_rank0() -> bool:
+    """Only rank 0 prints progress for people; the other ranks print only their errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def without_devices(argv: Sequence[str]) -> list[str]:
+    """The command line minus `--devices N` / `--devices=N`: what each worker runs."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--devices":
+            skip = True
+        elif not item.startswith("--devices="):
+            out.append(item)
+    return out
+
+
+def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
+    """Run `deepfit <argv>` as `devices` ranks on this machine; (exit code, a line for people or None).
+    A rank that dies ends the others (torchrun's agent stops them) and is named; a SIGTERM or
+    SIGINT to this process reaches every rank, which stop after the same step with a checkpoint."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if devices < 1:
+        raise ConfigError(f"--devices must be at least 1, got {devices}")
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", "deepfit", *without_devices(argv)])
+    try:
+        run(args)
+    except ChildFailedError as err:
+        return describe_failure(err.failures)
+    except SignalException as err:
+        name = signal.Signals(err.sigval).name
+        return 128 + int(err.sigval), f"stopped by {name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
+    return 0, None
+
+
+def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
+    """Name the rank that failed first. The agent ends the survivors with SIGTERM and they may lose
+    their peer and fail too, so a rank killed by another signal is the cause, then one that exited
+    with an error, then the lowest rank."""
+
+    def blame(item: tuple[int, Any]) -> tuple[int, int]:
+        code = item[1].exitcode
+        return (0 if code < 0 and code != -signal.SIGTERM else 1 if code > 0 else 2), item[0]
+
+    rank, failure = min(failures.items(), key=blame)
+    if failure.exitcode < 0:
+        how, code = f"was killed by {signal.Signals(-failure.exitcode).name}", 1
+    else:
+        how, code = f"exited with code {failure.exitcode}", failure.exitcode
+    others = sorted(set(failures) - {rank})
+    stopped = (
+        f"rank {others[0]} was" if len(others) == 1 else f"ranks {', '.join(map(str, others))} were" if others else "the other ranks were"
+    )
+    return code, f"rank {rank} (pid {failure.pid}) {how}; {stopped} stopped. The last checkpoint resumes with --resume RUN_DIR"
+
+
+def resolve_resume(resume: str | None, out: str | None) -> str | None:
+    """`--resume auto --out DIR`: DIR when it holds a checkpoint (resume), else None (start there).
+    The same command can then be re-run after every preemption."""
+    if resume != "auto":
+        return resume
+    if not out:
+        raise ConfigError("--resume auto needs --out RUN_DIR: the folder to start in or resume from")
+    return out if (Path(out) / "checkpoints" / "last.pt").is_file() else None
+
+
+def world_change_note(run_dir: Path) -> str | None:
+    """A line when a run saved by one number of ranks resumes on another (the global batch and
+    the data order do not depend on it, so the run continues as it would have)."""
+    from deepfit.checkpoint import load_checkpoint
+
+    saved = int(load_checkpoint(run_dir / "checkpoints" / "last.pt").get("world_size", 1))
+    now = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved == now:
+        return None
+    return f"resuming a run saved by {saved} rank(s) on {now}: same global batch size, same data order"

@@ -1,0 +1,120 @@
+"""Data-parallel training (issue 14), the quick share: N ranks on gloo see exactly what one process
+sees. Ranks are forked from the test process on a free 127.0.0.1 port, with time limits, and
+killed when a test ends; the long journeys are in test_distributed_slow.py."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepfit.data import BatchLoader, ImageSet
+from deepfit.data.loader import share_rows
+from deepfit.fit import fit
+from deepfit.launch import describe_failure, resolve_resume, without_devices
+from tests.conftest import run_deepfit
+from tests.ranks import digits_config, forked_ranks, max_diff, run_ranks, wait_for, weights
+
+
+def test_share_rows_cover_every_row_once() -> None:
+    for total in range(0, 23):
+        for size in (1, 2, 3, 5):
+            rows = [share_rows(total, rank, size) for rank in range(size)]
+            covered = [i for part in rows for i in range(part.start, part.stop)]
+            assert covered == list(range(total))
+            assert max(p.stop - p.start for p in rows) - min(p.stop - p.start for p in rows) <= 1
+
+
+def test_shards_of_augmented_batches_equal_the_single_process_batch() -> None:
+    """Two ranks' shards of every global batch, augmented with flips and crops, are the rows of
+    the batch one process gets: same order, same random draws, the odd last batch included."""
+    generator = torch.Generator().manual_seed(1)
+    data = ImageSet(torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=generator), torch.arange(37))
+    common = {
+        "batch_size": 10,
+        "mean": (0.5,),
+        "std": (0.25,),
+        "device": torch.device("cpu"),
+        "shuffle": True,
+        "augment": "flip-crop",
+        "seed": 3,
+    }
+    single = list(BatchLoader(data, **common))
+    ranks = []
+    for rank in range(2):
+        loader = BatchLoader(data, **common)
+        loader.shard = (rank, 2)
+        ranks.append(list(loader))
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 4
+    for whole, first, second in zip(single, ranks[0], ranks[1], strict=True):
+        assert torch.equal(whole[0], torch.cat([first[0], second[0]]))
+        assert torch.equal(whole[1], torch.cat([first[1], second[1]]))
+
+
+def test_two_ranks_train_the_weights_of_one_process(tmp_path: Path) -> None:
+    """mlp (no BatchNorm) on the digits, 3 epochs: 2 ranks x half of each global batch of 100
+    (an odd last batch, split unevenly) vs 1 process: weights within 1e-5, the same sharded
+    validation and test scores, and one run folder written by rank 0."""
+    one = fit(digits_config(tmp_path / "one", data__batch_size=100))
+    images = len(one.data.train)
+    assert images % 100 % 2 == 1, f"{images} training images: the last batch should not split evenly"
+    assert run_ranks(2, digits_config(tmp_path / "two", data__batch_size=100)) == [0, 0]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    rows = list(csv.DictReader((tmp_path / "two" / "metrics.csv").open()))
+    assert [float(r["val_acc"]) for r in rows] == pytest.approx([row["val_acc"] for row in one.history], abs=1e-6)  # csv keeps 6 digits
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([row["train_loss"] for row in one.history], rel=1e-5)
+    saved = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["world_size"] == 2 and saved["step"] == 3 * -(-images // 100)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_a_killed_rank_does_not_hang_the_other(tmp_path: Path) -> None:
+    """SIGKILL rank 1 after the first step checkpoint: rank 0 ends with an error well within 60 s
+    instead of waiting for its peer, and the checkpoint it left is complete and loadable."""
+    config = digits_config(tmp_path / "run", data__batch_size=32, train__epochs=20, train__checkpoint_every=5, train__keep_last=1000)
+    with forked_ranks(2, config) as procs:
+        wait_for(tmp_path / "run" / "checkpoints" / "step-00000005.pt", 120)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        procs[0].join(60)
+        assert not procs[0].is_alive(), "rank 0 hung after its peer died"
+        assert procs[0].exitcode not in (0, None)
+        assert time.monotonic() - killed < 60
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] >= 5 and state["step"] % 5 == 0
+
+
+def test_failure_names_the_killed_rank() -> None:
+    class Failure:
+        def __init__(self, exitcode: int, pid: int) -> None:
+            self.exitcode, self.pid = exitcode, pid
+
+    code, message = describe_failure({0: Failure(-15, 100), 1: Failure(-9, 101)})  # rank 0: the agent's SIGTERM
+    assert code == 1 and message.startswith("rank 1 (pid 101) was killed by SIGKILL; rank 0 was stopped")
+    code, message = describe_failure({0: Failure(1, 100), 1: Failure(-15, 101), 2: Failure(-15, 102)})
+    assert code == 1 and message.startswith("rank 0 (pid 100) exited with code 1; ranks 1, 2 were stopped")
+    code, message = describe_failure({0: Failure(2, 100), 1: Failure(2, 101)})
+    assert code == 2 and message.startswith("rank 0 (pid 100) exited with code 2")
+
+
+def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:
+    result = run_deepfit(["train", "--devices", "2", "--out", "r", "--optim.lr", "-1"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "optim.lr must be positive" in result.stderr
+    assert "torch.distributed" not in result.stderr  # no launcher, no rank was started
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_auto_starts_or_resumes(tmp_path: Path) -> None:
+    assert resolve_resume("auto", str(tmp_path / "new")) is None
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    assert resolve_resume("auto", str(tmp_path / "old")) is None  # a folder without a checkpoint starts
+    (tmp_path / "old" / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert resolve_resume("auto", str(tmp_path / "old")) == str(tmp_path / "old")
+    assert resolve_resume("runs/x", None) == "runs/x"
+    assert without_devices(["train", "--devices", "2", "--epochs", "1", "--devices=3"]) == ["train", "--epochs", "1"]
