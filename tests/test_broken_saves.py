@@ -123,6 +123,7 @@ def limit_file_size(limit: int) -> Any:
     return apply
 
 
+@pytest.mark.slow  # a real process under RLIMIT_FSIZE: ~23 s; make test-slow runs it
 def test_a_real_file_size_limit_in_a_real_process(tiny_idx: Path, tmp_path: Path) -> None:
     """No mocks: the kernel refuses to let a file grow (RLIMIT_FSIZE -> EFBIG) while the resumed
     run saves; the exit code is 74 and the checkpoint from before is byte-identical and loads."""

@@ -97,6 +97,7 @@ def test_two_quick_presses_before_the_first_checkpoint_keep_a_resumable_one(tmp_
     assert resumes(tmp_path)
 
 
+@pytest.mark.slow  # a real process and a slowed save: ~23 s; make test-slow runs it
 def test_presses_during_the_save_do_not_abort_it(tmp_path: Path) -> None:
     child = start(tmp_path, "slow-save")
     wait_for(tmp_path / "run" / "config.yaml", child)

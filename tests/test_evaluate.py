@@ -184,6 +184,7 @@ def test_unknown_split_and_missing_split_are_one_line_errors(tiny_run: Path, cap
     assert len(err.splitlines()) == 1 and "no val split" in err
 
 
+@pytest.mark.slow  # trains on real Fashion-MNIST: ~26 s; make test-slow runs it
 @pytest.mark.data
 def test_fashion_mnist_report_equals_sklearn(fashion_dir: Path, tmp_path: Path) -> None:
     """The real-data check: one lenet epoch on Fashion-MNIST, evaluated on the 10,000 test images."""

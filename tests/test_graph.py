@@ -166,7 +166,8 @@ def test_bad_graph_is_one_line_exit_2_and_no_run_folder(cli, tmp_path: Path, cas
         (["--data", "karate", "--train.monitor", "val_f1"], "train.monitor"),
     ],
 )
-def test_bad_node_run_is_one_line_exit_2(cli, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_node_run_is_one_line_exit_2(cli, tmp_path: Path, args: list[str], message: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("DEEPFIT_DATASETS", str(tmp_path / "no-datasets"))  # a missing --data-dir must not fall back to real data
     (tmp_path / "edges.csv").write_text("source,target\n")
     result = cli("train", *args, "--out", "run", "--epochs", "2")
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1

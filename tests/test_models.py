@@ -260,7 +260,7 @@ def test_summary_counts_every_parameter_once(name: str) -> None:
     summary = summarize_model(model, (3, 32, 32))
     assert summary.total == sum(p.numel() for p in model.parameters())
     assert sum(row.params for row in summary.rows) == summary.total
-    assert summary.output_shape == (7,) and summary.trainable == summary.total
+    assert summary.output_shape == (7,) and summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert model.training  # the summary's eval pass leaves the mode as it was
 
 

@@ -23,7 +23,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_with(cli, data: Path, optim: str, sched: str, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:  # type: ignore[no-untyped-def]
     # curves.png is drawn by matplotlib after training (most of a 1-epoch run's time here) and has
     # nothing to do with the optimizer or the schedule: skip only the drawing
-    monkeypatch.setattr(importlib.import_module("deepfit.fit"), "save_figure", lambda figure, path: path)
+    monkeypatch.setattr(importlib.import_module("deepfit.plots"), "save_figure", lambda figure, path: path)
     out = f"run{len(extra)}"
     result = cli(
         "train", "--data", "mnist", "--data-dir", str(data), "--out", out, "--optim.name", optim, "--sched.name", sched, *FAST, *extra

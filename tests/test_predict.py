@@ -8,6 +8,7 @@ import csv
 import gzip
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,8 @@ def test_unreadable_files_fail_alone_with_exit_1(tiny_run: Path, cli, tmp_path: 
     assert any("missing.png" in line and "no such file" in line for line in lines)
 
 
-def test_progress_bar_for_many_files(tiny_run: Path, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_progress_bar_for_many_files(tiny_run: Path, cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on a terminal only
     image = tiny_test_images(tiny_run)[0]
     for i in range(120):
         Image.fromarray(image, mode="L").save(tmp_path / f"{i}.png")

@@ -225,18 +225,17 @@ def print_fit_result(result: Any, monitor: str) -> int:
         from deepfit.fit import SKIPPED_FILE
 
         print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
-    weights = (
-        f" ({result.weights}, epoch {result.weights_epoch})" if "test_acc" in result.metrics else ""
-    )  # what evaluate, predict and export use
-    print(final_line(result.metrics, result.history, monitor) + weights)
+    weights = f" ({result.weights}, epoch {result.weights_epoch})"  # what evaluate, predict and export use
+    print(final_line(result.metrics, result.history, monitor, weights))
     print(f"run folder: {result.run_dir}")
     return 0
 
 
-def final_line(metrics: dict[str, float], history: list[Row], monitor: str) -> str:
-    """The run's held-out result: the test metrics, else the best epoch's validation metrics."""
+def final_line(metrics: dict[str, float], history: list[Row], monitor: str, weights: str = "") -> str:
+    """The run's held-out result: the test metrics (and the weights that scored them), else the
+    best epoch's validation metrics."""
     if "test_acc" in metrics:
-        return f"test_acc {metrics['test_acc']:.2%}  test_loss {metrics['test_loss']:.4f}"
+        return f"test_acc {metrics['test_acc']:.2%}{weights}  test_loss {metrics['test_loss']:.4f}"
     if not history:
         return "no epoch finished"
     split = "val" if any(key.startswith("val_") for key in history[-1]) else "train"
@@ -847,8 +846,6 @@ def run(argv: Sequence[str]) -> int:
 def allow_named_model_class(extra: Sequence[str], *, keep: bool) -> list[str]:
     """`--model.class pkg.mod:Net` names the user's own model: deepfit may import it (never only
     because a checkpoint names it). Commands without config overrides take just this flag."""
-    from deepfit.models import allow_model_class
-
     rest, items = [], list(extra)
     while items:
         flag = items.pop(0)
@@ -856,6 +853,8 @@ def allow_named_model_class(extra: Sequence[str], *, keep: bool) -> list[str]:
             items.insert(0, flag.partition("=")[2])
             flag = "--model.class"
         if flag == "--model.class" and items:
+            from deepfit.models import allow_model_class  # torch loads only when a class is named
+
             value = items.pop(0)
             allow_model_class(value)
             rest += [flag, value] if keep else []

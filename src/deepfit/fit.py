@@ -538,11 +538,12 @@ def finish(run: Run) -> FitResult:
     """Restore the best weights (the run stands for best.pt, as evaluate, predict and export read
     it), measure the test split once with them, draw the curves."""
     weights, epoch = "last.pt", run.epoch
-    if run.config.train.restore_best and run.best_epoch:
-        weights, epoch = "best.pt", run.best_epoch
+    best_path = run.run_dir / "checkpoints" / "best.pt"
+    if run.config.train.restore_best and run.best_epoch and (run.best_epoch == run.epoch or best_path.is_file()):
+        weights, epoch = "best.pt", run.best_epoch  # a run folder without best.pt (copied last.pt alone) keeps its weights
         if run.best_epoch != run.epoch:
-            best = ckpt.load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
-            ckpt.load_model_state(unwrap(evaluated(run)), best["model"], run.run_dir / "checkpoints" / "best.pt")
+            best = ckpt.load_checkpoint(best_path)
+            ckpt.load_model_state(unwrap(evaluated(run)), best["model"], best_path)
     test = measure(run, run.data.test, tta=run.config.train.tta) if run.data.test is not None else {}
     metrics = {f"test_{k}": v for k, v in test.items()}
     if run.history and distributed.is_main():
