@@ -10,28 +10,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepfit.config import Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
+from deepfit.config import SHORTCUTS, Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested, did_you_mean
 from deepfit.history import Row, format_epoch
 
 if TYPE_CHECKING:
     from deepfit.trained import InitReport
 
-# Top-level train flags -> dotted config keys.
+# Top-level train flags -> dotted config keys: fit()'s keyword shortcuts, plus the flags that name
+# a source or model (fit() takes those as objects too) and the task-specific ones.
 TRAIN_FLAGS = {
-    "task": "data.task",
+    **SHORTCUTS,
     "data": "data.name",
-    "data_dir": "data.dir",
     "model": "model.name",
-    "epochs": "train.epochs",
-    "seed": "train.seed",
-    "device": "train.device",
-    "out": "train.out",
-    "checkpoint_every": "train.checkpoint_every",
-    "keep_last": "train.keep_last",
-    "monitor": "train.monitor",
-    "time_limit": "train.time_limit",
-    "init_from": "model.init_from",
     "log": "train.log",
     "target": "data.target",
     "features": "data.features",
