@@ -85,3 +85,19 @@ def test_fit_resumes_a_run_of_your_own_module(own_run) -> None:  # type: ignore[
     config.train.epochs = 2
     result = fit(config, model=net_class(), resume=run)
     assert isinstance(result.model, net_class) and len(result.history) == 2
+
+
+def test_report_and_show_all_draw_what_needs_no_model(cli, own_run) -> None:  # type: ignore[no-untyped-def]
+    run, _, class_path = own_run
+    report = cli("report", str(run))
+    assert report.code == 0, report.err
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "id='curves'" in page and "id='samples'" in page  # no model needed for these
+    assert "id='predictions'" not in page and f"pass --model.class {class_path}" in page
+    shown = cli("show", "all", str(run))
+    assert shown.code == 0, shown.err
+    assert (run / "plots" / "curves.png").is_file() and (run / "plots" / "samples.png").is_file()
+    assert len(shown.err.strip().splitlines()) == 1 and "predictions, confusion, mistakes" in shown.err
+    named = cli("report", str(run), "--model.class", class_path)
+    assert named.code == 0, named.err
+    assert "id='predictions'" in (run / "report.html").read_text(encoding="utf-8")

@@ -380,24 +380,30 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.kind != "all":
         print(save_figure(make_figure(run, args.kind, options), run.run_dir / "plots" / f"{args.kind}{variant}.png"))
         return 0
-    failed = 0
+    failed, need_model = 0, []
     for kind in FIGURE_KINDS:
         try:
             print(save_figure(make_figure(run, kind, options), run.run_dir / "plots" / f"{kind}{variant}.png"))
         except DeepfitError as err:  # e.g. no convolution to draw filters of: the other figures still come
+            if isinstance(run.built, DeepfitError) and str(err) == str(run.built):
+                need_model.append(kind)  # a run of your own nn.Module, its class not named: said once below
+                continue
             print(f"deepfit: show {kind}: {err}", file=sys.stderr)
             failed += 1
+    if need_model:
+        print(f"deepfit: show all: {', '.join(need_model)} need the model: {run.built}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def show_curves(run: Path) -> int:
-    from deepfit.history import read_metrics_csv
+    from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
     from deepfit.plots import plot_curves, save_figure
 
     run_dir = run if run.is_dir() else run.parent.parent  # runs/<name>/checkpoints/x.pt
     if not (run_dir / "metrics.csv").is_file():
         raise UsageError(f"{run_dir} has no metrics.csv to draw curves from")
-    print(save_figure(plot_curves(read_metrics_csv(run_dir / "metrics.csv")), run_dir / "plots" / "curves.png"))
+    figure = plot_curves(read_metrics_csv(run_dir / "metrics.csv"), lrs=read_lr_csv(run_dir / LR_FILE))
+    print(save_figure(figure, run_dir / "plots" / "curves.png"))
     return 0
 
 

@@ -23,7 +23,7 @@ class DataConfig:
     val_fraction: float = 0.1  # share of the training split held out for validation, 0..0.9
     batch_size: int = 128  # training images per optimizer step
     eval_batch_size: int = 1024  # images per forward pass in evaluation (no gradients kept)
-    augment: Literal["none", "flip-crop", "random-resized-crop"] = "none"  # per-batch augmentation
+    augment: Literal["none", "crop", "flip-crop", "random-resized-crop"] = "none"  # per-batch; crop: shift only
     image_size: int | None = None  # resize image folders to this side in pixels (default: most common)
     image_shape: str | None = None  # CxHxW of CSV pixel rows, e.g. 1x28x28 (default: square guess)
     channels: int | None = None  # convert images to this many channels, 1 or 3 (default: as found)

@@ -250,7 +250,7 @@ def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler |
 
 def augment_for(preset: str, bundle: DataBundle) -> str:
     """Flips only where a mirror image keeps its class; elsewhere the preset is refused."""
-    if preset != "none" and not bundle.flip_ok:
+    if preset not in ("none", "crop") and not bundle.flip_ok:
         import warnings
 
         warnings.warn(

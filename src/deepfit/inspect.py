@@ -18,7 +18,7 @@ from deepfit.checkpoint import load_checkpoint, load_model_state
 from deepfit.config import Config, config_from_dict
 from deepfit.data import BatchLoader, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
-from deepfit.errors import DataError, DeepfitError
+from deepfit.errors import ConfigError, DataError, DeepfitError
 from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
 from deepfit.models import build_model
 
@@ -31,16 +31,24 @@ class InspectError(DeepfitError):
 
 @dataclass
 class LoadedRun:
-    """A run rebuilt from its checkpoint: the model (eval mode, CPU) and how its images are prepared."""
+    """A run rebuilt from its checkpoint: the model (eval mode, CPU) and how its images are prepared.
+    A run of the user's own nn.Module whose class was not named keeps why in `built`: figures that
+    need no model (curves, samples) are still drawn, the others say how to supply it."""
 
     run_dir: Path
-    model: nn.Module
+    built: nn.Module | DeepfitError  # the model, or why it cannot be rebuilt here
     config: Config
     classes: list[str]
     input_shape: tuple[int, int, int]  # (C, H, W)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     cache: dict[str, object] = field(default_factory=dict)  # the rebuilt data and predictions, made once
+
+    @property
+    def model(self) -> nn.Module:
+        if isinstance(self.built, DeepfitError):
+            raise type(self.built)(str(self.built))
+        return self.built
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float, normalised with the run's training statistics."""
@@ -87,12 +95,19 @@ def load_run(path: str | Path) -> LoadedRun:
     architecture.weights = None  # the checkpoint holds the weights: never fetch pretrained ones
     architecture.init_from = None
     input_shape = (int(state["input_shape"][0]), int(state["input_shape"][1]), int(state["input_shape"][2]))
-    model = build_model(architecture, input_shape=input_shape, num_classes=len(state["classes"]))
-    load_model_state(model, state["model"], path)
-    model.eval()
+    built: nn.Module | DeepfitError
+    try:
+        built = build_model(architecture, input_shape=input_shape, num_classes=len(state["classes"]))
+    except ConfigError as err:  # the user's own class, not named with --model.class / model=
+        if not architecture.class_path:
+            raise
+        built = err
+    else:
+        load_model_state(built, state["model"], path)
+        built.eval()
     run_dir = path if path.is_dir() else path.parent.parent  # runs/<name>/checkpoints/best.pt
     mean, std = tuple(float(m) for m in state["mean"]), tuple(float(s) for s in state["std"])
-    return LoadedRun(run_dir, model, config, list(state["classes"]), input_shape, mean, std)
+    return LoadedRun(run_dir, built, config, list(state["classes"]), input_shape, mean, std)
 
 
 # --- layers -----------------------------------------------------------------------------

@@ -94,12 +94,18 @@ def summary_section(run: LoadedRun) -> str:
     c, h, w = run.input_shape
     rows = [
         ("data", run.config.data.name),
-        ("model", run.config.model.name),
+        ("model", run.config.model.class_path or run.config.model.name),
         ("classes", f"{len(run.classes)}: {', '.join(run.classes)}"),
         ("input", f"{c}x{h}x{w}"),
-        ("parameters", f"{sum(p.numel() for p in run.model.parameters()):,}"),
+        ("parameters", parameter_count(run)),
     ]
     return "<table class='summary'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def parameter_count(run: LoadedRun) -> str:
+    if isinstance(run.built, DeepfitError):  # the user's own class, not named: its figures say how to name it
+        return "not counted (the model was not rebuilt)"
+    return f"{sum(p.numel() for p in run.built.parameters()):,}"
 
 
 def metrics_section(path: Path) -> str:

@@ -15,7 +15,7 @@ from deepfit.data.bundle import ImageSet
 from deepfit.data.stream import StreamSet, collate_items, own_generator, raise_failures
 from deepfit.errors import DataError
 
-AUGMENT_PRESETS = ("none", "flip-crop", "random-resized-crop")
+AUGMENT_PRESETS = ("none", "crop", "flip-crop", "random-resized-crop")
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
 Share = tuple[Any, int]  # the rows (a slice, or an index tensor) of a global batch one rank holds, and that batch's size
 
@@ -54,7 +54,9 @@ class BatchPrep:
         """share: `batch` is these rows of a larger global batch; the random draws are made for the
         whole global batch and this share's rows used, so N ranks augment as one process does."""
         x = batch.to(self.device, non_blocking=True).float()
-        if self.augment == "flip-crop":
+        if self.augment == "crop":
+            x = random_crop(x, pad=crop_pad(x.shape[-1]), generator=self.generator, share=share)
+        elif self.augment == "flip-crop":
             x = random_crop(random_flip(x, self.generator, share), pad=4, generator=self.generator, share=share)
         elif self.augment == "random-resized-crop":
             x = random_resized_crop(random_flip(x, self.generator, share), generator=self.generator, share=share)
@@ -293,6 +295,11 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, share: Share | None
     from pageable memory synchronises the stream, three times a step here."""
     flip = (drawn(torch.rand(draw_count(x, share), generator=generator), share) < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def crop_pad(side: int) -> int:
+    """How far `crop` translates: 2 pixels on MNIST-sized (28 px) images, 4 from 32 px up."""
+    return 2 if side < 32 else 4
 
 
 def random_crop(x: torch.Tensor, *, pad: int, generator: torch.Generator, share: Share | None = None) -> torch.Tensor:
