@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,22 @@ from deepfit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("DEEPFIT_DATASETS", REPO.parent / "shared" / "datasets"))
+
+# Tests of the optional extras (serve, graph, track) and the packages they need. `make test`
+# installs them all; a machine with torch and pytest only (the GPU machines) leaves these files
+# out of collection and says so in the header, instead of failing on the import.
+EXTRA_TESTS: dict[str, tuple[str, ...]] = {
+    "serve": ("fastapi", "uvicorn", "httpx"),
+    "test_graph.py": ("torch_geometric",),
+    "test_tracking.py": ("tensorboard", "mlflow"),
+}
+MISSING_EXTRAS = {path: [name for name in modules if importlib.util.find_spec(name) is None] for path, modules in EXTRA_TESTS.items()}
+collect_ignore = [path for path, missing in MISSING_EXTRAS.items() if missing]
+
+
+def pytest_report_header() -> str | None:
+    left_out = [f"{path} (no {', '.join(missing)})" for path, missing in MISSING_EXTRAS.items() if missing]
+    return f"not collected, optional packages missing: {'; '.join(left_out)}" if left_out else None
 
 
 # The one place tests pick their device: DEEPFIT_TEST_DEVICE (cpu, cuda, mps; default auto, the best
