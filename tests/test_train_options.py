@@ -241,3 +241,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runtime.autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepfit import runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never warns: it picks fp32 where bf16 would be slow
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+        assert runtime.autocast_dtype("auto", torch.device("cpu")) is None
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+        assert runtime.autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16

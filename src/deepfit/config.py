@@ -109,7 +109,7 @@ class TrainConfig:
     restore_best: bool = True  # end with best.pt's weights (the monitor's best): the final test line, evaluate, predict, export use them
     clip_grad: float = 0.0  # clip the gradient norm to this value (0: off)
     accumulate: int = 1  # optimizer step every this many batches
-    precision: Literal["32", "bf16", "fp16"] = "32"  # autocast dtype (fp16: CUDA only)
+    precision: Literal["32", "bf16", "fp16", "auto"] = "32"  # autocast dtype (fp16: CUDA only; auto: bf16 where native)
     time_limit: str | None = None  # wall-time budget, e.g. 90s, 5m, 1h; ends with a checkpoint
     threads: int = 0  # torch intra-op threads (0: all cores)
     topk: int = 5  # k of the top-k accuracy metric

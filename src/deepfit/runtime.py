@@ -63,7 +63,10 @@ def set_threads(threads: int) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for full fp32."""
+    """The autocast dtype for a precision setting, or None for full fp32. 'auto': bf16 where the
+    device has native bf16 units (recent GPUs, CPUs with AVX512-BF16 or AMX), else fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
     if precision == "32":
         return None
     if precision == "fp16" and device.type != "cuda":
@@ -71,6 +74,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 autocast runs slower than precision 32", stacklevel=2)
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 def cpu_has_bf16() -> bool:
