@@ -18,7 +18,8 @@ import torch
 
 from deepfit.checkpoint import FORMAT_VERSION, KIND, save_checkpoint
 from deepfit.config import Config
-from deepfit.export import EXTRA_FILE, export_checkpoint, read_onnx_metadata
+from deepfit.export import export_checkpoint, read_onnx_metadata
+from deepfit.exportfile import EXTRA_FILE
 from deepfit.models import build_model, list_models
 
 CLASSES = [f"class-{i}" for i in range(10)]

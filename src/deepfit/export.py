@@ -18,14 +18,21 @@ import numpy as np
 import torch
 
 from deepfit.errors import DeepfitError
+from deepfit.exportfile import (
+    FORMATS,
+    SUFFIXES,
+    difference,
+    first_line,
+    load_torchscript,
+    onnx_session,
+    save_onnx,
+    save_torchscript,
+)
 from deepfit.optional import import_optional
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4  # largest absolute logit difference an export may show against PyTorch
 CHECK_BATCHES = (1, 5)  # sample batch sizes run through the exported file (export traces with 2)
-EXTRA_FILE = "deepfit.json"  # the TorchScript extra file holding classes and preprocessing
 METADATA_VERSION = 1
 
 
@@ -136,8 +143,6 @@ ONNX_EXPORTERS = ("dynamo", "torchscript")  # tried in this order: torch.export 
 def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> str:
     """Write the ONNX file with the dynamo exporter, or the TorchScript-based one when that fails
     (torch versions and models it cannot convert, or no onnxscript); returns which one wrote it."""
-    import onnx
-
     failures = []
     for exporter in ONNX_EXPORTERS:
         try:
@@ -149,10 +154,7 @@ def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> st
             failures.append(f"{exporter} exporter: {describe(err)}")
     else:
         raise ExportError(f"ONNX export of {trained.config.model.name} failed; " + "; ".join(failures))
-    for key, value in metadata(trained).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(proto, str(target))
+    save_onnx(proto, metadata(trained), target)
     return exporter
 
 
@@ -186,19 +188,7 @@ def describe(err: BaseException) -> str:
 
 
 def write_torchscript(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-            scripted = torch.jit.trace(trained.model.cpu(), example, check_trace=False)
-            extra = {EXTRA_FILE: json.dumps(metadata(trained))}
-            torch.jit.save(scripted, str(target), _extra_files=extra)
-    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
-        raise ExportError(f"TorchScript export of {trained.config.model.name} failed: {type(err).__name__}: {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+    save_torchscript(trained.model.cpu(), (example,), target, metadata(trained), error=ExportError, what=trained.config.model.name)
 
 
 def verify(trained: TrainedModel, target: Path, format: str) -> float:
@@ -209,36 +199,19 @@ def verify(trained: TrainedModel, target: Path, format: str) -> float:
         x = sample_inputs(trained, batch, seed=1 + i)
         with torch.inference_mode():
             expected = trained.model.cpu()(x).float().numpy()
-        try:
-            got = run(x.numpy())
-        except Exception as err:  # any runtime failure means the file is not usable as written
-            raise ExportError(
-                f"the {format} file could not be run on a batch of {batch}: {type(err).__name__}: {first_line(err)}"
-            ) from None
-        if got.shape != expected.shape:
-            raise ExportMismatch(f"{format} export returns shape {got.shape} for a batch of {batch}, the model {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+        on = f"a batch of {batch}"
+        worst = max(worst, difference(run, (x.numpy(),), expected, error=ExportError, shape_error=ExportMismatch, format=format, on=on))
     return worst
 
 
 def onnx_runner(target: Path) -> Any:
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
-        raise ExportError(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+    session = onnx_session(target, error=ExportError)
     name = session.get_inputs()[0].name
     return lambda x: np.asarray(session.run(None, {name: x})[0])
 
 
 def torchscript_runner(target: Path) -> Any:
-    extra = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-        loaded = torch.jit.load(str(target), map_location="cpu", _extra_files=extra)
-    if not extra[EXTRA_FILE]:
-        raise ExportError(f"{target} lost its {EXTRA_FILE} extra file")
+    loaded = load_torchscript(target, error=ExportError)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

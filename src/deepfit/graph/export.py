@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,10 @@ import torch
 from torch import nn
 
 from deepfit.errors import DeepfitError
+from deepfit.exportfile import FORMATS, SUFFIXES, difference, first_line, load_torchscript, onnx_session, save_onnx, save_torchscript
 from deepfit.graph.trained import TrainedNodeModel, build_model_for, load_node_model, run_folder
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4  # largest absolute logit difference an export may show against PyTorch
-EXTRA_FILE = "deepfit.json"
 
 
 class NodeExportError(DeepfitError):
@@ -97,26 +94,11 @@ def write_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Path,
             )  # fmt: skip
     except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
         raise NodeExportError(f"ONNX export of the node model failed: {type(err).__name__}: {first_line(err)}") from None
-    proto = onnx.load(str(target))
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(proto, str(target))
+    save_onnx(onnx.load(str(target)), meta, target)
 
 
 def write_torchscript(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Path, meta: dict[str, Any]) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-            traced = torch.jit.trace(model, inputs, check_trace=False)
-            torch.jit.save(traced, str(target), _extra_files={EXTRA_FILE: json.dumps(meta)})
-    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
-        raise NodeExportError(f"TorchScript export of the node model failed: {type(err).__name__}: {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+    save_torchscript(model, inputs, target, meta, error=NodeExportError, what="the node model")
 
 
 def verify(model: nn.Module, trained: TrainedNodeModel, target: Path, format: str) -> tuple[float, tuple[str, ...]]:
@@ -129,23 +111,13 @@ def verify(model: nn.Module, trained: TrainedNodeModel, target: Path, format: st
     for name, edges in cases.items():
         with torch.inference_mode():
             expected = model(graph.features, edges).numpy()
-        try:
-            got = run(graph.features.numpy(), edges.numpy())
-        except Exception as err:  # any runtime failure means the file is not usable as written
-            raise NodeExportError(f"the {format} file could not be run on {name}: {type(err).__name__}: {first_line(err)}") from None
-        if got.shape != expected.shape:
-            raise NodeExportError(f"{format} export returns shape {got.shape} on {name}, the model {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+        inputs = (graph.features.numpy(), edges.numpy())
+        worst = max(worst, difference(run, inputs, expected, error=NodeExportError, format=format, on=name))
     return worst, tuple(cases)
 
 
 def onnx_runner(target: Path) -> Any:
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
-        raise NodeExportError(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+    session = onnx_session(target, error=NodeExportError)
     names = {i.name for i in session.get_inputs()}  # the mlp ignores the edges: its file has no edge_index input
 
     def run(features: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -156,12 +128,7 @@ def onnx_runner(target: Path) -> Any:
 
 
 def torchscript_runner(target: Path) -> Any:
-    extra = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(target), map_location="cpu", _extra_files=extra)
-    if not extra[EXTRA_FILE]:
-        raise NodeExportError(f"{target} lost its {EXTRA_FILE} extra file")
+    loaded = load_torchscript(target, error=NodeExportError)
 
     def run(features: np.ndarray, edges: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

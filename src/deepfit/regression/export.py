@@ -1,14 +1,13 @@
 """`deepfit export` for regression checkpoints: ONNX or TorchScript of the whole prediction,
 standardisation included (raw feature rows (N, F) float32 in, the target's value (N, 1) out),
 with the schema and statistics as metadata, checked against PyTorch like deepfit.export does.
-deepfit.export cannot be imported from here (tasks sit beside it in the layers), so the few
-lines that write and run the files are this task's own."""
+The file side (metadata, tracing, loading the file back, comparing) is deepfit.exportfile's,
+shared by every task."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,11 @@ import torch
 from torch import nn
 
 from deepfit.errors import DeepfitError
+from deepfit.exportfile import FORMATS, SUFFIXES, difference, first_line, load_torchscript, onnx_session, save_onnx, save_torchscript
 from deepfit.regression.trained import RegressionModel, load_regression_model
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4  # largest difference from PyTorch, in standardised target units (x target_std in the target's)
 CHECK_BATCHES = (1, 5)
-EXTRA_FILE = "deepfit.json"
 
 
 class RegressionExportError(DeepfitError):
@@ -114,7 +111,6 @@ def sample_rows(trained: RegressionModel, batch: int, *, seed: int) -> torch.Ten
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
-    import onnx
 
     batch = torch.export.Dim("batch", min=1)
     try:
@@ -125,26 +121,11 @@ def write_onnx(module: nn.Module, example: torch.Tensor, target: Path, meta: dic
     except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
         raise RegressionExportError(f"ONNX export failed: {type(err).__name__}: {first_line(err)}") from None
     assert program is not None
-    proto = program.model_proto
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(proto, str(target))
+    save_onnx(program.model_proto, meta, target)
 
 
 def write_torchscript(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
-            scripted = torch.jit.trace(module, example, check_trace=False)
-            torch.jit.save(scripted, str(target), _extra_files={EXTRA_FILE: json.dumps(meta)})
-    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
-        raise RegressionExportError(f"TorchScript export failed: {type(err).__name__}: {first_line(err)}") from None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+    save_torchscript(module, (example,), target, meta, error=RegressionExportError, what="the regression model")
 
 
 def verify(module: nn.Module, trained: RegressionModel, target: Path, format: str) -> float:
@@ -155,33 +136,18 @@ def verify(module: nn.Module, trained: RegressionModel, target: Path, format: st
         x = sample_rows(trained, batch, seed=1 + i)
         with torch.inference_mode():
             expected = module(x).numpy()
-        try:
-            got = run(x.numpy())
-        except Exception as err:  # any runtime failure means the file is not usable as written
-            raise RegressionExportError(
-                f"the {format} file could not be run on {batch} row(s): {type(err).__name__}: {first_line(err)}"
-            ) from None
-        if got.shape != expected.shape:
-            raise RegressionExportError(f"{format} export returns shape {got.shape} for {batch} row(s), the model {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+        worst = max(worst, difference(run, (x.numpy(),), expected, error=RegressionExportError, format=format, on=f"{batch} row(s)"))
     return worst
 
 
 def onnx_runner(target: Path) -> Any:
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
-        raise RegressionExportError(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+    session = onnx_session(target, error=RegressionExportError)
     name = session.get_inputs()[0].name
     return lambda x: np.asarray(session.run(None, {name: x})[0])
 
 
 def torchscript_runner(target: Path) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(target), map_location="cpu")
+    loaded = load_torchscript(target, error=RegressionExportError)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -1,0 +1,93 @@
+"""The file side of every task's `deepfit export`: metadata into an ONNX or TorchScript file,
+tracing to TorchScript, loading the written file back (onnxruntime / torch.jit.load) and comparing
+its outputs with PyTorch's. Task-neutral: the image, regression and node exports each build their
+own module and sample inputs, and pass their own error class, so a failure names their task."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepfit.errors import DeepfitError
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+EXTRA_FILE = "deepfit.json"  # the TorchScript extra file holding the metadata
+
+ErrorType = type[DeepfitError]
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def save_onnx(proto: Any, meta: dict[str, Any], target: Path) -> None:
+    """Write an onnx.ModelProto with `meta` as metadata_props (non-strings as JSON)."""
+    import onnx
+
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(target))
+
+
+def save_torchscript(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: Path, meta: dict[str, Any], *, error: ErrorType, what: str
+) -> None:
+    """Trace `module` on `inputs` and save it with `meta` as the deepfit.json extra file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+            traced = torch.jit.trace(module, inputs, check_trace=False)
+            torch.jit.save(traced, str(target), _extra_files={EXTRA_FILE: json.dumps(meta)})
+    except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
+        raise error(f"TorchScript export of {what} failed: {type(err).__name__}: {first_line(err)}") from None
+
+
+def onnx_session(target: Path, *, error: ErrorType) -> Any:
+    """An onnxruntime CPU session on the written file."""
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
+        raise error(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+
+
+def load_torchscript(target: Path, *, error: ErrorType) -> torch.jit.ScriptModule:
+    """The written TorchScript file, which must still carry its metadata."""
+    extra = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        loaded = torch.jit.load(str(target), map_location="cpu", _extra_files=extra)
+    if not extra[EXTRA_FILE]:
+        raise error(f"{target} lost its {EXTRA_FILE} extra file")
+    return loaded
+
+
+def difference(
+    run: Callable[..., np.ndarray],
+    inputs: tuple[np.ndarray, ...],
+    expected: np.ndarray,
+    *,
+    error: ErrorType,
+    format: str,
+    on: str,
+    shape_error: ErrorType | None = None,
+) -> float:
+    """Largest |file - PyTorch| of run(*inputs) against `expected`; the file failing to run is `error`, a wrong shape
+    `shape_error` (default `error`)."""
+    try:
+        got = run(*inputs)
+    except Exception as err:  # any runtime failure means the file is not usable as written
+        raise error(f"the {format} file could not be run on {on}: {type(err).__name__}: {first_line(err)}") from None
+    if got.shape != expected.shape:
+        raise (shape_error or error)(f"{format} export returns shape {got.shape} on {on}, the model {expected.shape}")
+    return float(np.abs(got - expected).max())
