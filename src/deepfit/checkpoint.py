@@ -17,13 +17,14 @@ import re
 import struct
 import tempfile
 import zipfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deepfit.errors import CheckpointError
+from deepfit.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 MIN_TORCH = (2, 10)  # earlier releases have known weights_only bypasses (e.g. CVE-2025-32434)
@@ -258,3 +259,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def new_run_dir(out: str | None, *, data: str, model: str) -> Path:
+    """A fresh run folder: `out` when given (refused if it already holds a run), else
+    runs/<data>-<model>-<date-time>, with -2, -3, ... when that exists."""
+    if out is not None:
+        if (Path(out) / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
+        return Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{Path(data).name.split('.')[0]}-{model}-{stamp}"  # photos.zip, rows.csv.gz -> photos, rows
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate

@@ -10,7 +10,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +172,11 @@ def prepare_run(
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing, weight=class_weights(config, bundle, device))
     distributed.start(device)  # joined after bad input had its chance to stop every rank alike
     distributed.shard_loader(loader)
-    run_dir = Path(resume) if resume is not None else distributed.agree(new_run_dir(config))
+    run_dir = (
+        Path(resume)
+        if resume is not None
+        else distributed.agree(ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name))
+    )
     net = distributed.wrap_model(net, device, loader, sync_bn=config.train.sync_bn)
     net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
@@ -276,21 +279,6 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
             step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
             pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
         )  # fmt: skip
-
-
-def new_run_dir(config: Config) -> Path:
-    if config.train.out is not None:
-        out = Path(config.train.out)
-        if (out / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{Path(config.data.name).stem}-{config.model.name}-{stamp}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:

@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +114,7 @@ def prepare_node_run(config: Config, resume: str | Path | None) -> NodeRun:
                                 weight_decay=o.weight_decay, betas=(o.betas[0], o.betas[1]), device=device)  # fmt: skip
     scheduler = make_node_scheduler(config, optimizer)
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
-    run_dir = Path(resume) if resume is not None else new_node_run_dir(config)
+    run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = NodeRun(config, graph, model, selector, optimizer, scheduler, loss_fn, run_dir)
     if resume is not None:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
@@ -140,21 +139,6 @@ def make_node_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any
         milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr, pct_start=s.pct_start,
         patience=s.patience, factor=s.factor, mode=mode,
     )  # fmt: skip
-
-
-def new_node_run_dir(config: Config) -> Path:
-    if config.train.out is not None:
-        out = Path(config.train.out)
-        if (out / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{Path(config.data.name).stem}-{config.model.name}-{stamp}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def train_node_epochs(run: NodeRun, on_epoch: EpochFn | None) -> None:

@@ -9,7 +9,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +97,7 @@ def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
     scheduler = make_scheduler(config, optimizer, len(batches))
     loss_fn = build_regression_loss(config.loss.name)
     check_monitor(config, data)
-    run_dir = Path(resume) if resume is not None else new_run_dir(config)
+    run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = RegressionRun(config, data, model, optimizer, scheduler, batches, loss_fn, device, run_dir)
     if resume is not None:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
@@ -128,21 +127,6 @@ def check_monitor(config: Config, data: RegressionData) -> None:
     valid = [f"{split}_{m}" for split in ("train", "val") for m in METRICS if split == "train" or data.val is not None]
     if config.train.monitor not in valid:
         raise ConfigError(f"train.monitor {config.train.monitor!r} is not a regression metric; valid: {', '.join(valid)}")
-
-
-def new_run_dir(config: Config) -> Path:
-    if config.train.out is not None:
-        out = Path(config.train.out)
-        if (out / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{Path(config.data.name).name.split('.')[0]}-{config.model.name}-{stamp}"
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def train_epochs(run: RegressionRun, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:

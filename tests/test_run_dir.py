@@ -1,0 +1,37 @@
+"""The run folder every task starts in: --out, or runs/<data>-<model>-<date-time>[-n]."""
+
+from __future__ import annotations
+
+from datetime import datetime, tzinfo
+from pathlib import Path
+
+import pytest
+
+from deepfit.checkpoint import new_run_dir
+from deepfit.errors import ConfigError
+
+
+def test_out_is_used_unless_it_already_holds_a_run(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    assert new_run_dir(str(out), data="mnist", model="cnn_bn") == out
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run; use --resume"):
+        new_run_dir(str(out), data="mnist", model="cnn_bn")
+
+
+def test_default_name_drops_every_suffix_and_never_reuses_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepfit.checkpoint
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> Frozen:
+            return cls(2026, 11, 26, 17, 30, 0)
+
+    monkeypatch.setattr(deepfit.checkpoint, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first = new_run_dir(None, data="data/houses.csv.gz", model="linear")
+    assert first == Path("runs/houses-linear-20261126-173000")
+    first.mkdir(parents=True)
+    second = new_run_dir(None, data="data/houses.csv.gz", model="linear")
+    assert second == Path("runs/houses-linear-20261126-173000-2")
