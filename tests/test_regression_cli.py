@@ -210,3 +210,25 @@ def test_the_task_is_inferred_from_data_and_starts_from_its_defaults() -> None:
     assert resolve("--task", "regression", "--data", "x.csv", "--target", "y").data.target == "y"
     digits = resolve("--data", "digits")
     assert digits.data.task == "image" and digits.optim.name == "adam"
+
+
+def test_onnx_export_falls_back_to_the_torchscript_exporter(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the dynamo exporter cannot run (no onnxscript, as on the GPU machines, or a torch it
+    cannot convert on), the regression export is written by the TorchScript-based one, as an
+    image export is, and still takes any number of rows."""
+    import onnxruntime
+
+    from tests.test_export_fallback import failing_exporter
+
+    calls = failing_exporter(monkeypatch, fail_dynamo=True, fail_torchscript=False)
+    run, _ = trained
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    assert calls == [True, False]
+    x = np.array([[10.0, -2.0], [0.0, 0.0], [4.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"features": x})[0]
+    w, b = raw_linear(run)
+    assert got.shape == (4, 1) and np.allclose(got[:, 0], x @ w + b, atol=1e-3)

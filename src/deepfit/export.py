@@ -6,9 +6,7 @@ TorchScript extra file deepfit.json), and every export checks itself: the writte
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from deepfit.exportfile import (
     FORMATS,
     SUFFIXES,
     difference,
-    first_line,
+    export_onnx,
     load_torchscript,
     onnx_session,
     save_onnx,
@@ -137,54 +135,11 @@ def sample_inputs(trained: TrainedModel, batch: int, *, seed: int) -> torch.Tens
     return x.cpu()
 
 
-ONNX_EXPORTERS = ("dynamo", "torchscript")  # tried in this order: torch.export first, then the TorchScript-based one
-
-
 def write_onnx(trained: TrainedModel, example: torch.Tensor, target: Path) -> str:
-    """Write the ONNX file with the dynamo exporter, or the TorchScript-based one when that fails
-    (torch versions and models it cannot convert, or no onnxscript); returns which one wrote it."""
-    failures = []
-    for exporter in ONNX_EXPORTERS:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                proto = onnx_proto(trained.model.cpu(), example, dynamo=exporter == "dynamo")
-            break
-        except Exception as err:  # the exporters raise many types; all mean "this exporter cannot convert it"
-            failures.append(f"{exporter} exporter: {describe(err)}")
-    else:
-        raise ExportError(f"ONNX export of {trained.config.model.name} failed; " + "; ".join(failures))
+    """Write the ONNX file; returns which exporter wrote it (see exportfile.export_onnx)."""
+    proto, exporter = export_onnx(trained.model.cpu(), example, error=ExportError, what=trained.config.model.name)
     save_onnx(proto, metadata(trained), target)
     return exporter
-
-
-def onnx_proto(model: torch.nn.Module, example: torch.Tensor, *, dynamo: bool) -> Any:
-    """The model as an onnx.ModelProto with a dynamic batch dimension."""
-    import onnx
-
-    names: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
-    if dynamo:
-        batch = torch.export.Dim("batch", min=1)
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **names)
-        assert program is not None
-        return program.model_proto
-    buffer = io.BytesIO()
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
-    file: Any = buffer  # the annotation says a path; a file object works and keeps it off the disk
-    torch.onnx.export(model, (example,), file, dynamo=False, dynamic_axes=axes, opset_version=17, **names)
-    return onnx.load_from_string(buffer.getvalue())
-
-
-def describe(err: BaseException) -> str:
-    """The error and the causes it chains (the exporters wrap the real reason), one line each, joined."""
-    parts: list[str] = []
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen and len(parts) < 4:
-        seen.add(id(current))
-        parts.append(f"{type(current).__name__}: {first_line(current)}")
-        current = current.__cause__ or current.__context__
-    return " <- caused by ".join(parts)
 
 
 def write_torchscript(trained: TrainedModel, example: torch.Tensor, target: Path) -> None:

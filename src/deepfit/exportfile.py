@@ -5,6 +5,8 @@ own module and sample inputs, and pass their own error class, so a failure names
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from collections.abc import Callable
@@ -21,11 +23,58 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 EXTRA_FILE = "deepfit.json"  # the TorchScript extra file holding the metadata
 
 ErrorType = type[DeepfitError]
+ONNX_EXPORTERS = ("dynamo", "torchscript")  # tried in this order: torch.export first, then the TorchScript-based one
 
 
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else ""
+
+
+def export_onnx(
+    module: torch.nn.Module, example: torch.Tensor, *, error: ErrorType, what: str, names: tuple[str, str] = ("input", "logits")
+) -> tuple[Any, str]:
+    """(onnx.ModelProto with a dynamic batch dimension, the exporter that made it): the dynamo
+    exporter, or the TorchScript-based one when that fails (torch versions and models it cannot
+    convert, or no onnxscript). When both fail, `error` names each one's cause."""
+    failures = []
+    for exporter in ONNX_EXPORTERS:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return onnx_proto(module, example, dynamo=exporter == "dynamo", names=names), exporter
+        except Exception as err:  # the exporters raise many types; all mean "this exporter cannot convert it"
+            failures.append(f"{exporter} exporter: {describe(err)}")
+    raise error(f"ONNX export of {what} failed; " + "; ".join(failures))
+
+
+def onnx_proto(module: torch.nn.Module, example: torch.Tensor, *, dynamo: bool, names: tuple[str, str]) -> Any:
+    """The module as an onnx.ModelProto, input and output named `names`, batch dimension dynamic."""
+    import onnx
+
+    named: dict[str, Any] = {"input_names": [names[0]], "output_names": [names[1]], "verbose": False}
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},), external_data=False, **named)
+        assert program is not None
+        return program.model_proto
+    buffer = io.BytesIO()
+    axes = {names[0]: {0: "batch"}, names[1]: {0: "batch"}}
+    file: Any = buffer  # the annotation says a path; a file object works and keeps it off the disk
+    torch.onnx.export(module, (example,), file, dynamo=False, dynamic_axes=axes, opset_version=17, **named)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def describe(err: BaseException) -> str:
+    """The error and the causes it chains (the exporters wrap the real reason), one line each, joined."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen and len(parts) < 4:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}: {first_line(current)}")
+        current = current.__cause__ or current.__context__
+    return " <- caused by ".join(parts)
 
 
 def save_onnx(proto: Any, meta: dict[str, Any], target: Path) -> None:

@@ -6,9 +6,6 @@ shared by every task."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,16 @@ import torch
 from torch import nn
 
 from deepfit.errors import DeepfitError
-from deepfit.exportfile import FORMATS, SUFFIXES, difference, first_line, load_torchscript, onnx_session, save_onnx, save_torchscript
+from deepfit.exportfile import (
+    FORMATS,
+    SUFFIXES,
+    difference,
+    export_onnx,
+    load_torchscript,
+    onnx_session,
+    save_onnx,
+    save_torchscript,
+)
 from deepfit.regression.trained import RegressionModel, load_regression_model
 
 TOLERANCE = 1e-4  # largest difference from PyTorch, in standardised target units (x target_std in the target's)
@@ -111,17 +117,8 @@ def sample_rows(trained: RegressionModel, batch: int, *, seed: int) -> torch.Ten
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
-
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=["features"],
-                                        output_names=["prediction"], verbose=False, external_data=False)  # fmt: skip
-    except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
-        raise RegressionExportError(f"ONNX export failed: {type(err).__name__}: {first_line(err)}") from None
-    assert program is not None
-    save_onnx(program.model_proto, meta, target)
+    proto, _ = export_onnx(module, example, error=RegressionExportError, what="the regression model", names=("features", "prediction"))
+    save_onnx(proto, meta, target)
 
 
 def write_torchscript(module: nn.Module, example: torch.Tensor, target: Path, meta: dict[str, Any]) -> None:
