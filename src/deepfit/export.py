@@ -18,9 +18,9 @@ import torch
 from deepfit.errors import DeepfitError
 from deepfit.exportfile import (
     FORMATS,
-    SUFFIXES,
     difference,
     export_onnx,
+    export_path,
     load_torchscript,
     onnx_session,
     save_onnx,
@@ -105,10 +105,7 @@ def new_folders(folder: Path) -> Iterator[None]:
 
 def default_out(given: Path, checkpoint: Path, format: str) -> Path:
     """runs/<name>/export/model.onnx for a run; <checkpoint stem>.onnx beside a bare checkpoint."""
-    run_dir = run_folder(given) or run_folder(checkpoint)
-    if run_dir is not None:
-        return run_dir / "export" / f"model{SUFFIXES[format]}"
-    return checkpoint.with_suffix("").with_name(checkpoint.stem + SUFFIXES[format])
+    return export_path(run_folder(given) or run_folder(checkpoint), checkpoint, format)
 
 
 def metadata(trained: TrainedModel) -> dict[str, Any]:

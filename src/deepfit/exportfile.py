@@ -26,6 +26,13 @@ ErrorType = type[DeepfitError]
 ONNX_EXPORTERS = ("dynamo", "torchscript")  # tried in this order: torch.export first, then the TorchScript-based one
 
 
+def export_path(run_dir: Path | None, checkpoint: Path, format: str) -> Path:
+    """runs/<name>/export/model.onnx for a run; <checkpoint stem>.onnx beside a bare checkpoint."""
+    if run_dir is not None:
+        return run_dir / "export" / f"model{SUFFIXES[format]}"
+    return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:300] if text else ""

@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from deepfit.errors import DeepfitError
-from deepfit.exportfile import FORMATS, SUFFIXES, difference, first_line, load_torchscript, onnx_session, save_onnx, save_torchscript
+from deepfit.exportfile import (
+    FORMATS,
+    difference,
+    export_path,
+    first_line,
+    load_torchscript,
+    onnx_session,
+    save_onnx,
+    save_torchscript,
+)
 from deepfit.graph.trained import TrainedNodeModel, build_model_for, load_node_model, run_folder
 
 TOLERANCE = 1e-4  # largest absolute logit difference an export may show against PyTorch
@@ -42,7 +51,7 @@ def export_node_checkpoint(path: str | Path, *, format: str, out: str | Path | N
     trained = load_node_model(path)
     model = uncached_model(trained)
     folder = run_folder(Path(path))
-    target = Path(out) if out is not None else default_target(folder, trained.path, format)
+    target = Path(out) if out is not None else export_path(folder, trained.path, format)
     target.parent.mkdir(parents=True, exist_ok=True)
     inputs = (trained.graph.features, trained.graph.edge_index)
     (write_onnx if format == "onnx" else write_torchscript)(model, inputs, target, metadata(trained))
@@ -62,12 +71,6 @@ def uncached_model(trained: TrainedNodeModel) -> nn.Module:
     model = build_model_for(trained.config, trained.graph, cached=False)
     model.load_state_dict(trained.model.state_dict())
     return model.eval()
-
-
-def default_target(folder: Path | None, checkpoint: Path, format: str) -> Path:
-    if folder is not None:
-        return folder / "export" / f"model{SUFFIXES[format]}"
-    return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
 
 
 def metadata(trained: TrainedNodeModel) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from torch import nn
 from deepfit.errors import DeepfitError
 from deepfit.exportfile import (
     FORMATS,
-    SUFFIXES,
     difference,
     export_onnx,
+    export_path,
     load_torchscript,
     onnx_session,
     save_onnx,
@@ -85,9 +85,8 @@ def export_regression(path: str | Path, *, format: str, out: str | Path | None =
 
 def default_out(given: Path, checkpoint: Path, format: str) -> Path:
     run_dir = given if given.is_dir() else checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        return run_dir / "export" / f"model{SUFFIXES[format]}"
-    return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
+    is_run = run_dir is not None and (run_dir / "config.yaml").is_file()
+    return export_path(run_dir if is_run else None, checkpoint, format)
 
 
 def metadata(trained: RegressionModel) -> dict[str, Any]:
