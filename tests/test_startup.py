@@ -102,3 +102,14 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None
         child.kill()
     assert child.returncode == 130
     assert "Traceback" not in err and err.strip() == "deepfit: stopped: interrupted"
+
+
+def test_training_on_mnist_loads_no_model_zoo_or_metrics_library(tmp_path: Path) -> None:
+    """torchmetrics took about 3 s of every training process (a tenth of the MNIST recipe) for
+    three numbers; torchvision's model zoo is for resnet18 alone. (torch._dynamo does load: torch's
+    optimizers import it when they are built.)"""
+    data = write_tiny_idx(tmp_path / "data", side=28)
+    args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    result = probe(CLI_PROBE, *args, tmp_path=tmp_path)
+    assert result["code"] == 0
+    assert set(result["loaded"]) == {"torch", "torch._dynamo", "matplotlib"}  # type: ignore[arg-type]  # matplotlib draws curves.png
