@@ -27,7 +27,8 @@ from torch import nn
 
 from deepfit.checkpoint import load_checkpoint, save_checkpoint
 from deepfit.config import Config, set_value
-from deepfit.fit import checkpoint_state, fit, prepare_run
+from deepfit.fit import fit, prepare_run
+from deepfit.runstate import checkpoint_state
 from deepfit.runtime import seed_everything
 
 fit_module = importlib.import_module("deepfit.fit")  # the module; deepfit.fit is also the function

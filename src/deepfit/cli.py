@@ -213,7 +213,7 @@ def print_fit_result(result: Any, monitor: str) -> int:
         if result.stopped_early == "time limit":
             print(f"resume with: deepfit train --resume {result.run_dir}")
     if result.data.skipped:
-        from deepfit.fit import SKIPPED_FILE
+        from deepfit.fitparts import SKIPPED_FILE
 
         print(f"skipped {len(result.data.skipped)} bad file(s), listed in {result.run_dir / SKIPPED_FILE}")
     weights = f" ({result.weights}, epoch {result.weights_epoch})"  # what evaluate, predict and export use

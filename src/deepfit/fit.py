@@ -1,15 +1,15 @@
 """fit(config) -> FitResult: build data and model, train epoch by epoch, checkpoint, evaluate.
-Reads like a table of contents; the loop itself lives in engine.py."""
+Reads like a table of contents: the parts it builds are in fitparts.py, the run's state that
+checkpoints save and --resume restores in runstate.py, the loop itself in engine.py."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +20,32 @@ from torch.utils.data import Dataset
 from deepfit import checkpoint as ckpt
 from deepfit import distributed
 from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
-from deepfit.data import BatchLoader, DataBundle, StreamLoader, anchor_paths, build_data, build_loader
-from deepfit.data.balance import balanced_sample_weights, build_class_weights
+from deepfit.data import DataBundle, anchor_paths, build_data, build_loader
+from deepfit.data.balance import balanced_sample_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
-from deepfit.history import LR_FILE, LrPoint, Row, write_lr_csv, write_metrics_csv
-from deepfit.interrupts import NothingTrained, SignalStop, StopFlag, stop_on_signals
+from deepfit.fitparts import (
+    SKIPPED_FILE,
+    augment_for,
+    build_network,
+    build_scaler,
+    choose_schedule,
+    class_weights,
+    make_optimizer,
+    save_skipped,
+)
+from deepfit.history import LR_FILE, Row, write_lr_csv, write_metrics_csv
+from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals
 from deepfit.metrics import classification_metrics
-from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups
-from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, resolve_schedule, step_epoch_schedule
+from deepfit.models import class_path_of
+from deepfit.optim import build_loss, step_epoch_schedule
+from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
-from deepfit.trained import InitReport, init_from_data, init_weights, place_model
+from deepfit.trained import InitReport, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
 EpochFn = Callable[[Row], None]
@@ -51,37 +62,6 @@ class FitResult:
     init: InitReport | None = None  # what --init-from copied and which tensors did not match
     weights: str = "last.pt"  # the checkpoint whose weights `model` and `metrics` are: best.pt unless restore_best is off
     weights_epoch: int = 0  # the epoch those weights finished
-
-
-@dataclass
-class Run:
-    """The live state of one training run: what a checkpoint saves and --resume restores."""
-
-    config: Config
-    data: DataBundle
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    loader: BatchLoader | StreamLoader
-    loss_fn: LossFn
-    device: torch.device
-    run_dir: Path
-    epoch: int = 0  # completed epochs
-    step: int = 0  # batches trained so far, over all epochs
-    best_metric: float = math.nan
-    best_epoch: int = 0
-    history: list[Row] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    stopped_early: str | None = None
-    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling; its scale is part of the state
-    signals: StopFlag = field(default_factory=StopFlag)  # SIGINT/SIGTERM seen during training
-    schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
-    init: InitReport | None = None
-    guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
-    ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
-    tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
-    loss_tap: LossTap | None = None  # the training loss, read every train.log_every steps for TensorBoard
-    lrs: list[LrPoint] = field(default_factory=list)  # (fractional epoch, lr) after every batch -> lr.csv
 
 
 def fit(
@@ -191,94 +171,6 @@ def prepare_run(
     if bundle.skipped and distributed.is_main():
         save_skipped(bundle.skipped, run_dir / SKIPPED_FILE)
     return run
-
-
-SKIPPED_FILE = "skipped_files.csv"  # the bad files data.skip_bad left out: path, reason
-
-
-def save_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "reason"])
-        writer.writerows(skipped)
-
-
-def class_weights(config: Config, bundle: DataBundle, device: torch.device) -> torch.Tensor | None:
-    """loss.class_weights (K,) on the training device, from the training split's counts or a file."""
-    spec = config.loss.class_weights
-    return build_class_weights(spec, bundle.train.labels, bundle.classes).to(device) if spec else None
-
-
-def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *, fresh: bool) -> tuple[nn.Module, InitReport | None]:
-    """The given or registered model, started from --init-from and its backbone frozen when asked.
-    A resumed run builds without pretrained weights or --init-from: its checkpoint holds the weights."""
-    if model is None:
-        architecture = config.model if fresh else dataclasses.replace(config.model, weights=None, init_from=None)
-        model = build_model(architecture, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
-    if fresh and not config.model.init_from and not config.model.weights:
-        init_from_data(model, bundle)  # the model's own data-dependent init (a whitened stem), if it has one
-    init = init_weights(model, config.model.init_from, classes=bundle.classes) if fresh and config.model.init_from else None
-    if config.model.freeze == "backbone":
-        freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
-    return model, init
-
-
-def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
-    o = config.optim
-    groups = parameter_groups(net, lr=o.lr, config=config.model)
-    with config_choice(f"optim.name {o.name}"):
-        return build_optimizer(
-            o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-            betas=(o.betas[0], o.betas[1]), device=device,
-        )  # fmt: skip
-
-
-@contextlib.contextmanager
-def config_choice(what: str) -> Iterator[None]:
-    """torch's ValueError for a setting it rejects (a negative momentum, betas out of range, a
-    schedule the optimizer cannot follow) becomes one line naming the config choice."""
-    try:
-        yield
-    except ValueError as err:
-        raise ConfigError(f"{what}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
-
-
-def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16 needs loss scaling; its current scale and growth count are saved with the run."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def augment_for(preset: str, bundle: DataBundle) -> str:
-    """Flips only where a mirror image keeps its class; elsewhere the preset is refused."""
-    if preset not in ("none", "crop") and not bundle.flip_ok:
-        import warnings
-
-        warnings.warn(
-            f"data.augment {preset} flips images, but a mirrored {bundle.source} image may change class; flips stay on as asked",
-            stacklevel=2,
-        )
-    return preset
-
-
-def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any, steps_per_epoch: int) -> tuple[Any, str]:
-    """The API's scheduler (stepped per epoch unless Schedule(interval="step")), else config.sched (per step)."""
-    if given is not None:
-        return resolve_schedule(given, optimizer)
-    return make_scheduler(config, optimizer, steps_per_epoch), "step"
-
-
-def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    s = config.sched
-    mode = "min" if config.train.monitor.endswith("loss") else "max"
-    with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
-        return build_scheduler(
-            s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
-            step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
-            pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
-        )  # fmt: skip
 
 
 def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:
@@ -394,132 +286,6 @@ def end_epoch(run: Run, row: Row) -> None:
     patience = run.config.train.early_stop
     if patience and run.epoch - run.best_epoch >= patience:
         run.stopped_early = f"no {key} improvement for {patience} epochs"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return distributed.without_ddp(getattr(model, "_orig_mod", model))
-
-
-def evaluated(run: Run) -> nn.Module:
-    """The weights that are measured, saved as "model" and exported: the average with train.ema."""
-    return run.ema.module if run.ema is not None else run.model
-
-
-def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
-
-
-def checkpoint_state(run: Run) -> dict[str, Any]:
-    """Everything to rebuild the model and continue exactly where the run is now."""
-    return {
-        "kind": ckpt.KIND,
-        "format_version": ckpt.FORMAT_VERSION,
-        "config": run.config.to_dict(),
-        "classes": list(run.data.classes),
-        "input_shape": list(run.data.input_shape),
-        "mean": list(run.data.mean),
-        "std": list(run.data.std),
-        "flip_ok": run.data.flip_ok,
-        "model": weights_of(evaluated(run)),
-        "ema": {"raw": weights_of(run.model), **run.ema.state_dict()} if run.ema is not None else None,  # the trained weights
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "epoch": run.epoch,
-        "step": run.step,
-        "best_metric": run.best_metric,
-        "best_epoch": run.best_epoch,
-        "history": list(run.history),
-        "lrs": [list(point) for point in run.lrs],
-        "rng": ckpt.rng_state(),
-        "loader": run.loader.state_dict(),
-        "world_size": distributed.world().size,  # ranks that trained it; any number can resume it
-    }
-
-
-def save_state(run: Run, *, mid_epoch: bool) -> None:
-    """last.pt always; with step checkpoints, also step-N.pt, rotated to the newest train.keep_last.
-    Never after a non-finite step: the guard is read first (the save waits on the device anyway)."""
-    if run.guard is not None:
-        run.guard.check()
-    if not distributed.is_main():  # every rank holds the same state; rank 0 writes it
-        distributed.barrier()
-        return
-    state = checkpoint_state(run)
-    folder = run.run_dir / "checkpoints"
-    ckpt.save_checkpoint(state, folder / "last.pt")
-    if mid_epoch and run.config.train.checkpoint_every:
-        ckpt.save_checkpoint(state, folder / f"step-{run.step:08d}.pt")
-        for old in sorted(folder.glob("step-*.pt"))[: -run.config.train.keep_last]:
-            old.unlink(missing_ok=True)
-    distributed.barrier()
-
-
-def restore(run: Run, path: Path) -> None:
-    state = ckpt.load_checkpoint(path)
-    restore_weights(run, state, path)
-    fresh_lrs = [group["lr"] for group in run.optimizer.param_groups]  # where the schedule built for this run starts
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scheduler is not None and state["scheduler"] is not None:
-        if schedule_rebuilt(run, state):
-            fast_forward(run, fresh_lrs, int(state["scheduler"].get("last_epoch", state["step"])))
-        else:
-            run.scheduler.load_state_dict(keep_span(state["scheduler"], run.scheduler.state_dict()))
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.epoch, run.step = int(state["epoch"]), int(state["step"])
-    run.best_metric, run.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-    run.history = [dict(row) for row in state["history"]]
-    run.lrs = [(float(epoch), float(lr)) for epoch, lr in state.get("lrs", [])]
-    run.loader.load_state_dict(state["loader"])
-    ckpt.set_rng_state(state["rng"])
-
-
-def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
-    """The trained weights, and the average when both the checkpoint and this run have one
-    (a run that turns train.ema on when resumed starts its average from the trained weights)."""
-    averaged = state.get("ema")
-    ckpt.load_model_state(unwrap(run.model), averaged["raw"] if averaged else state["model"], path)
-    if run.ema is not None and averaged:
-        ckpt.load_model_state(run.ema.module, state["model"], path)
-        run.ema.load_state_dict(averaged)
-    elif run.ema is not None:
-        run.ema.module.load_state_dict(unwrap(run.model).state_dict())
-
-
-def schedule_rebuilt(run: Run, state: dict[str, Any]) -> bool:
-    """Whether `--resume --epochs N` changed the length of a per-step schedule that still has
-    steps to run: then the schedule is rebuilt for N epochs rather than stretched (a stretched
-    one-cycle climbed back to its peak lr; a finished cosine stayed at its minimum)."""
-    saved_epochs = int(state["config"].get("train", {}).get("epochs", run.config.train.epochs))
-    per_step = run.schedule_interval == "step" and not isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    return per_step and saved_epochs != run.config.train.epochs and int(state["epoch"]) < run.config.train.epochs
-
-
-def fast_forward(run: Run, fresh_lrs: list[float], steps: int) -> None:
-    """The schedule built for this run's epochs, stepped to where the run stands: its lr is the
-    new schedule's at that step (deterministic, so a second resume rebuilds it the same way)."""
-    import warnings
-
-    for group, lr in zip(run.optimizer.param_groups, fresh_lrs, strict=True):
-        group["lr"] = lr
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": replaying, not training
-        for _ in range(steps):
-            run.scheduler.step()
-
-
-SPAN_KEYS = ("total_steps", "T_max", "step_size", "milestones", "_milestones")
-
-
-def keep_span(saved: Any, fresh: Any) -> Any:
-    """The saved schedule state, but with the length of the schedule built for this run's epochs,
-    so `--resume --epochs N` can extend a run (identical when the epochs are unchanged)."""
-    if isinstance(saved, dict) and isinstance(fresh, dict):
-        return {k: fresh[k] if k in SPAN_KEYS and k in fresh else keep_span(v, fresh.get(k)) for k, v in saved.items()}
-    if isinstance(saved, list) and isinstance(fresh, list) and len(saved) == len(fresh):
-        return [keep_span(s, f) for s, f in zip(saved, fresh, strict=True)]
-    return saved
 
 
 def finish(run: Run) -> FitResult:

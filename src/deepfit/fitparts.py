@@ -1,0 +1,108 @@
+"""The parts fit() builds from the config before training: the network (started and frozen as
+asked), optimizer, schedule, loss scaler and class weights; each refusal of a setting is one line."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepfit.config import Config
+from deepfit.data import DataBundle
+from deepfit.data.balance import build_class_weights
+from deepfit.errors import ConfigError
+from deepfit.models import build_model, freeze_backbone, parameter_groups
+from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, resolve_schedule
+from deepfit.trained import InitReport, init_from_data, init_weights
+
+SKIPPED_FILE = "skipped_files.csv"  # the bad files data.skip_bad left out: path, reason
+
+
+def save_skipped(skipped: list[tuple[str, str]], path: Path) -> None:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason"])
+        writer.writerows(skipped)
+
+
+def class_weights(config: Config, bundle: DataBundle, device: torch.device) -> torch.Tensor | None:
+    """loss.class_weights (K,) on the training device, from the training split's counts or a file."""
+    spec = config.loss.class_weights
+    return build_class_weights(spec, bundle.train.labels, bundle.classes).to(device) if spec else None
+
+
+def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *, fresh: bool) -> tuple[nn.Module, InitReport | None]:
+    """The given or registered model, started from --init-from and its backbone frozen when asked.
+    A resumed run builds without pretrained weights or --init-from: its checkpoint holds the weights."""
+    if model is None:
+        architecture = config.model if fresh else dataclasses.replace(config.model, weights=None, init_from=None)
+        model = build_model(architecture, input_shape=bundle.input_shape, num_classes=bundle.num_classes)
+    if fresh and not config.model.init_from and not config.model.weights:
+        init_from_data(model, bundle)  # the model's own data-dependent init (a whitened stem), if it has one
+    init = init_weights(model, config.model.init_from, classes=bundle.classes) if fresh and config.model.init_from else None
+    if config.model.freeze == "backbone":
+        freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
+    return model, init
+
+
+def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
+    o = config.optim
+    groups = parameter_groups(net, lr=o.lr, config=config.model)
+    with config_choice(f"optim.name {o.name}"):
+        return build_optimizer(
+            o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+            betas=(o.betas[0], o.betas[1]), device=device,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def config_choice(what: str) -> Iterator[None]:
+    """torch's ValueError for a setting it rejects (a negative momentum, betas out of range, a
+    schedule the optimizer cannot follow) becomes one line naming the config choice."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"{what}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+
+
+def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; its current scale and growth count are saved with the run."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def augment_for(preset: str, bundle: DataBundle) -> str:
+    """Flips only where a mirror image keeps its class; elsewhere the preset is refused."""
+    if preset not in ("none", "crop") and not bundle.flip_ok:
+        import warnings
+
+        warnings.warn(
+            f"data.augment {preset} flips images, but a mirrored {bundle.source} image may change class; flips stay on as asked",
+            stacklevel=2,
+        )
+    return preset
+
+
+def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any, steps_per_epoch: int) -> tuple[Any, str]:
+    """The API's scheduler (stepped per epoch unless Schedule(interval="step")), else config.sched (per step)."""
+    if given is not None:
+        return resolve_schedule(given, optimizer)
+    return make_scheduler(config, optimizer, steps_per_epoch), "step"
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    s = config.sched
+    mode = "min" if config.train.monitor.endswith("loss") else "max"
+    with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
+        return build_scheduler(
+            s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
+            step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
+            pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
+        )  # fmt: skip
