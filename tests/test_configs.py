@@ -64,7 +64,7 @@ def test_tta_averages_the_logits_of_image_and_mirror() -> None:
     assert torch.equal(labels, y)
 
 
-@pytest.mark.parametrize("name", ["fastnet", "fastnet_small", "fastnet_wide", "airbench"])
+@pytest.mark.parametrize("name", ["fastnet", "fastnet_small", "fastnet_wide", "fastnet_res", "airbench"])
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_fast_models_map_images_to_class_logits(name: str, shape: tuple[int, int, int]) -> None:
     model = build_model(ModelConfig(name=name), input_shape=shape, num_classes=7)

@@ -51,6 +51,35 @@ def build_fastnet_wide(*, config: ModelConfig, input_shape: tuple[int, int, int]
     return build_fastnet(input_shape, (64, 128, 256), num_classes)
 
 
+class Residual(nn.Module):
+    """x + ReLU(BN(conv3x3(x))): one more same-width, same-size layer that starts near the identity
+    path, for depth where the map is already small. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.body = nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@MODELS.register("fastnet_res")
+def build_fastnet_res(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """fastnet 32-64-128 with a residual 3x3 layer after the 1/4 and 1/8 stages: 2.8x the
+    parameters for 1.4x the time per image, for the Fashion-MNIST 94% recipe."""
+    c1, c2, c3 = 32, 64, 128
+    features = nn.Sequential(
+        *conv_pool_bn(input_shape[0], c1, pool=True),  # (B, 32, H/2, W/2)
+        *conv_pool_bn(c1, c2, pool=True),  # (B, 64, H/4, W/4)
+        Residual(c2),
+        *conv_pool_bn(c2, c3, pool=True),  # (B, 128, H/8, W/8)
+        Residual(c3),
+        nn.Flatten(),  # (B, 128 * H/8 * W/8)
+    )
+    return nn.Sequential(features, nn.Linear(flat_size(features, input_shape), num_classes))
+
+
 class AirbenchBlock(nn.Module):
     """conv -> max pool 2 -> BN -> GELU -> conv -> BN -> GELU: halves the side, sets the width."""
 
