@@ -146,3 +146,13 @@ def test_resume_after_interruption_ends_at_the_same_weights(cli, tiny_idx: Path,
     resumed = load_checkpoint(crashed / "last.pt")["model"]
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_a_warning_is_one_line_naming_the_problem(cli, tiny_idx: Path) -> None:  # type: ignore[no-untyped-def]
+    result = cli("train", *TINY, "--data-dir", str(tiny_idx), "--data.augment", "flip-crop")
+    assert result.code == 0, result.err
+    flips = [line for line in result.err.splitlines() if "flip" in line]
+    assert flips == [
+        "deepfit: warning: data.augment flip-crop flips images, but a mirrored mnist image may change class; flips stay on as asked"
+    ]
+    assert ".py:" not in result.err and "UserWarning" not in result.err  # no file:line header, no source line

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -864,7 +864,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `deepfit` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:  # `deepfit` alone prints the help; `deepfit train` alone trains the embedded demo
-        return run(arguments)
+        with warnings_as_lines():
+            return run(arguments)
     except DeepfitError as err:
         print(f"deepfit: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -881,6 +882,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run_dir is not None:
             print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)
         return int(getattr(err, "exit_code", StopRequested.exit_code))  # 130 SIGINT, 143 SIGTERM
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """A warning is one line on stderr, `deepfit: warning: ...`, not Python's file:line header
+    with a line of deepfit's source under it."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        print(f"deepfit: warning: {kind}{message}", file=sys.stderr)
+
+    shown = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what `cat` reports when its reader leaves
