@@ -55,18 +55,19 @@ def run_once(recipe: Recipe, datasets: Path, seed: int, extra: Sequence[str] = (
     return wall, float(found.group(1)) / 100
 
 
-def measure(name: str, recipe: Recipe, datasets: Path, repeats: int, extra: Sequence[str] = ()) -> dict[str, object]:
-    runs = [run_once(recipe, datasets, seed, extra) for seed in range(repeats)]
+def measure(name: str, recipe: Recipe, datasets: Path, repeats: int, extra: Sequence[str] = (), first_seed: int = 0) -> dict[str, object]:
+    seeds = range(first_seed, first_seed + repeats)
+    runs = [run_once(recipe, datasets, seed, extra) for seed in seeds]
     wall = statistics.median(w for w, _ in runs)
     acc = statistics.median(a for _, a in runs)
-    return {"recipe": name, **asdict(recipe), "extra": list(extra), "runs": runs, "median_wall_s": wall, "median_acc": acc,
+    return {"recipe": name, **asdict(recipe), "extra": list(extra), "seeds": list(seeds), "runs": runs, "median_wall_s": wall, "median_acc": acc,
             "met": acc >= recipe.target_acc and wall <= recipe.budget_s}  # fmt: skip
 
 
 def format_rows(rows: list[dict[str, object]]) -> str:
     lines = [f"{'recipe':18s} {'median s':>9s} {'budget':>7s} {'median acc':>11s} {'target':>7s}  runs (seed: s, acc)"]
     for r in rows:
-        runs = ", ".join(f"seed {i}: {w:.1f}s {a * 100:.2f}%" for i, (w, a) in enumerate(r["runs"]))  # type: ignore[arg-type]
+        runs = ", ".join(f"seed {i}: {w:.1f}s {a * 100:.2f}%" for i, (w, a) in zip(r["seeds"], r["runs"], strict=True))  # type: ignore[call-overload]
         lines.append(
             f"{r['recipe']!s:18s} {r['median_wall_s']:9.1f} {r['budget_s']:7.0f} {float(r['median_acc']) * 100:10.2f}% "  # type: ignore[arg-type]
             f"{float(r['target_acc']) * 100:6.1f}%  {runs}{'' if r['met'] else '  (target missed)'}"  # type: ignore[arg-type]
@@ -78,11 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
     parser.add_argument("--datasets", type=Path, default=DATASETS)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per recipe, with seeds 0, 1, ...")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per recipe, with seeds first-seed, first-seed + 1, ...")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("extra", nargs="*", help="flags added to every `deepfit train` (after --), e.g. -- --data.mix mixup")
     args = parser.parse_args(argv)
     names = [name for name in args.recipes.split(",") if name]
-    rows = [measure(name, RECIPES[name], args.datasets, args.repeats, args.extra) for name in names]
+    rows = [measure(name, RECIPES[name], args.datasets, args.repeats, args.extra, args.first_seed) for name in names]
     print(format_rows(rows))
     print(f"wrote {save_json({'machine': machine(), 'recipes': rows}, 'recipes')}")
     return 0

@@ -178,9 +178,9 @@ def test_serve_bench_smoke_with_litserve_and_onnx(tiny_datasets: Path, tmp_path:
 
 def test_recipes_bench_runs_each_seed_as_its_own_process(tiny_datasets: Path) -> None:
     recipe = recipes.Recipe("mnist-99.yaml", "mnist", target_acc=0.0, budget_s=600.0)
-    row = recipes.measure("tiny", recipe, tiny_datasets, repeats=2, extra=["--epochs", "2"])
+    row = recipes.measure("tiny", recipe, tiny_datasets, repeats=2, extra=["--epochs", "2"], first_seed=1)
     runs = row["runs"]
     assert isinstance(runs, list) and len(runs) == 2 and all(wall > 0 and 0.0 <= acc <= 1.0 for wall, acc in runs)
     assert row["extra"] == ["--epochs", "2"] and row["met"] is True
     table = recipes.format_rows([row])
-    assert "seed 0: " in table and "seed 1: " in table and "(target missed)" not in table
+    assert row["seeds"] == [1, 2] and "seed 1: " in table and "seed 2: " in table and "(target missed)" not in table
