@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfit import metrics
 from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
@@ -194,9 +195,8 @@ def build_report(
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """(K, K) int64 counts, rows = true class, columns = predicted class."""
-    flat = labels.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
+    """(K, K) int64 counts, rows = true class, columns = predicted class, as numpy."""
+    return metrics.confusion_matrix(preds, labels, num_classes).numpy()
 
 
 def class_scores(matrix: np.ndarray, classes: list[str]) -> list[ClassScores]:

@@ -20,6 +20,7 @@ from deepfit.data import BatchLoader, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import ConfigError, DataError, DeepfitError
 from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
+from deepfit.metrics import confusion_matrix
 from deepfit.models import build_model
 
 FIGURE_KINDS = ("curves", "samples", "predictions", "confusion", "mistakes", "filters", "features", "gradcam")
@@ -251,8 +252,7 @@ def choose_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int) -> t
 
 def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
     """(K, K) counts: row = true class, column = predicted class."""
-    flat = labels.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes).numpy()
+    return confusion_matrix(preds, labels, num_classes).numpy()
 
 
 def load_image_file(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -26,9 +26,15 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: 
 def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Mean over classes of 2TP / (2TP + FP + FN); a class absent from both predictions and labels
     is left out of the mean (torchmetrics' rule)."""
-    confusion = torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes**2).view(num_classes, num_classes)
+    confusion = confusion_matrix(preds, labels, num_classes)
     tp = confusion.diag().double()
     fp = confusion.sum(0).double() - tp  # predicted as the class, labelled otherwise
     fn = confusion.sum(1).double() - tp  # labelled as the class, predicted otherwise
     seen = (tp + fp + fn) > 0  # every labelled class is seen: never empty for a non-empty input
     return float((2 * tp[seen] / (2 * tp[seen] + fp[seen] + fn[seen])).mean())
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts, rows = true class, columns = predicted class."""
+    flat = labels.long() * num_classes + preds.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
