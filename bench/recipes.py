@@ -35,6 +35,7 @@ RECIPES = {
     "fashion-mnist-91": Recipe("fashion-mnist-91.yaml", "fashion-mnist", 0.91, 30.0),
     "fashion-mnist-93": Recipe("fashion-mnist-93.yaml", "fashion-mnist", 0.93, 120.0),
     "fashion-mnist-94": Recipe("fashion-mnist-94.yaml", "fashion-mnist", 0.94, 900.0),
+    "cifar10-jpg-85-cpu": Recipe("cifar10-jpg-85-cpu.yaml", "cifar10-jpg.zip", 0.85, 1800.0),
 }
 DEEPFIT = Path(sys.executable).with_name("deepfit")
 

@@ -19,7 +19,14 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_recipes_exist() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"mnist-99.yaml", "fashion-mnist-91.yaml", "fashion-mnist-93.yaml", "fashion-mnist-94.yaml", "cifar10-94-gpu.yaml"} <= names
+    assert {
+        "mnist-99.yaml",
+        "fashion-mnist-91.yaml",
+        "fashion-mnist-93.yaml",
+        "fashion-mnist-94.yaml",
+        "cifar10-94-gpu.yaml",
+        "cifar10-jpg-85-cpu.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -17,6 +17,7 @@ from deepfit.models.whitening import BiasOnlyBatchNorm, Whiten
 from tests.test_configs import tiny_colour_bundle
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cifar10-jpg-gpu.yaml"
+CPU_RECIPE = RECIPE.with_name("cifar10-jpg-85-cpu.yaml")  # the same parts at a CPU's size
 
 
 def smooth_images(n: int = 64, side: int = 12) -> torch.Tensor:
@@ -50,10 +51,11 @@ def test_bias_only_batchnorm_keeps_its_scale() -> None:
     assert not torch.equal(norm.bias, torch.zeros(4))
 
 
-def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp_path: Path) -> None:
-    config = load_config(RECIPE)
+@pytest.mark.parametrize("recipe", [RECIPE, CPU_RECIPE], ids=lambda p: p.name)
+def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp_path: Path, recipe: Path) -> None:
+    config = load_config(recipe)
     config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 16
-    assert config.model.name == "airbench_whiten" and config.train.tta and config.loss.label_smoothing == 0.2
+    assert config.model.name.startswith("airbench_whiten") and config.train.tta and config.loss.label_smoothing == 0.2
     config.train.precision = "32"  # the recipe's bf16 runs slower on CPUs without bf16 units; tests/test_configs.py covers bf16
     bundle = tiny_colour_bundle()
     result = fit(config, data=bundle)
@@ -80,6 +82,8 @@ def test_resume_does_not_init_from_data_again(tmp_path: Path, monkeypatch: pytes
     assert calls == []
 
 
-def test_airbench_whiten_maps_cifar_images_to_logits() -> None:
-    model = build_model(ModelConfig(name="airbench_whiten"), input_shape=(3, 32, 32), num_classes=10)
+@pytest.mark.parametrize(("name", "widths"), [("airbench_whiten", (64, 256, 256)), ("airbench_whiten_small", (32, 128, 256))])
+def test_airbench_whiten_maps_cifar_images_to_logits(name: str, widths: tuple[int, int, int]) -> None:
+    model = build_model(ModelConfig(name=name), input_shape=(3, 32, 32), num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert tuple(block.conv2.out_channels for block in model.blocks) == widths  # type: ignore[union-attr]

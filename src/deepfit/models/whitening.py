@@ -108,3 +108,9 @@ class AirbenchWhiten(nn.Module):
 def build_airbench_whiten(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """airbench94's CIFAR-10 net: data-whitened 2x2 stem, BN bias-only, identity-started convs (configs/cifar10-jpg-gpu.yaml)."""
     return AirbenchWhiten(input_shape[0], num_classes)
+
+
+@MODELS.register("airbench_whiten_small")
+def build_airbench_whiten_small(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """airbench_whiten with blocks 32-128-256: 1/3 of the work, for CIFAR-10 on the CPU (configs/cifar10-jpg-85-cpu.yaml)."""
+    return AirbenchWhiten(input_shape[0], num_classes, widths=(32, 128, 256))
