@@ -86,6 +86,13 @@ def test_cnn3_is_unpadded_and_says_so_on_small_images(cli) -> None:  # type: ign
     assert build("cnn3_pad", (1, 8, 8), 10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", ["airbench", "airbench_whiten_small"])
+def test_a_globally_pooled_net_too_deep_for_the_input_is_refused_when_built(name: str) -> None:
+    # no flatten size to compute, so only the probe's forward pass finds it (before: mid-training)
+    with pytest.raises(ConfigError, match="cannot take 3x8x8 input"):
+        build(name, (3, 8, 8), 10)
+
+
 def test_lesson_models_have_the_lesson_layers() -> None:
     cnn3 = build("cnn3", (1, 28, 28), 10)
     convs = [m for m in cnn3.modules() if isinstance(m, nn.Conv2d)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from deepfit.config import ModelConfig
@@ -61,8 +62,21 @@ def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_c
         return build_user_model(config.class_path)
     builder = MODELS.get(config.name)
     try:
-        return builder(config=config, input_shape=input_shape, num_classes=num_classes)
+        model = builder(config=config, input_shape=input_shape, num_classes=num_classes)
+        probe(model, input_shape)
+        return model
     except RuntimeError as err:  # torch's shape errors, e.g. "Output size is too small"
         c, h, w = input_shape
         detail = " ".join(str(err).split())[:200]
         raise ConfigError(f"model {config.name} cannot take {c}x{h}x{w} input: {detail}") from None
+
+
+def probe(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """One forward pass of a zero image in eval mode (no statistics change): an input the net
+    pools away (8x8 digits into a net that halves the side four times) fails here, in one line,
+    not at the first training step."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
