@@ -156,3 +156,15 @@ def test_a_warning_is_one_line_naming_the_problem(cli, tiny_idx: Path) -> None: 
         "deepfit: warning: data.augment flip-crop flips images, but a mirrored mnist image may change class; flips stay on as asked"
     ]
     assert ".py:" not in result.err and "UserWarning" not in result.err  # no file:line header, no source line
+
+
+def test_a_recipe_without_its_data_says_what_it_read_and_why_the_model_cannot_train(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # the CIFAR recipe with --data-dir instead of --data: the config names no dataset, so the
+    # embedded 8x8 digits are loaded, which airbench_whiten_small pools away before its head
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "cifar10-jpg-85-cpu.yaml")
+    result = cli("train", "--config", config, "--data-dir", str(tmp_path), "--no-progress", "--out", "run")
+    assert result.code != 0
+    lines = result.err.strip().splitlines()
+    assert lines[0] == f"deepfit: warning: data.dir {tmp_path} is not read: the dataset is digits, embedded in scikit-learn"
+    assert lines[1].startswith("deepfit: error: model airbench_whiten_small cannot take 1x8x8 input: ")
+    assert len(lines) == 2 and "Traceback" not in result.err

@@ -3,6 +3,7 @@ build_data() -> DataBundle."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ DATASETS: Registry[SourceBuilder] = Registry("dataset")
 
 @DATASETS.register("digits")
 def _digits(config: DataConfig, seed: int) -> SourceData:
+    if config.dir is not None:  # e.g. a recipe run without its data.name or --data: say so, not train on digits quietly
+        warnings.warn(f"data.dir {config.dir} is not read: the dataset is digits, embedded in scikit-learn", stacklevel=2)
     return load_digits_source()
 
 
