@@ -73,8 +73,9 @@ def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_c
 
 def probe(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
     """One forward pass of a zero image in eval mode (no statistics change): an input the net
-    pools away (8x8 digits into a net that halves the side four times) fails here, in one line,
-    not at the first training step."""
+    pools away (8x8 digits into airbench's 2x2 stem and three 2x2 pools) fails here, as a
+    ConfigError, not at the first training step. A net sized by layers.flat_size has already
+    been through one such pass; the others, with a global pool, have not."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
