@@ -118,7 +118,7 @@ def test_cli_prints_a_table_and_writes_report_and_figure(tiny_run: Path, capsys:
     for name in saved["classes"]:
         assert f"\n{name} " in out
     assert "macro avg" in out and "weighted avg" in out and f"{saved['accuracy']:.2%}" in out
-    assert saved["split"] == "test" and saved["images"] == 120 and saved["tta"] is False
+    assert saved["split"] == "test" and saved["images"] == 120 and saved["tta"] == "none"
     assert set(saved["averages"]) == {"macro", "weighted"}
     with Image.open(tiny_run / "plots" / "confusion.png") as figure:
         assert figure.size[0] > 200
@@ -141,10 +141,40 @@ def test_bare_checkpoint_writes_beside_itself(tiny_run: Path, tmp_path: Path) ->
     assert result.figure_path == tmp_path / "model.confusion.png" and result.figure_path.is_file()
 
 
-def test_tta_flip_refused_where_mirrors_change_the_class(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", str(tiny_run), "--tta", "flip"]) == 2
+@pytest.mark.parametrize("mode", ["flip", "flip-shift"])
+def test_tta_flip_refused_where_mirrors_change_the_class(tiny_run: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tiny_run), "--tta", mode]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "flip" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and f"--tta {mode} is not allowed for mnist" in err and "Traceback" not in err
+    assert not (tiny_run / f"report-tta-{mode}.json").exists()
+
+
+def shifted_by_hand(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """images (N, C, H, W) moved dx pixels right and dy down, the uncovered edge row or column
+    repeating its neighbour; built with index arithmetic, independently of deepfit's padding."""
+    h, w = images.shape[-2:]
+    rows = (torch.arange(h) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w) - dx).clamp(0, w - 1)
+    return images[:, :, rows][:, :, :, cols]
+
+
+def test_tta_shift_averages_the_image_and_its_one_pixel_shifts(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Shifts keep every class, so they are allowed on MNIST-like data where flips are not."""
+    assert main(["evaluate", str(tiny_run), "--tta", "shift"]) == 0
+    assert "(test-time shift)" in capsys.readouterr().out
+    saved = json.loads((tiny_run / "report-tta-shift.json").read_text())
+    data = tiny_run.parent / "idx"
+    images = torch.from_numpy(read_idx(data / "t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
+    checkpoint = tiny_run / "checkpoints" / "best.pt"
+    views = [images] + [shifted_by_hand(images, dx, dy) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    averaged = torch.stack([reference_logits(checkpoint, view) for view in views]).mean(0)
+    plain = reference_logits(checkpoint, images)
+    assert saved["tta"] == "shift" and not torch.equal(averaged.argmax(1), plain.argmax(1)), "shifts should change some predictions"
+    result = evaluate_checkpoint(tiny_run, tta="shift", write=False)
+    assert np.array_equal(result.predictions, averaged.argmax(1).numpy())
+    labels = torch.from_numpy(read_idx(data / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    assert saved["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(averaged, labels)), rel=1e-4)
+    check_against_sklearn(result)
 
 
 def write_image_folder(idx: Path, folder: Path) -> torch.Tensor:
@@ -170,7 +200,7 @@ def test_tta_flip_averages_each_image_with_its_mirror(tmp_path: Path) -> None:
     result = evaluate_checkpoint(run, tta="flip", write=False)
     checkpoint = run / "checkpoints" / "best.pt"
     averaged = reference_logits(checkpoint, images) + reference_logits(checkpoint, images.flip(3))
-    assert result.report.tta is True
+    assert result.report.tta == "flip"
     assert np.array_equal(result.predictions, averaged.argmax(1).numpy())
     check_against_sklearn(result)
 
@@ -248,3 +278,19 @@ def test_relabel_maps_source_classes_onto_the_model_by_name() -> None:
     assert relabel(images, ["a", "b", "c"], ["a", "b", "c"], "same") is images
     with pytest.raises(Exception, match="classes the model does not know: yak"):
         relabel(images, ["cat", "yak", "owl"], ["owl", "cat", "dog"], "folder")
+
+
+def test_train_tta_shift_scores_the_test_split_as_evaluate_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_tiny_idx(tmp_path / "idx", train=200, test=120, side=12, seed=3)
+    run = train(tmp_path / "run", data, "--train.tta", "shift")
+    out = capsys.readouterr().out
+    report = evaluate_checkpoint(run, tta="shift", write=False).report
+    assert f"test_acc {report.accuracy:.2%}" in out
+    plain = evaluate_checkpoint(run, write=False).report
+    assert report.loss != plain.loss  # the run's test line is the shifted score, not the plain one
+
+
+def test_train_tta_flip_on_data_mirrors_may_change_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_tiny_idx(tmp_path / "idx", train=100, test=30, side=12)
+    train(tmp_path / "run", data, "--train.tta", "flip")
+    assert "train.tta flip flips test images, but a mirrored mnist image may change class" in capsys.readouterr().err

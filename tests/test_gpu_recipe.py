@@ -55,7 +55,7 @@ def test_bias_only_batchnorm_keeps_its_scale() -> None:
 def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp_path: Path, recipe: Path) -> None:
     config = load_config(recipe)
     config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 16
-    assert config.model.name.startswith("airbench_whiten") and config.train.tta and config.loss.label_smoothing == 0.2
+    assert config.model.name.startswith("airbench_whiten") and config.train.tta == "flip" and config.loss.label_smoothing == 0.2
     config.train.precision = "32"  # the recipe's bf16 runs slower on CPUs without bf16 units; tests/test_configs.py covers bf16
     bundle = tiny_colour_bundle()
     result = fit(config, data=bundle)
@@ -73,7 +73,7 @@ def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp
 def test_resume_does_not_init_from_data_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config(RECIPE)
     config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 32
-    config.train.precision, config.train.tta = "32", False
+    config.train.precision, config.train.tta = "32", "none"
     fit(config, data=tiny_colour_bundle())
     calls: list[int] = []
     monkeypatch.setattr(Whiten, "init_from_data", lambda self, x: calls.append(len(x)))

@@ -93,7 +93,7 @@ def test_the_final_test_line_names_best_pt_and_evaluate_agrees(cli, finished: tu
 def test_other_evaluations_go_beside_the_runs_own_and_the_report_tells_them_apart(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
     assert cli("evaluate", str(run)).code == 0
     own = (run / "report.json").read_bytes()
-    assert json.loads(own)["split"] == "test" and not json.loads(own)["tta"]
+    assert json.loads(own)["split"] == "test" and json.loads(own)["tta"] == "none"
     val = cli("evaluate", str(run), "--split", "val")
     assert val.code == 0 and "report-val.json" in val.out
     last = cli("evaluate", str(run / "checkpoints" / "last.pt"), "--split", "all")

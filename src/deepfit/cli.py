@@ -423,7 +423,11 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset name or path to score on (default: the run's own data)")
     parser.add_argument("--data-dir", help="folder holding the dataset files, as in train")
     parser.add_argument("--split", default="test", choices=["test", "val", "all"], help="which split (default test)")
-    parser.add_argument("--tta", choices=["flip"], help="average each image with its mirror (flip-safe data only)")
+    parser.add_argument(
+        "--tta",
+        choices=["none", "flip", "shift", "flip-shift"],
+        help="average each image's logits with its mirror's (flip-safe data only), its 1-pixel shifts' or both",
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -620,8 +624,8 @@ def format_regression_epoch(row: Row, epochs: int) -> str:
 def evaluate_regression_cmd(args: argparse.Namespace) -> int:
     from deepfit.regression.evaluate import evaluate_regression
 
-    if args.tta:
-        raise UsageError("--tta flips images; a regression model has none")
+    if args.tta not in (None, "none"):
+        raise UsageError("--tta transforms images; a regression model has none")
     result = evaluate_regression(args.run, data=args.data, split=args.split)
     m = result.metrics
     print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {m['r2']:.4f}")
@@ -714,7 +718,7 @@ def train_node(config: Config, args: argparse.Namespace) -> int:
 def evaluate_node(args: argparse.Namespace) -> int:
     from deepfit.graph.inference import evaluate_node_checkpoint, format_node_report
 
-    if args.data or args.tta:
+    if args.data or args.tta not in (None, "none"):
         raise UsageError("a node checkpoint is evaluated on its own graph: --data and --tta do not apply")
     result = evaluate_node_checkpoint(args.run, split=args.split)
     print(format_node_report(result.report))

@@ -114,7 +114,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: all cores)
     topk: int = 5  # k of the top-k accuracy metric
     progress: bool = True  # draw a progress bar per epoch
-    tta: bool = False  # final test score averages each image's logits with its mirror's (flip-safe data only)
+    tta: Literal["none", "flip", "shift", "flip-shift"] = (
+        "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
+    )
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
@@ -232,6 +234,10 @@ SYNONYMS = {
 }
 
 
+# Values older configs and checkpoints hold, read as today's: train.tta was a bool (true: flips).
+LEGACY_VALUES = {"train.tta": {"true": "flip", "false": "none"}}
+
+
 def all_keys() -> list[str]:
     """Every dotted config key, 'data.task' .. 'train.tta', in declaration order."""
     defaults = Config()
@@ -270,6 +276,7 @@ def set_value(config: Config, dotted: str, value: Any) -> None:
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise unknown_key(dotted, "valid: " + ", ".join(f"{section_name}.{k}" for k in hints))
+    value = LEGACY_VALUES.get(f"{section_name}.{key}", {}).get(str(value).lower(), value)
     setattr(section, key, coerce(value, hints[key], f"{section_name}.{key}"))
 
 

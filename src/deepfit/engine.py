@@ -175,20 +175,43 @@ def grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
+TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation: which copies of an image are averaged
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) of the one-pixel translations 'shift' adds
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The copies of a (B, C, H, W) batch whose logits test-time augmentation averages: the batch
+    itself; with 'flip' also its left-right mirror; with 'shift' also copies moved one pixel right,
+    left, down and up, the uncovered edge repeating its neighbour; 'flip-shift' shifts both."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {mode!r}; valid: {', '.join(TTA_MODES)}")
+    bases = [x, x.flip(3)] if "flip" in mode else [x]
+    if "shift" not in mode:
+        return bases
+    return [view for base in bases for view in (base, *shifted_copies(base))]
+
+
+def shifted_copies(x: torch.Tensor) -> list[torch.Tensor]:
+    """x moved by each of SHIFTS: a window of the edge-replicated (B, C, H+2, W+2) batch."""
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+    return [padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w] for dx, dy in SHIFTS]
+
+
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, batches: Batches, *, autocast_dtype: torch.dtype | None = None, tta: bool = False
+    model: nn.Module, batches: Batches, *, autocast_dtype: torch.dtype | None = None, tta: str | bool = "none"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits (N, K) in float32 and labels (N,) for `batches`, on the CPU.
-    tta: average the logits of each image and its left-right mirror (test-time flip augmentation)."""
+    tta: average the logits of each image's copies (tta_views; True is 'flip', False 'none')."""
+    mode = ("flip" if tta else "none") if isinstance(tta, bool) else tta
     model.eval()
     device = next(model.parameters()).device
     outputs, targets = [], []
     for x, y in batches:
         with autocast(device, autocast_dtype):
-            logits = model(x).float()
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float())  # x: (B, C, H, W), flip W
+            views = tta_views(x, mode)
+            logits = torch.stack([model(view).float() for view in views]).mean(0)  # one view: its logits unchanged
             outputs.append(logits)
         targets.append(y)
     if not outputs:

@@ -19,13 +19,12 @@ import torch
 from deepfit import metrics
 from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
-from deepfit.engine import predict_logits
+from deepfit.engine import TTA_MODES, predict_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.runtime import select_device
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
 
 SPLITS = ("test", "val", "all")
-TTA_MODES = ("flip",)
 PAIRS_SHOWN = 10  # most-confused class pairs kept in the report
 
 
@@ -56,7 +55,7 @@ class EvaluationReport:
     data: str
     split: str
     images: int
-    tta: bool
+    tta: str  # test-time augmentation: none, flip, shift or flip-shift
     loss: float  # mean cross-entropy of the (averaged, with tta) logits
     accuracy: float
     topk: int  # k of topk_accuracy, capped at the class count
@@ -101,14 +100,14 @@ def evaluate_checkpoint(
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
-    use_flip = check_tta(tta, trained)
+    mode = check_tta(tta, trained)
     images, source = evaluation_images(trained, data, split, data_dir=data_dir)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
-    logits, labels = predict_logits(trained.model, batches, tta=use_flip)
-    report = build_report(logits, labels, trained, source=source, split=split, tta=use_flip)
+    logits, labels = predict_logits(trained.model, batches, tta=mode)
+    report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
     result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy())
     if write:
-        label = evaluation_label(trained, Path(path), data=data, split=split, tta=use_flip)
+        label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode)
         result.report_path, result.figure_path = output_paths(trained.path, Path(path), label)
         write_report_json(report, result.report_path)
         from deepfit.plots import plot_confusion, save_figure  # matplotlib only when a figure is drawn
@@ -117,17 +116,17 @@ def evaluate_checkpoint(
     return result
 
 
-def check_tta(tta: str | None, trained: TrainedModel) -> bool:
-    """True for test-time flips; only where the checkpoint says a mirror image keeps its class."""
-    if tta is None or tta == "none":
-        return False
+def check_tta(tta: str | None, trained: TrainedModel) -> str:
+    """The test-time augmentation to use; flips only where the checkpoint says a mirror image keeps its class."""
+    if tta is None:
+        return "none"
     if tta not in TTA_MODES:
         raise EvaluationError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
-    if not trained.flip_ok:
+    if "flip" in tta and not trained.flip_ok:
         raise EvaluationError(
-            f"--tta flip is not allowed for {trained.config.data.name}: a mirrored image may change class (flip_ok is false in {trained.path})"
+            f"--tta {tta} is not allowed for {trained.config.data.name}: a mirrored image may change class (flip_ok is false in {trained.path})"
         )
-    return True
+    return tta
 
 
 def evaluation_images(trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None) -> tuple[ImageSet, str]:
@@ -176,7 +175,7 @@ def relabel(images: ImageSet, source_classes: list[str], model_classes: list[str
 
 
 def build_report(
-    logits: torch.Tensor, labels: torch.Tensor, trained: TrainedModel, *, source: str, split: str, tta: bool
+    logits: torch.Tensor, labels: torch.Tensor, trained: TrainedModel, *, source: str, split: str, tta: str
 ) -> EvaluationReport:
     num_classes = trained.num_classes
     preds = logits.argmax(1)
@@ -240,7 +239,7 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = PAIRS_SHO
     return [ConfusedPair(classes[t], classes[p], count, count / int(support[t])) for count, t, p in cells[:limit]]
 
 
-def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: bool) -> str:
+def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: str) -> str:
     """'' for the run's own evaluation (the weights the run stands for, its own data, the test
     split, no TTA); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
     Other evaluations are written beside the run's own under this name, never over it."""
@@ -251,8 +250,8 @@ def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, sp
         parts.append("data-" + Path(data.rstrip("/")).name.split(".")[0])
     if split != "test":
         parts.append(split)
-    if tta:
-        parts.append("tta-flip")
+    if tta != "none":
+        parts.append(f"tta-{tta}")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
@@ -281,7 +280,7 @@ def format_report(report: EvaluationReport) -> str:
     """The readable table `deepfit evaluate` prints."""
     width = max([display_width(s.name) for s in report.per_class] + [12])
     lines = [
-        f"{report.data} {report.split} split: {report.images} images{' (test-time flip)' if report.tta else ''}",
+        f"{report.data} {report.split} split: {report.images} images{f' (test-time {report.tta})' if report.tta != 'none' else ''}",
         f"accuracy {report.accuracy:.2%}   top-{report.topk} {report.topk_accuracy:.2%}   loss {report.loss:.4f}",
         "",
         f"{'class':<{width}}  precision  recall      f1  support",

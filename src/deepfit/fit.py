@@ -35,6 +35,7 @@ from deepfit.fitparts import (
     class_weights,
     make_optimizer,
     save_skipped,
+    warn_unsafe_tta,
 )
 from deepfit.history import LR_FILE, Row, write_lr_csv, write_metrics_csv
 from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals
@@ -145,6 +146,7 @@ def prepare_run(
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,
         num_workers=config.data.num_workers, skip_bad=config.data.skip_bad,
     )  # fmt: skip
+    warn_unsafe_tta(config.train.tta, bundle)
     optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)
     schedule, interval = choose_schedule(config, optimizer, scheduler, loader.batches_per_epoch)
     if config.data.sampler == "balanced":
@@ -239,8 +241,8 @@ def epoch_row(run: Run, train: dict[str, float], seconds: float) -> Row:
     return row
 
 
-def measure(run: Run, split: Any, *, tta: bool = False) -> dict[str, float]:
-    """loss, acc, top-k and macro F1 of the current model on an ImageSet (tta: with mirrored copies)."""
+def measure(run: Run, split: Any, *, tta: str = "none") -> dict[str, float]:
+    """loss, acc, top-k and macro F1 of the current model on an ImageSet (tta: averaged over engine.tta_views)."""
     batches = build_loader(
         distributed.shard_split(split),  # each rank predicts its part; all ranks then hold every row
         batch_size=run.config.data.eval_batch_size,

@@ -78,6 +78,14 @@ def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler |
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def warn_unsafe_tta(mode: str, bundle: DataBundle) -> None:
+    """Test-time flips where a mirror image may change class are kept as asked, with a warning."""
+    if "flip" in mode and not bundle.flip_ok:
+        import warnings
+
+        warnings.warn(f"train.tta {mode} flips test images, but a mirrored {bundle.source} image may change class", stacklevel=2)
+
+
 def augment_for(preset: str, bundle: DataBundle) -> str:
     """Flips only where a mirror image keeps its class; elsewhere the preset is refused."""
     if preset not in ("none", "crop") and not bundle.flip_ok:
