@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepfit.config import SHORTCUTS, Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
+from deepfit.config import SHORTCUTS, TTA_MODES, Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested, did_you_mean
 from deepfit.history import Row, format_epoch
 
@@ -425,7 +425,7 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val", "all"], help="which split (default test)")
     parser.add_argument(
         "--tta",
-        choices=["none", "flip", "shift", "flip-shift"],
+        choices=TTA_MODES,
         help="average each image's logits with its mirror's (flip-safe data only), its 1-pixel shifts' or both",
     )
 

@@ -13,6 +13,9 @@ import yaml
 
 from deepfit.errors import ConfigError
 
+TtaMode = Literal["none", "flip", "shift", "flip-shift"]  # test-time augmentation: which copies of an image are averaged
+TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
+
 
 @dataclass
 class DataConfig:
@@ -114,9 +117,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: all cores)
     topk: int = 5  # k of the top-k accuracy metric
     progress: bool = True  # draw a progress bar per epoch
-    tta: Literal["none", "flip", "shift", "flip-shift"] = (
-        "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
-    )
+    tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow

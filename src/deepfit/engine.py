@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from deepfit.config import TTA_MODES
 from deepfit.errors import NonFiniteError
 from deepfit.runtime import autocast
 
@@ -175,7 +176,6 @@ def grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-TTA_MODES = ("none", "flip", "shift", "flip-shift")  # test-time augmentation: which copies of an image are averaged
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) of the one-pixel translations 'shift' adds
 
 

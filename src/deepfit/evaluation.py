@@ -18,8 +18,9 @@ import torch
 
 from deepfit import metrics
 from deepfit.columns import display_width, pad
+from deepfit.config import TTA_MODES
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
-from deepfit.engine import TTA_MODES, predict_logits
+from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.runtime import select_device
 from deepfit.trained import TrainedModel, load_trained_model, run_folder

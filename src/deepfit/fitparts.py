@@ -80,22 +80,22 @@ def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler |
 
 def warn_unsafe_tta(mode: str, bundle: DataBundle) -> None:
     """Test-time flips where a mirror image may change class are kept as asked, with a warning."""
-    if "flip" in mode and not bundle.flip_ok:
-        import warnings
-
-        warnings.warn(f"train.tta {mode} flips test images, but a mirrored {bundle.source} image may change class", stacklevel=2)
+    if "flip" in mode:
+        warn_unsafe_flips(f"train.tta {mode} flips test images", bundle)
 
 
 def augment_for(preset: str, bundle: DataBundle) -> str:
-    """Flips only where a mirror image keeps its class; elsewhere the preset is refused."""
-    if preset not in ("none", "crop") and not bundle.flip_ok:
+    """The augmentation preset as asked; flips where a mirror image may change class warn."""
+    if preset not in ("none", "crop"):
+        warn_unsafe_flips(f"data.augment {preset} flips images", bundle)
+    return preset
+
+
+def warn_unsafe_flips(what: str, bundle: DataBundle) -> None:
+    if not bundle.flip_ok:
         import warnings
 
-        warnings.warn(
-            f"data.augment {preset} flips images, but a mirrored {bundle.source} image may change class; flips stay on as asked",
-            stacklevel=2,
-        )
-    return preset
+        warnings.warn(f"{what}, but a mirrored {bundle.source} image may change class; flips stay on as asked", stacklevel=3)
 
 
 def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any, steps_per_epoch: int) -> tuple[Any, str]:
