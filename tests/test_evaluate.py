@@ -286,8 +286,21 @@ def test_train_tta_shift_scores_the_test_split_as_evaluate_does(tmp_path: Path, 
     out = capsys.readouterr().out
     report = evaluate_checkpoint(run, tta="shift", write=False).report
     assert f"test_acc {report.accuracy:.2%}" in out
-    plain = evaluate_checkpoint(run, write=False).report
+    plain = evaluate_checkpoint(run, tta="none", write=False).report
     assert report.loss != plain.loss  # the run's test line is the shifted score, not the plain one
+
+
+def test_evaluate_repeats_the_runs_own_tta_unless_told_otherwise(tmp_path: Path) -> None:
+    data = write_tiny_idx(tmp_path / "idx", train=200, test=120, side=12, seed=3)
+    run = train(tmp_path / "run", data, "--train.tta", "shift")
+    assert main(["evaluate", str(run)]) == 0
+    own = json.loads((run / "report.json").read_text())
+    shifted = evaluate_checkpoint(run, tta="shift", write=False).report
+    assert own["tta"] == "shift" and own["loss"] == pytest.approx(shifted.loss)
+    assert main(["evaluate", str(run), "--tta", "none"]) == 0
+    plain = json.loads((run / "report-tta-none.json").read_text())
+    assert plain["tta"] == "none" and plain["loss"] != own["loss"]
+    assert json.loads((run / "report.json").read_text()) == own  # the plain score went beside it, not over it
 
 
 def test_train_tta_flip_on_data_mirrors_may_change_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

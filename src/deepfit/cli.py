@@ -426,7 +426,8 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tta",
         choices=TTA_MODES,
-        help="average each image's logits with its mirror's (flip-safe data only), its 1-pixel shifts' or both",
+        help="average each image's logits with its mirror's (flip-safe data only), its 1-pixel shifts' or both "
+        "(default: the run's own train.tta, as its final test line)",
     )
 
 

@@ -118,9 +118,10 @@ def evaluate_checkpoint(
 
 
 def check_tta(tta: str | None, trained: TrainedModel) -> str:
-    """The test-time augmentation to use; flips only where the checkpoint says a mirror image keeps its class."""
+    """The test-time augmentation to use: by default the run's own train.tta (the one its final
+    test line used); one asked for flips only where the checkpoint says a mirror image keeps its class."""
     if tta is None:
-        return "none"
+        return trained.config.train.tta
     if tta not in TTA_MODES:
         raise EvaluationError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
     if "flip" in tta and not trained.flip_ok:
@@ -242,7 +243,7 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = PAIRS_SHO
 
 def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: str) -> str:
     """'' for the run's own evaluation (the weights the run stands for, its own data, the test
-    split, no TTA); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
+    split, its own train.tta); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
     Other evaluations are written beside the run's own under this name, never over it."""
     parts = []
     if given.is_file() and run_folder(given) is not None and trained.path.name != resolved_name(trained.path):
@@ -251,7 +252,7 @@ def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, sp
         parts.append("data-" + Path(data.rstrip("/")).name.split(".")[0])
     if split != "test":
         parts.append(split)
-    if tta != "none":
+    if tta != trained.config.train.tta:
         parts.append(f"tta-{tta}")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
