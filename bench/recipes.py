@@ -58,7 +58,10 @@ def run_once(recipe: Recipe, datasets: Path, seed: int, extra: Sequence[str] = (
 
 def measure(name: str, recipe: Recipe, datasets: Path, repeats: int, extra: Sequence[str] = (), first_seed: int = 0) -> dict[str, object]:
     seeds = range(first_seed, first_seed + repeats)
-    runs = [run_once(recipe, datasets, seed, extra) for seed in seeds]
+    runs = []
+    for seed in seeds:
+        runs.append(run_once(recipe, datasets, seed, extra))
+        print(f"{name} seed {seed}: {runs[-1][0]:.1f} s, {runs[-1][1]:.2%}", file=sys.stderr, flush=True)  # long benches show progress
     wall = statistics.median(w for w, _ in runs)
     acc = statistics.median(a for _, a in runs)
     return {"recipe": name, **asdict(recipe), "extra": list(extra), "seeds": list(seeds), "runs": runs, "median_wall_s": wall, "median_acc": acc,
