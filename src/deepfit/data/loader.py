@@ -57,7 +57,7 @@ class BatchPrep:
         if self.augment == "crop":
             x = random_crop(x, pad=crop_pad(x.shape[-1]), generator=self.generator, share=share)
         elif self.augment == "flip-crop":
-            x = random_crop(random_flip(x, self.generator, share), pad=4, generator=self.generator, share=share)
+            x = random_crop(random_flip(x, self.generator, share), pad=crop_pad(x.shape[-1]), generator=self.generator, share=share)
         elif self.augment == "random-resized-crop":
             x = random_resized_crop(random_flip(x, self.generator, share), generator=self.generator, share=share)
         x = x.mul_(self.scale).sub_(self.shift)
@@ -298,7 +298,7 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, share: Share | None
 
 
 def crop_pad(side: int) -> int:
-    """How far `crop` translates: 2 pixels on MNIST-sized (28 px) images, 4 from 32 px up."""
+    """How far `crop` and `flip-crop` translate: 2 pixels on MNIST-sized (28 px) images, 4 from 32 px up."""
     return 2 if side < 32 else 4
 
 
