@@ -210,8 +210,7 @@ def predict_logits(
     outputs, targets = [], []
     for x, y in batches:
         with autocast(device, autocast_dtype):
-            views = tta_views(x, mode)
-            logits = torch.stack([model(view).float() for view in views]).mean(0)  # one view: its logits unchanged
+            logits = torch.stack([model(view).float() for view in tta_views(x, mode)]).mean(0) if mode != "none" else model(x).float()
             outputs.append(logits)
         targets.append(y)
     if not outputs:
