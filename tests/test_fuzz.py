@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (the dev extra); a bare GPU machine has none")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
