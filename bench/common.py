@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DATASETS = Path(os.environ.get("DEEPFIT_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def deepfit_command() -> list[str]:
+    """`deepfit` as a user starts it: the console script beside this Python, or `python -m deepfit`
+    where the package is not installed (PYTHONPATH=src on the GPU machines); run it with child_env()."""
+    script = Path(sys.executable).with_name("deepfit")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "deepfit"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment with the repository's src/ and root first on an absolute PYTHONPATH, for
+    the processes a benchmark starts in other folders; `extra` variables added."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
 
 # torchvision's folder name under <root>/ for each IDX dataset (it reads <root>/<folder>/raw/)
 TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}

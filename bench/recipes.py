@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATASETS, REPO, machine, save_json
+from bench.common import DATASETS, REPO, child_env, deepfit_command, machine, save_json
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,17 @@ RECIPES = {
     "fashion-mnist-94": Recipe("fashion-mnist-94.yaml", "fashion-mnist", 0.94, 900.0),
     "cifar10-jpg-85-cpu": Recipe("cifar10-jpg-85-cpu.yaml", "cifar10-jpg.zip", 0.85, 1800.0),
 }
-DEEPFIT = Path(sys.executable).with_name("deepfit")
 
 
 def run_once(recipe: Recipe, datasets: Path, seed: int, extra: Sequence[str] = ()) -> tuple[float, float]:
     """(wall seconds, test accuracy 0..1) of one `deepfit train` process."""
     with tempfile.TemporaryDirectory(prefix="deepfit-recipe-") as tmp:
-        command = [str(DEEPFIT), "train", "--config", str(REPO / "configs" / recipe.config)]
+        command = [*deepfit_command(), "train", "--config", str(REPO / "configs" / recipe.config)]
         source = datasets / recipe.dataset
         command += ["--data" if source.is_file() else "--data-dir", str(source), "--no-progress", "--out", f"{tmp}/run"]
         command += ["--train.seed", str(seed), *extra]
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=tmp, env=child_env())
         wall = time.perf_counter() - started
     found = re.search(r"test_acc\s+([0-9.]+)%", done.stdout)
     if done.returncode != 0 or found is None:

@@ -23,11 +23,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATASETS
+from bench.common import DATASETS, child_env, deepfit_command
 
 FIRST = ("airplane", "automobile", "bird", "cat", "deer")
 SECOND = ("dog", "frog", "horse", "ship", "truck")
-DEEPFIT = Path(sys.executable).with_name("deepfit")
 
 
 def extract_classes(archive: Path, into: Path, classes: Sequence[str], *, train_per_class: int | None, seed: int = 0) -> Path:
@@ -53,7 +52,7 @@ def extract_classes(archive: Path, into: Path, classes: Sequence[str], *, train_
 def train(args: Sequence[str], log: Path) -> dict[str, float]:
     """One `deepfit train` process; its test accuracy and wall seconds."""
     started = time.monotonic()
-    proc = subprocess.run([str(DEEPFIT), "train", "--no-progress", *args], capture_output=True, text=True)
+    proc = subprocess.run([*deepfit_command(), "train", "--no-progress", *args], capture_output=True, text=True, env=child_env())
     seconds = time.monotonic() - started
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

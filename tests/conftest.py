@@ -37,6 +37,12 @@ def pytest_report_header() -> str | None:
     return f"not collected, optional packages missing: {'; '.join(left_out)}" if left_out else None
 
 
+# The CLI tests start deepfit in child processes that run in tmp folders: a relative PYTHONPATH
+# (`PYTHONPATH=src python3 -m pytest`, how the GPU machines run the suite without pip) is made
+# absolute so that they import the same deepfit as this process.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) if p else p for p in os.environ["PYTHONPATH"].split(os.pathsep))
+
 # The one place tests pick their device: DEEPFIT_TEST_DEVICE (cpu, cuda, mps; default auto, the best
 # available) becomes $DEEPFIT_DEVICE, which select_device("auto") honours, in this process and in
 # the CLI processes tests start. `make test-gpu` sets it to cuda.

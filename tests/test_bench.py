@@ -82,6 +82,9 @@ def test_data_bench_compares_the_lessons_loader_with_deepfits(tiny_datasets: Pat
 
 
 FAKE_AIRBENCH = """
+import os, sys
+if not (os.path.isfile("cifar10/train.pt") and os.path.isfile("cifar10/test.pt")):  # where airbench94 looks, else downloads
+    sys.exit("no cifar10/train.pt and test.pt in " + os.getcwd())
 print("---------------------------------------------------------------------------------------")
 print("|  run  |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |")
 for run, (acc, seconds) in enumerate([(0.904, 2.21), (0.906, 2.19)]):
@@ -121,6 +124,26 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
 
 
+def test_airbench_gets_the_same_images_in_its_own_file_layout(tmp_path: Path) -> None:
+    """airbench94 reads cifar10/{train,test}.pt (NHWC uint8, labels, class names) with torch.load's
+    safe loading: the files hold exactly what deepfit decodes from the zip."""
+    import torch
+    from bench import gpu
+
+    from deepfit.config import DataConfig
+    from deepfit.data import load_source
+
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=4)
+    folder = gpu.airbench_data(cifar, tmp_path / "work")
+    ours = load_source(DataConfig(name=str(cifar)), seed=0)
+    for split, images in (("train", ours.train), ("test", ours.test)):
+        assert images is not None
+        data = torch.load(folder / "cifar10" / f"{split}.pt", weights_only=True)
+        assert data["images"].shape == (12, 32, 32, 3) and data["images"].dtype == torch.uint8
+        assert torch.equal(data["images"], images.images.permute(0, 2, 3, 1))
+        assert torch.equal(data["labels"], images.labels) and data["classes"] == ["cat", "dog", "ship"]
+
+
 def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: Path) -> None:
     """The two parts that need no torch in their child processes, quick: a tiny suite with one
     failure, and an airbench stand-in printing airbench94's table."""
@@ -131,7 +154,7 @@ def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: P
     suite = gpu.run_suite([str(tmp_path / "suite")], "cpu", workers=1, timeout=300)
     assert (suite.figures["passed"], suite.figures["failed"], suite.figures["exit"]) == (2.0, 1.0, "1")
     (tmp_path / "airbench94.py").write_text(FAKE_AIRBENCH)
-    rows = gpu.run_airbench(tmp_path / "airbench94.py", "cpu", timeout=300)
+    rows = gpu.run_airbench(tmp_path / "airbench94.py", write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip"), "cpu", timeout=300)
     assert [r.figures.get("test_acc") for r in rows[:2]] == [0.904, 0.906]
     mean = gpu.summary(rows, "airbench94")
     assert mean is not None and mean.figures["test_acc"] == pytest.approx(0.905) and mean.figures["train_s"] == pytest.approx(2.2)
@@ -156,6 +179,8 @@ def serve_bench_args(tiny_datasets: Path, tmp_path: Path) -> list[str]:
 
 
 def test_serve_bench_smoke_agrees_with_predict_and_measures_load(tiny_datasets: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    for name in ("fastapi", "uvicorn", "httpx"):  # the serve extra; a bare GPU machine has none
+        pytest.importorskip(name)
     from bench import serve as serve_bench
 
     code = serve_bench.main([*serve_bench_args(tiny_datasets, tmp_path), "--agreement-backends", "torch", "--no-litserve"])
