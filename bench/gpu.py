@@ -4,7 +4,8 @@ pytest-xdist; no pip, no network). It reports
   2. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
      seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device)
      and whole-process seconds;
-  3. airbench94 on the same data when its script is given by path (never vendored here);
+  3. airbench94 on the same data when its script is given by path (never vendored here): it
+     runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
   4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.
 
     PYTHONPATH=src python3 bench/gpu.py --cifar PATH/cifar10-jpg.zip [--airbench PATH/airbench94.py]
@@ -30,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `deepfit` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench.common import REPO, machine, save_json
+from bench.common import REPO, child_env, machine, save_json
 
 RECIPE = REPO / "configs" / "cifar10-jpg-gpu.yaml"
 
@@ -44,10 +45,9 @@ class Row:
     figures: dict[str, float | str] = field(default_factory=dict)
 
 
-def child_env(device: str) -> dict[str, str]:
+def device_env(device: str) -> dict[str, str]:
     """The environment of the processes this starts: deepfit from src/, the chosen device."""
-    path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "DEEPFIT_TEST_DEVICE": device, "DEEPFIT_DEVICE": device}
+    return child_env(DEEPFIT_TEST_DEVICE=device, DEEPFIT_DEVICE=device)
 
 
 # --- 1. the suite ----------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: flo
         command += ["-n", str(workers)]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=child_env(device), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=REPO, env=device_env(device), capture_output=True, text=True, timeout=timeout)
         tail, code = done.stdout[-3000:], str(done.returncode)
     except subprocess.TimeoutExpired as err:
         tail, code = (
@@ -94,7 +94,7 @@ def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], ti
         command = [sys.executable, str(Path(__file__).resolve()), "--one-recipe", "--cifar", str(cifar), "--seed", str(seed)]
         command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides]]
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=tmp, env=child_env(device), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=tmp, env=device_env(device), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -122,22 +122,49 @@ def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequenc
 # --- 3. airbench94, given by path ---------------------------------------------------------------
 
 
-def run_airbench(script: Path, device: str, timeout: float) -> list[Row]:
-    """Run the given airbench script as it is; read its printed table (tta_val_acc and
-    total_time_seconds of each run's eval row), or its closing 'Mean:' line."""
+def run_airbench(script: Path, cifar: Path, device: str, timeout: float) -> list[Row]:
+    """Run the given airbench script as it is, in a folder where it finds the same CIFAR-10 JPEGs
+    deepfit trains on (airbench_data); read its printed table (tta_val_acc and total_time_seconds
+    of each run's eval row)."""
     started = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, str(script)], cwd=script.parent, env=child_env(device), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return [Row("airbench94", str(script.name), {"error": f"timed out after {timeout:.0f} s"})]
+    with tempfile.TemporaryDirectory(prefix="deepfit-airbench-") as tmp:
+        try:
+            done = subprocess.run(
+                [sys.executable, str(script.resolve())],
+                cwd=airbench_data(cifar, Path(tmp)),
+                env=device_env(device),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return [Row("airbench94", str(script.name), {"error": f"timed out after {timeout:.0f} s"})]
     wall = time.perf_counter() - started
     runs = airbench_runs(done.stdout)
     if done.returncode != 0 and not runs:
         return [Row("airbench94", str(script.name), {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]})]
     rows = [Row("airbench94", f"run {i}", {"test_acc": acc, "train_s": seconds}) for i, (acc, seconds) in enumerate(runs)]
     return [*rows, Row("airbench94", "whole process", {"process_s": wall, "runs": float(len(runs))})]
+
+
+def airbench_data(cifar: Path, folder: Path) -> Path:
+    """airbench94's loader reads cifar10/train.pt and cifar10/test.pt from its working folder
+    ({'images': (N, 32, 32, 3) uint8, 'labels': (N,) int64, 'classes': names}) and downloads
+    CIFAR-10 where they are missing: write them from the JPEG zip, decoded as deepfit decodes it,
+    so both train on the same images, offline. Returns `folder`."""
+    import torch
+
+    from deepfit.config import DataConfig
+    from deepfit.data import load_source
+
+    source = load_source(DataConfig(name=str(cifar)), seed=0)
+    if source.test is None:
+        raise SystemExit(f"bench/gpu.py: {cifar} has no test/ split for airbench94")
+    (folder / "cifar10").mkdir(parents=True, exist_ok=True)
+    for split, images in (("train", source.train), ("test", source.test)):
+        payload = {"images": images.images.permute(0, 2, 3, 1).contiguous(), "labels": images.labels, "classes": source.classes}
+        torch.save(payload, folder / "cifar10" / f"{split}.pt")
+    return folder
 
 
 def airbench_runs(output: str) -> list[tuple[float, float]]:
@@ -218,7 +245,7 @@ def format_value(key: str, value: float | str) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", type=Path, required=True, help="cifar10-jpg.zip (train/ and test/ class folders)")
-    parser.add_argument("--airbench", type=Path, help="path of airbench94.py, run as given; omitted: not run")
+    parser.add_argument("--airbench", type=Path, help="path of airbench94.py, run as given on the same images (--cifar); omitted: not run")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "mps"])
     parser.add_argument("--seeds", type=int, default=3, help="recipe runs, seeds 0..N-1")
     parser.add_argument("--lesson-epochs", type=int, default=2, help="epochs of the cnn_bn comparison")
@@ -243,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(run_suite(args.suite, args.device, workers=args.workers, timeout=args.timeout))
     rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout) for seed in range(args.seeds)]
     if args.airbench is not None:
-        rows += run_airbench(args.airbench, args.device, args.timeout)
+        rows += run_airbench(args.airbench, args.cifar, args.device, args.timeout)
     rows += [r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None]
     rows += run_lessons(args.cifar, args.device, args.lesson_epochs)
     print(f"deepfit on {args.device} ({machine()['cuda'] or 'no CUDA'}, torch {machine()['torch']})")
