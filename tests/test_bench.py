@@ -114,7 +114,18 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     (tmp_path / "suite" / "test_tiny.py").write_text(TINY_SUITE)
     argv = ["--cifar", str(cifar), "--device", "cpu", "--seeds", "1", "--lesson-epochs", "1", "--workers", "1", "--no-save"]
     argv += ["--suite", str(tmp_path / "suite"), "--airbench", str(tmp_path / "airbench94.py")]
-    argv += ["--set", "train.epochs=1", "--set", "data.batch_size=16", "--set", "train.precision=32", "--timeout", "900"]
+    argv += [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.batch_size=16",
+        "--set",
+        "train.precision=32",
+        "--timeout",
+        "900",
+        "--airbench-seconds",
+        "300",
+    ]
     assert gpu.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"suite\s+pytest on cpu\s+passed 2, failed 1, errors 0, skipped 0, seconds", out), out
@@ -144,6 +155,20 @@ def test_airbench_gets_the_same_images_in_its_own_file_layout(tmp_path: Path) ->
         assert torch.equal(data["labels"], images.labels) and data["classes"] == ["cat", "dog", "ship"]
 
 
+def test_airbench_stopped_at_its_time_limit_keeps_the_runs_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """airbench94.py trains 25 times; bench/gpu.py gives it a time limit and counts the runs
+    printed by then (its output unbuffered, so they are not lost with the killed process)."""
+    from bench import gpu
+
+    one_run_then_hang = FAKE_AIRBENCH.replace("[(0.904, 2.21), (0.906, 2.19)]", "[(0.903, 2.25)]") + "import time\ntime.sleep(600)\n"
+    (tmp_path / "airbench94.py").write_text(one_run_then_hang)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # a pipe then buffers its table, unless bench/gpu.py unbuffers it
+    rows = gpu.run_airbench(tmp_path / "airbench94.py", write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip"), "cpu", seconds=5)
+    assert [r.figures for r in rows[:1]] == [{"test_acc": 0.903, "train_s": 2.25}]
+    assert rows[1].what == "whole process" and rows[1].figures["runs"] == 1.0 and rows[1].figures["stopped"] == "at the 5 s limit"
+    assert 5 <= float(rows[1].figures["process_s"]) < 60
+
+
 def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: Path) -> None:
     """The two parts that need no torch in their child processes, quick: a tiny suite with one
     failure, and an airbench stand-in printing airbench94's table."""
@@ -154,7 +179,7 @@ def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: P
     suite = gpu.run_suite([str(tmp_path / "suite")], "cpu", workers=1, timeout=300)
     assert (suite.figures["passed"], suite.figures["failed"], suite.figures["exit"]) == (2.0, 1.0, "1")
     (tmp_path / "airbench94.py").write_text(FAKE_AIRBENCH)
-    rows = gpu.run_airbench(tmp_path / "airbench94.py", write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip"), "cpu", timeout=300)
+    rows = gpu.run_airbench(tmp_path / "airbench94.py", write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip"), "cpu", seconds=300)
     assert [r.figures.get("test_acc") for r in rows[:2]] == [0.904, 0.906]
     mean = gpu.summary(rows, "airbench94")
     assert mean is not None and mean.figures["test_acc"] == pytest.approx(0.905) and mean.figures["train_s"] == pytest.approx(2.2)
