@@ -136,9 +136,10 @@ def test_unknown_format_is_a_usage_error(cli, tmp_path: Path) -> None:  # type: 
 
 CONSUMER = r"""
 import json, sys
-from pathlib import Path
-# No deepfit: drop every sys.path entry that holds the package (the editable install's src/).
-sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "deepfit" / "__init__.py").exists()]
+# No deepfit: any import of it, here or inside torch.jit.load, fails (whether it is installed
+# in site-packages or editable from src/; dropping its sys.path entry dropped numpy and torch too
+# where deepfit sits in site-packages beside them).
+sys.modules["deepfit"] = None
 try:
     import deepfit
     raise SystemExit("deepfit is importable")

@@ -53,6 +53,14 @@ def write_forever(save: Callable[[dict[str, Any], Path], None], path: Path, read
         version += 1
 
 
+def saved_size(probe: Path) -> int:
+    """Bytes of one complete save of big_state (every version has the same tensors)."""
+    torch.save(big_state(0), probe)
+    size = probe.stat().st_size
+    probe.unlink()
+    return size
+
+
 def wait_for(condition: Callable[[], bool], seconds: float) -> None:
     """Poll `condition` for up to `seconds`."""
     end = time.monotonic() + seconds
@@ -82,6 +90,11 @@ def kill_writer(save: Callable[[dict[str, Any], Path], None], folder: Path, kill
     write is under way), check the file; `kills` times."""
     counts, path, context = Counts(), folder / "last.pt", writer_context()
     folder.mkdir(parents=True, exist_ok=True)
+    half = saved_size(folder / "size.probe") // 2
+
+    def writing() -> bool:  # deepfit's temporary file exists, or a save in place has truncated the file
+        return bool(list(folder.glob(".*.tmp"))) or (path.exists() and path.stat().st_size < half)
+
     for _ in range(kills):
         ready = context.Event()
         child = context.Process(target=write_forever, args=(save, path, ready), daemon=True)
@@ -90,8 +103,8 @@ def kill_writer(save: Callable[[dict[str, Any], Path], None], folder: Path, kill
             assert ready.wait(timeout=60), "the writer never finished its first save"
             if rng.random() < 0.5:
                 time.sleep(rng.uniform(0.0, 0.25))
-            else:  # aim: kill as soon as a write is under way (deepfit's temporary file exists)
-                wait_for(lambda: bool(list(folder.glob(".*.tmp"))), seconds=rng.uniform(0.0, 0.25))
+            else:  # aim: kill as soon as a write is under way (for both writers: on a loaded machine random kills hit few saves)
+                wait_for(writing, seconds=2.0)
         finally:
             child.kill()  # SIGKILL
             child.join()
