@@ -268,7 +268,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 2
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/gpu-recipe", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.cifar.is_file():
+        parser.error(f"--cifar {args.cifar} is not a file")
+    args.cifar = args.cifar.resolve()  # the recipe's processes run in their own folders
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,6 +135,18 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
 
 
+def test_gpu_bench_takes_the_zip_relative_to_where_it_is_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench import gpu
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".device").mkdir()
+    (tmp_path / ".device" / "cifar10-jpg.zip").write_bytes(b"")
+    assert gpu.parse_args(["--cifar", ".device/cifar10-jpg.zip"]).cifar == tmp_path / ".device" / "cifar10-jpg.zip"
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--cifar", "missing.zip"])
+    assert "--cifar missing.zip is not a file" in capsys.readouterr().err
+
+
 def test_airbench_gets_the_same_images_in_its_own_file_layout(tmp_path: Path) -> None:
     """airbench94 reads cifar10/{train,test}.pt (NHWC uint8, labels, class names) with torch.load's
     safe loading: the files hold exactly what deepfit decodes from the zip."""
