@@ -47,7 +47,8 @@ test-gpu:
 		$$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)")
 
 bench-gpu:
-	PYTHONPATH=$(CURDIR)/src $(GPU_PYTHON) bench/gpu.py --cifar $(CIFAR) $(if $(AIRBENCH),--airbench $(AIRBENCH))
+	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} PYTHONPATH=$(CURDIR)/src \
+		$(GPU_PYTHON) bench/gpu.py --cifar $(CIFAR) $(if $(AIRBENCH),--airbench $(AIRBENCH))
 
 bench: $(STAMP)
 	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} $(BIN)/python bench/run.py
