@@ -95,8 +95,10 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None
     # child between the print and main() and the signal then met Python's default handler)
     ready = (
         "import sys, deepfit.cli as cli\n"
-        "run = cli.run\n"
-        "cli.run = lambda argv: (print('ready', flush=True), run(argv))[1]\n"
+        "def run(argv, run=cli.run):\n"
+        "    print('ready', flush=True)\n"
+        "    return run(argv)\n"
+        "cli.run = run\n"
         "sys.exit(cli.main(sys.argv[1:]))"
     )
     args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]

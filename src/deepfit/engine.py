@@ -198,6 +198,13 @@ def shifted_copies(x: torch.Tensor) -> list[torch.Tensor]:
     return [padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w] for dx, dy in SHIFTS]
 
 
+def view_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """float32 logits of a batch averaged over its tta_views; with mode 'none', the model's own."""
+    if mode == "none":
+        return model(x).float()
+    return torch.stack([model(view).float() for view in tta_views(x, mode)]).mean(0)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, batches: Batches, *, autocast_dtype: torch.dtype | None = None, tta: str | bool = "none"
@@ -210,8 +217,7 @@ def predict_logits(
     outputs, targets = [], []
     for x, y in batches:
         with autocast(device, autocast_dtype):
-            logits = torch.stack([model(view).float() for view in tta_views(x, mode)]).mean(0) if mode != "none" else model(x).float()
-            outputs.append(logits)
+            outputs.append(view_logits(model, x, mode))
         targets.append(y)
     if not outputs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
