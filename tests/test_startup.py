@@ -91,16 +91,7 @@ def test_version_matches_the_package_metadata() -> None:
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None:
     data = write_tiny_idx(tmp_path / "data")
-    # 'ready' from inside main()'s handlers (printed before them, a loaded machine could hold the
-    # child between the print and main() and the signal then met Python's default handler)
-    ready = (
-        "import sys, deepfit.cli as cli\n"
-        "def run(argv, run=cli.run):\n"
-        "    print('ready', flush=True)\n"
-        "    return run(argv)\n"
-        "cli.run = run\n"
-        "sys.exit(cli.main(sys.argv[1:]))"
-    )
+    ready = "import sys, deepfit.cli; print('ready', flush=True); sys.exit(deepfit.cli.main(sys.argv[1:]))"
     args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
     child = subprocess.Popen([sys.executable, "-c", ready, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
