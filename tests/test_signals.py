@@ -18,7 +18,7 @@ import torch
 from deepfit.checkpoint import load_checkpoint
 from deepfit.config import Config, set_value
 from deepfit.fit import fit
-from deepfit.interrupts import SignalStop, stop_on_signals
+from deepfit.interrupts import NothingTrained, SignalStop, early_interrupts, stop_on_signals
 
 
 def tiny_config(tiny_idx: Path, out: Path) -> Config:
@@ -60,6 +60,39 @@ def test_a_signal_stops_at_the_step_boundary_and_the_run_resumes_exactly(tiny_id
     resumed = fit(tiny_config(tiny_idx, tmp_path / "cut"), resume=tmp_path / "cut")
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_a_signal_during_the_last_epochs_validation_still_stops_the_run(tiny_idx: Path, tmp_path: Path) -> None:
+    """After the last step's check, the last epoch still validates and saves: a Ctrl-C there was
+    recorded and never read, and the run finished as if nothing was pressed."""
+
+    def press(row: dict[str, float]) -> None:
+        if row["epoch"] == 2:  # the last epoch: no step boundary follows
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SignalStop):
+        fit(tiny_config(tiny_idx, tmp_path / "run"), on_epoch=press)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2  # nothing of the training lost
+    assert not (tmp_path / "run" / "plots" / "curves.png").exists()  # the run's end (test split, curves) did not run
+    done = fit(tiny_config(tiny_idx, tmp_path / "run"), resume=tmp_path / "run")  # resuming finishes it
+    assert len(done.history) == 2 and "test_acc" in done.metrics
+
+
+def test_a_start_up_interrupt_that_was_swallowed_still_stops_fit(tiny_idx: Path, tmp_path: Path) -> None:
+    """Code run during an import (a finalizer, a C call that clears errors) can drop the
+    KeyboardInterrupt of a Ctrl-C; early_interrupts remembers the press, so fit() trains nothing."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default handler in this process")
+    with early_interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt arrives here at once
+        except KeyboardInterrupt:
+            pass  # dropped, as an ignored exception is
+        with pytest.raises(NothingTrained):
+            fit(tiny_config(tiny_idx, tmp_path / "run"))
+    assert not list((tmp_path / "run").rglob("*.pt"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_handlers_are_only_installed_during_training() -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from deepfit.config import SHORTCUTS, TTA_MODES, Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested, did_you_mean
 from deepfit.history import Row, format_epoch
+from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
     from deepfit.trained import InitReport
@@ -869,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `deepfit` console script."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:  # `deepfit` alone prints the help; `deepfit train` alone trains the embedded demo
-        with warnings_as_lines():
+        with warnings_as_lines(), early_interrupts():  # a Ctrl-C while starting is never lost
             return run(arguments)
     except DeepfitError as err:
         print(f"deepfit: error: {err}", file=sys.stderr)

@@ -38,7 +38,7 @@ from deepfit.fitparts import (
     warn_unsafe_tta,
 )
 from deepfit.history import LR_FILE, Row, write_lr_csv, write_metrics_csv
-from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals
+from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals, take_early_interrupt
 from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
 from deepfit.optim import build_loss, step_epoch_schedule
@@ -103,6 +103,8 @@ def fit(
         run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
     except KeyboardInterrupt:  # Ctrl-C while data and model are built, before the handlers below
         raise NothingTrained() from None
+    if take_early_interrupt() is not None:  # a start-up Ctrl-C whose KeyboardInterrupt something swallowed
+        raise NothingTrained()
     with open_trackers(run, resumed=resume is not None):
         with stop_on_signals() as run.signals:
             try:
@@ -203,6 +205,8 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
         run.tracker.log_epoch(run.step, row)
         if on_epoch is not None:
             on_epoch(row)
+    if run.stopped_early is None:  # a signal during the last epoch's validation and save still stops the run
+        check_stop(run)
 
 
 def after_step(run: Run, deadline: float) -> None:

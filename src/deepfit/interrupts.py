@@ -2,7 +2,8 @@
 the next step boundary, writes a resumable checkpoint and raises SignalStop. A second signal
 never aborts that orderly stop (two quick Ctrl-C presses lost the checkpoint, issue 12); a third
 one abandons it (Abandoned: a run that hangs can still be stopped), except while the checkpoint
-is being written, which always finishes."""
+is being written, which always finishes. Before training, a Ctrl-C interrupts at once and is also
+remembered (early_interrupts), so that code which swallows the KeyboardInterrupt cannot lose it."""
 
 from __future__ import annotations
 
@@ -72,6 +73,40 @@ class StopFlag:
             self.saving = False
 
 
+_early: list[int] = []  # SIGINTs met by early_interrupts' handler and not yet taken
+
+
+@contextlib.contextmanager
+def early_interrupts() -> Iterator[None]:
+    """While deepfit starts (imports, data, model: seconds), Ctrl-C raises KeyboardInterrupt at
+    once, as Python's own handler does, and is remembered as well: an exception raised inside an
+    import's finalizer or a C call that clears errors is dropped ("Exception ignored"), and the
+    press would be lost. fit() takes it before training (take_early_interrupt). Installed only
+    where Python's handler is (a SIGINT the parent made ignored stays ignored)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> Any:
+        _early.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    _early.clear()
+    signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _early.clear()
+
+
+def take_early_interrupt() -> int | None:
+    """The first signal early_interrupts met since it was last asked, or None."""
+    signum = _early[0] if _early else None
+    _early.clear()
+    return signum
+
+
 def write_stderr(message: str) -> None:
     """The handler's words to the person pressing Ctrl-C: only a signal handler knows when they
     pressed again, and the main thread is busy, so it writes the line itself."""
@@ -85,6 +120,7 @@ def stop_on_signals(notify: Notify = write_stderr) -> Iterator[StopFlag]:
     """Install the handlers for the duration of training (main thread only; elsewhere signals
     keep their usual behaviour) and put back the previous ones afterwards."""
     flag = StopFlag()
+    flag.signum = take_early_interrupt()  # met after fit() last asked: training stops at its first check
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
