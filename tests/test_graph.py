@@ -4,6 +4,8 @@ CSV graphs through every command, exact resume, checkpoints that hold their grap
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from deepfit.checkpoint import load_checkpoint
 from deepfit.config import set_value
 from deepfit.graph import build_graph, build_node_model, fit_node, load_node_model, node_defaults, predict_nodes
 from deepfit.history import read_metrics_csv
+from deepfit.interrupts import SignalStop
 
 from .conftest import DATASETS
 
@@ -83,6 +86,23 @@ def test_resume_ends_at_the_same_weights(cli, tmp_path: Path) -> None:  # type: 
     for key, value in whole["model"].items():
         assert torch.equal(value, part["model"][key]), key
     assert whole["history"][-1]["train_loss"] == part["history"][-1]["train_loss"]
+
+
+def test_a_signal_during_the_last_epoch_still_stops_the_run(tmp_path: Path) -> None:
+    """The loop checks for a signal before each epoch: one that came during the last epoch's step,
+    evaluation or save was recorded and never read, and the run finished."""
+    config = node_defaults()
+    for key, value in {"data.name": "karate", "train.epochs": 3, "train.out": str(tmp_path / "run")}.items():
+        set_value(config, key, value)
+
+    def press(row: dict[str, float]) -> None:
+        if row["epoch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SignalStop):
+        fit_node(config, on_epoch=press)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 3  # the last epoch is kept
+    assert "test_acc" in fit_node(config, resume=tmp_path / "run").metrics  # resuming finishes the run
 
 
 def test_the_graph_adds_what_features_alone_cannot(tmp_path: Path) -> None:

@@ -205,6 +205,18 @@ def test_resume_mid_epoch_ends_at_the_same_weights(tmp_path: Path) -> None:
     assert [r["train_mse"] for r in resumed.history] == [r["train_mse"] for r in straight.history]
 
 
+def test_a_signal_during_the_last_epochs_evaluation_still_stops_the_run(tmp_path: Path) -> None:
+    def press(row: dict[str, float]) -> None:
+        if row["epoch"] == 3:  # the last epoch: no step boundary follows
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SignalStop):
+        fit_regression(config_for(tmp_path, "diabetes", **{"train.epochs": 3}), on_epoch=press)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 3
+    resumed = fit_regression(load_resumed_config(tmp_path / "run"), resume=tmp_path / "run")
+    assert len(resumed.history) == 3 and "test_r2" in resumed.metrics
+
+
 def load_resumed_config(run: Path) -> Config:
     from deepfit.config import config_from_dict
 

@@ -168,6 +168,8 @@ def train_node_epochs(run: NodeRun, on_epoch: EpochFn | None) -> None:
         if time.monotonic() > deadline and run.epoch < cfg.epochs:
             run.stopped_early = "time limit"
             raise StopRequested(f"time limit {cfg.time_limit} reached")
+    if run.stopped_early is None:  # a signal during the last epoch's step, evaluation and save still stops the run
+        run.signals.check()
 
 
 def batch_of(run: NodeRun, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,6 +147,8 @@ def train_epochs(run: RegressionRun, progress: ProgressFn | None, on_epoch: Epoc
         end_epoch(run, row)
         if on_epoch is not None:
             on_epoch(row)
+    if run.stopped_early is None:  # a signal during the last epoch's evaluation and save still stops the run
+        run.signals.check()
 
 
 def after_step(run: RegressionRun, deadline: float) -> None:
