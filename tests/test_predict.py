@@ -146,6 +146,27 @@ def test_cli_folder_predictions_equal_evaluate_image_by_image(tiny_run: Path, cl
         assert row["topk"][0]["label"] == row["label"]
 
 
+def test_predict_uses_the_runs_own_tta_as_evaluate_does(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """A run trained with train.tta shift reports its test score with shifts, and evaluate repeats
+    them; predict classified each image once, so its labels disagreed with that score."""
+    data = write_tiny_idx(tmp_path / "idx", train=200, test=60, side=SIDE, seed=5)
+    args = ["--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--model", "lenet", "--data.batch-size", "16"]
+    assert cli("train", *args, "--train.tta", "shift", "--out", str(tmp_path / "run")).code == 0
+    index = write_folder(tmp_path / "run", tmp_path / "pngs")
+    answers = {}
+    for mode in ("shift", "none"):
+        flags = ["--tta", mode] if mode == "none" else []  # the run's own mode by default
+        result = cli("predict", str(tmp_path / "run"), str(tmp_path / "pngs"), "--format", "json", "--no-progress", *flags)
+        assert result.code == 0, result.err
+        answers[mode] = {row["path"]: row["index"] for row in json.loads(result.out)}
+        evaluation = evaluate_checkpoint(tmp_path / "run", tta=mode, write=False)
+        assert all(answers[mode][path] == evaluation.predictions[i] for path, i in index.items()), mode
+    assert answers["shift"] != answers["none"]  # shifts change some answers here, so the test can tell them apart
+    assert Predictor.from_checkpoint(tmp_path / "run").tta == "shift"
+    refused = cli("predict", str(tmp_path / "run"), str(tmp_path / "pngs"), "--tta", "flip")
+    assert refused.code == 2 and "--tta flip is not allowed for mnist" in refused.err and refused.out == ""
+
+
 def test_cli_globs_csv_and_formats(tiny_run: Path, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     write_folder(tiny_run, tmp_path / "pngs")
     images = tiny_test_images(tiny_run)[:4]

@@ -474,6 +474,7 @@ def add_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--id-column", metavar="COLUMN", help="regression: copy this CSV column beside each prediction")
+    parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation, as in evaluate (default: the run's own train.tta)")
 
 
 def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -484,13 +485,16 @@ def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if args.topk < 1:
         raise UsageError("--topk must be at least 1")
-    if task_of(args.checkpoint) == "regression":
+    task = task_of(args.checkpoint)
+    if task in ("regression", "node") and args.tta not in (None, "none"):
+        raise UsageError(f"--tta transforms images; a {task} model has none")
+    if task == "regression":
         return predict_regression_cmd(args)
-    if task_of(args.checkpoint) == "node":
+    if task == "node":
         return predict_node(args)
     if args.id_column:
         raise UsageError("--id-column is for regression checkpoints (CSV rows in, values out)")
-    predictor = Predictor.from_checkpoint(args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta)
     progress = tqdm_files if not args.no_progress and sys.stderr.isatty() else None
     result = predictor.predict_paths(args.paths, topk=args.topk, progress=progress)
     for failure in result.failures:
@@ -796,6 +800,7 @@ def add_serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=64, help="most images in one request; more gets 413 (default 64)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width x height an image may declare (default 40M)")
     parser.add_argument("--topk", type=int, default=5, help="classes listed per image when a request does not say (default 5)")
+    parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation, as in predict (default: the run's own train.tta)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set $DEEPFIT_API_KEY)")
 
 
@@ -808,7 +813,7 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     )  # fmt: skip
     settings = ServeSettings(
         args.checkpoint, host=args.host, port=args.port, backend=args.backend, device=args.device,
-        workers=args.workers, threads=args.threads, max_pixels=args.max_pixels, options=options,
+        workers=args.workers, threads=args.threads, max_pixels=args.max_pixels, tta=args.tta, options=options,
     )  # fmt: skip
 
     def announce(url: str) -> None:

@@ -18,7 +18,6 @@ import torch
 
 from deepfit import metrics
 from deepfit.columns import display_width, pad
-from deepfit.config import TTA_MODES
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
@@ -101,7 +100,7 @@ def evaluate_checkpoint(
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
-    mode = check_tta(tta, trained)
+    mode = trained.tta_mode(tta)
     images, source = evaluation_images(trained, data, split, data_dir=data_dir)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
@@ -115,20 +114,6 @@ def evaluate_checkpoint(
 
         save_figure(plot_confusion(np.array(report.confusion), trained.classes), result.figure_path)
     return result
-
-
-def check_tta(tta: str | None, trained: TrainedModel) -> str:
-    """The test-time augmentation to use: by default the run's own train.tta (the one its final
-    test line used); one asked for flips only where the checkpoint says a mirror image keeps its class."""
-    if tta is None:
-        return trained.config.train.tta
-    if tta not in TTA_MODES:
-        raise EvaluationError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
-    if "flip" in tta and not trained.flip_ok:
-        raise EvaluationError(
-            f"--tta {tta} is not allowed for {trained.config.data.name}: a mirrored image may change class (flip_ok is false in {trained.path})"
-        )
-    return tta
 
 
 def evaluation_images(trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None) -> tuple[ImageSet, str]:

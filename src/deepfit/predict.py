@@ -66,19 +66,22 @@ class PathPredictions:
 class Predictor:
     """A trained model ready to classify images; build it with `Predictor.from_checkpoint`."""
 
-    def __init__(self, trained: TrainedModel, *, batch_size: int = 256) -> None:
+    def __init__(self, trained: TrainedModel, *, batch_size: int = 256, tta: str | None = None) -> None:
         self.trained = trained
         self.batch_size = batch_size
+        self.tta = trained.tta_mode(tta)  # default: the run's train.tta, as its test score and evaluate use
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, device: str = "auto", batch_size: int = 256, threads: int = 0, model: torch.nn.Module | None = None
-    ) -> Predictor:
+        cls, path: str | Path, *, device: str = "auto", batch_size: int = 256, threads: int = 0, model: torch.nn.Module | None = None,
+        tta: str | None = None,
+    ) -> Predictor:  # fmt: skip
         """threads > 0 sets torch's (process-wide) CPU threads: for one image at a time on a busy
         machine, 1 thread measured 0.6 ms against 60 ms with 2 (bench/predict.py). `model`: your
-        own nn.Module for a run trained with one (its weights are loaded into it)."""
+        own nn.Module for a run trained with one (its weights are loaded into it). `tta`: none,
+        flip, shift or flip-shift (default: the run's own train.tta)."""
         set_threads(threads)
-        return cls(load_trained_model(path, device=select_device(device), model=model), batch_size=batch_size)
+        return cls(load_trained_model(path, device=select_device(device), model=model), batch_size=batch_size, tta=tta)
 
     @property
     def classes(self) -> list[str]:
@@ -119,7 +122,7 @@ class Predictor:
         if images.shape[0] == 0:
             return []
         batches = self.trained.batches(images, batch_size=self.batch_size)
-        logits, _ = predict_logits(self.trained.model, batches)
+        logits, _ = predict_logits(self.trained.model, batches, tta=self.tta)
         return self.predictions(logits, paths, topk)
 
     def predictions(self, logits: torch.Tensor, paths: Sequence[str | None], topk: int) -> list[Prediction]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepfit.checkpoint import load_checkpoint, load_model_state
-from deepfit.config import Config, config_from_dict
+from deepfit.config import TTA_MODES, Config, config_from_dict
 from deepfit.data import BatchLoader, DataBundle, ImageSet
 from deepfit.errors import CheckpointError, ConfigError
 from deepfit.models import build_model, copy_matching_weights
@@ -35,6 +35,20 @@ class TrainedModel:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def tta_mode(self, tta: str | None = None) -> str:
+        """The test-time augmentation to apply: by default the run's own train.tta (the one its
+        final test line used, so evaluate, predict and serve agree with it); flips only where the
+        checkpoint says a mirrored image keeps its class."""
+        if tta is None:
+            return self.config.train.tta
+        if tta not in TTA_MODES:
+            raise ConfigError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
+        if "flip" in tta and not self.flip_ok:
+            raise ConfigError(
+                f"--tta {tta} is not allowed for {self.config.data.name}: a mirrored image may change class (flip_ok is false in {self.path})"
+            )
+        return tta
 
     def batches(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 256) -> BatchLoader:
         """uint8 (N, C, H, W) -> normalised float batches on the model's device, through the same

@@ -19,6 +19,7 @@ import pytest
         (["RUN", "--port", "70000"], "--port 70000 is not a TCP port"),
         (["RUN", "--backend", "onnx", "--device", "cuda"], "--backend onnx runs on the CPU"),
         (["BROKEN"], "BROKEN"),
+        (["RUN", "--tta", "flip"], "--tta flip is not allowed for fashion-mnist"),
     ],
 )
 def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]

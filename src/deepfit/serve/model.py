@@ -18,6 +18,7 @@ import torch
 
 from deepfit.data.decode import read_header
 from deepfit.data.loader import BatchPrep
+from deepfit.engine import tta_views, view_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.export import default_out, export_checkpoint, onnx_runner, verify
 from deepfit.predict import Prediction, Predictor, decode
@@ -110,9 +111,11 @@ def declared_size(data: bytes) -> tuple[int, int]:
 
 
 def load_served_model(
-    path: str | Path, *, backend: str = "torch", device: str = "cpu", threads: int = 0, max_pixels: int = 40_000_000
-) -> ServedModel:
-    """Load RUN_OR_CHECKPOINT for serving; CheckpointError / ServeError for anything unusable."""
+    path: str | Path, *, backend: str = "torch", device: str = "cpu", threads: int = 0, max_pixels: int = 40_000_000,
+    tta: str | None = None,
+) -> ServedModel:  # fmt: skip
+    """Load RUN_OR_CHECKPOINT for serving; CheckpointError / ServeError for anything unusable.
+    `tta`: test-time augmentation as in `deepfit predict` (default: the run's own train.tta)."""
     if backend not in BACKENDS:
         raise ServeError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     set_threads(threads)
@@ -121,24 +124,34 @@ def load_served_model(
             raise ServeError("--backend onnx runs on the CPU through onnxruntime; leave --device at cpu")
         trained = load_trained_model(path, channels_last=False)  # the exported graph takes plain NCHW
         onnx_file = verified_onnx(Path(path), trained)
-        run = onnx_runner(onnx_file)
-        logits: Logits = lambda x: np.asarray(run(x.contiguous().numpy()), dtype=np.float32)  # noqa: E731
+        logits = onnx_logits(onnx_runner(onnx_file), trained.tta_mode(tta))
     else:
         trained = load_trained_model(path, device=select_device(device))
         onnx_file = None
-        logits = torch_logits(trained.model)
-    predictor = Predictor(trained)
+        logits = torch_logits(trained.model, trained.tta_mode(tta))
+    predictor = Predictor(trained, tta=tta)
     served = ServedModel(predictor, logits, backend, onnx_file, max_pixels)
-    served.info = describe(Path(path), trained, backend)
+    served.info = describe(Path(path), trained, backend) | {"tta": predictor.tta}
     return served
 
 
-def torch_logits(model: torch.nn.Module) -> Logits:
+def torch_logits(model: torch.nn.Module, tta: str = "none") -> Logits:
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return model(x).float().cpu().numpy()
+            return view_logits(model, x, tta).cpu().numpy()
 
     return run
+
+
+def onnx_logits(run: Callable[[np.ndarray], Any], tta: str = "none") -> Logits:
+    """The exported graph is the plain forward pass: test-time views are made here and their
+    logits averaged, as view_logits does for PyTorch."""
+
+    def logits(x: torch.Tensor) -> np.ndarray:
+        views = [np.asarray(run(view.contiguous().numpy()), dtype=np.float32) for view in tta_views(x, tta)]
+        return views[0] if len(views) == 1 else np.asarray(np.mean(views, axis=0), dtype=np.float32)
+
+    return logits
 
 
 def verified_onnx(given: Path, trained: TrainedModel) -> Path:

@@ -32,6 +32,7 @@ class ServeSettings:
     workers: int = 1
     threads: int = 0  # torch / onnxruntime CPU threads; 0 = the library default
     max_pixels: int = 40_000_000
+    tta: str | None = None  # test-time augmentation; None: the run's own train.tta
     options: ServeOptions = dataclasses.field(default_factory=ServeOptions)
 
 
@@ -60,8 +61,9 @@ def with_env_key(settings: ServeSettings) -> ServeSettings:
 
 def build_app(settings: ServeSettings) -> Any:
     model = load_served_model(
-        settings.checkpoint, backend=settings.backend, device=settings.device, threads=settings.threads, max_pixels=settings.max_pixels
-    )
+        settings.checkpoint, backend=settings.backend, device=settings.device, threads=settings.threads, max_pixels=settings.max_pixels,
+        tta=settings.tta,
+    )  # fmt: skip
     return create_app(model, settings.options)
 
 
