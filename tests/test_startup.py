@@ -101,6 +101,33 @@ def test_the_console_script_spares_the_collector_its_walk_at_exit(entry: str, fr
     assert done.stdout.split() == [str(frozen), "2"], done.stderr
 
 
+@pytest.mark.parametrize(("entry", "frozen"), [("main()", True), ("main(sys.argv[1:])", False)])
+def test_console_training_imports_torch_with_the_collector_paused_then_on(entry: str, frozen: bool, tmp_path: Path) -> None:
+    """Collections during torch's and torch._dynamo's imports walked the growing heap again and
+    again; the console script pauses the collector for them and freezes what they built. Training
+    itself must run with the collector on."""
+    data = write_tiny_idx(tmp_path / "data")
+    code = (
+        "import gc, json, sys\n"
+        "import deepfit.fit\n"
+        "module = sys.modules['deepfit.fit']\n"
+        "def fit(*args, real=module.fit, **kwargs):\n"
+        "    state = {'on': gc.isenabled(), 'frozen': gc.get_freeze_count() > 0, 'dynamo': 'torch._dynamo' in sys.modules}\n"
+        "    print(json.dumps(state), file=sys.stderr, flush=True)\n"
+        "    return real(*args, **kwargs)\n"
+        "module.fit = fit\n"
+        "from deepfit.cli import main\n"
+        f"sys.exit({entry})"
+    )
+    args = ["train", "--data", "mnist", "--data-dir", str(data), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stderr.strip().splitlines()[0]) == {"on": True, "frozen": frozen, "dynamo": frozen}
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None:
     data = write_tiny_idx(tmp_path / "data")
     # Ctrl-C as in a terminal: a suite started in the background by a script (`make test &`) hands
@@ -109,9 +136,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path) -> None
     ready = (
         "import signal, sys, deepfit.cli as cli\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "def run(argv, run=cli.run):\n"
+        "def run(argv, run=cli.run, **options):\n"
         "    print('ready', flush=True)\n"
-        "    return run(argv)\n"
+        "    return run(argv, **options)\n"
         "cli.run = run\n"
         "sys.exit(cli.main(sys.argv[1:]))"
     )
