@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     args.resume = launch.resolve_resume(args.resume, args.out)
     config = resolve_train_config(args, extra)  # bad flags fail before torch loads
-    if getattr(args, "console", False) and not launch.wants_launch(args.devices):
+    if args.console and not launch.wants_launch(args.devices):
         import_for_training()
     if config.data.task == "regression":
         return train_regression(config, args)

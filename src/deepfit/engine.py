@@ -198,8 +198,9 @@ def shifted_copies(x: torch.Tensor) -> list[torch.Tensor]:
     return [padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w] for dx, dy in SHIFTS]
 
 
-def view_logits(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
-    """float32 logits of a batch averaged over its tta_views; with mode 'none', the model's own."""
+def view_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+    """float32 logits of a batch averaged over its tta_views; with mode 'none', the model's own.
+    `model`: a module, or any batch -> logits function (serve's onnxruntime session)."""
     if mode == "none":
         return model(x).float()
     return torch.stack([model(view).float() for view in tta_views(x, mode)]).mean(0)

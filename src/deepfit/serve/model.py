@@ -18,7 +18,7 @@ import torch
 
 from deepfit.data.decode import read_header
 from deepfit.data.loader import BatchPrep
-from deepfit.engine import tta_views, view_logits
+from deepfit.engine import view_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.export import default_out, export_checkpoint, onnx_runner, verify
 from deepfit.predict import Prediction, Predictor, decode
@@ -123,13 +123,12 @@ def load_served_model(
         if device != "cpu":
             raise ServeError("--backend onnx runs on the CPU through onnxruntime; leave --device at cpu")
         trained = load_trained_model(path, channels_last=False)  # the exported graph takes plain NCHW
-        onnx_file = verified_onnx(Path(path), trained)
-        logits = onnx_logits(onnx_runner(onnx_file), trained.tta_mode(tta))
+        onnx_file: Path | None = verified_onnx(Path(path), trained)
     else:
         trained = load_trained_model(path, device=select_device(device))
         onnx_file = None
-        logits = torch_logits(trained.model, trained.tta_mode(tta))
-    predictor = Predictor(trained, tta=tta)
+    predictor = Predictor(trained, tta=tta)  # resolves the mode: the run's train.tta unless told
+    logits = torch_logits(trained.model, predictor.tta) if onnx_file is None else onnx_logits(onnx_runner(onnx_file), predictor.tta)
     served = ServedModel(predictor, logits, backend, onnx_file, max_pixels)
     served.info = describe(Path(path), trained, backend) | {"tta": predictor.tta}
     return served
@@ -144,14 +143,13 @@ def torch_logits(model: torch.nn.Module, tta: str = "none") -> Logits:
 
 
 def onnx_logits(run: Callable[[np.ndarray], Any], tta: str = "none") -> Logits:
-    """The exported graph is the plain forward pass: test-time views are made here and their
-    logits averaged, as view_logits does for PyTorch."""
+    """The exported graph is the plain forward pass: view_logits makes the test-time views before
+    it and averages their logits, as for PyTorch."""
 
-    def logits(x: torch.Tensor) -> np.ndarray:
-        views = [np.asarray(run(view.contiguous().numpy()), dtype=np.float32) for view in tta_views(x, tta)]
-        return views[0] if len(views) == 1 else np.asarray(np.mean(views, axis=0), dtype=np.float32)
+    def forward(view: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(run(view.contiguous().numpy()), dtype=np.float32))
 
-    return logits
+    return lambda x: view_logits(forward, x, tta).numpy()
 
 
 def verified_onnx(given: Path, trained: TrainedModel) -> Path:
