@@ -30,10 +30,12 @@ class Recipe:
     budget_s: float  # whole-process wall seconds it must stay within (2 CPU cores)
 
 
+# Budgets are the project's targets for 2 CPU cores (issue 17), set on a Zen 4 VM with native bf16
+# where these recipes took 11.8 s, 24.4 s and 91.9 s; not met yet (README's recipe table).
 RECIPES = {
-    "mnist-99": Recipe("mnist-99.yaml", "mnist", 0.990, 15.0),
-    "fashion-mnist-91": Recipe("fashion-mnist-91.yaml", "fashion-mnist", 0.91, 30.0),
-    "fashion-mnist-93": Recipe("fashion-mnist-93.yaml", "fashion-mnist", 0.93, 120.0),
+    "mnist-99": Recipe("mnist-99.yaml", "mnist", 0.990, 8.0),
+    "fashion-mnist-91": Recipe("fashion-mnist-91.yaml", "fashion-mnist", 0.91, 20.0),
+    "fashion-mnist-93": Recipe("fashion-mnist-93.yaml", "fashion-mnist", 0.93, 60.0),
     "fashion-mnist-94": Recipe("fashion-mnist-94.yaml", "fashion-mnist", 0.94, 900.0),
     "cifar10-jpg-85-cpu": Recipe("cifar10-jpg-85-cpu.yaml", "cifar10-jpg.zip", 0.85, 1800.0),
 }
