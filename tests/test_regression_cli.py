@@ -77,6 +77,38 @@ def test_missing_values_stop_with_one_line_then_train_with_drop_missing(cli, tmp
     assert "118 rows" in ok.out and "2 feature(s) -> y" in ok.out  # id is text (r0, r1, ...) and ignored too
 
 
+def test_a_stray_text_cell_in_a_number_column_is_named(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A column of numbers with a typo is left out like a text column, but the line says which
+    cell made it text; a real text column (city) gets no such line."""
+    table = write_table(tmp_path / "typo.csv")
+    lines = [line.split(",") for line in table.read_text().splitlines()]  # lines[0]: id,a,b,city,y
+    lines[5][2], lines[9][2] = "1.2x", "oops"  # b of data rows 5 and 9
+    table.write_text("\n".join(",".join(fields) for fields in lines) + "\n")
+    ok = cli("train", "--task", "regression", "--data", str(table), "--target", "y", "--epochs", "2", "--no-progress")
+    assert ok.code == 0, ok.err
+    assert "ignored text column(s): id, b, city" in ok.out
+    assert "column 'b' holds numbers but '1.2x' in data row 5 and 1 more cell: fix or blank such cells" in ok.out
+    assert "column 'city'" not in ok.out and "column 'id'" not in ok.out
+
+
+def test_data_info_describes_a_table_and_names_its_stray_cell(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table = write_table(tmp_path / "typo.csv")
+    lines = [line.split(",") for line in table.read_text().splitlines()]
+    lines[3][1] = "n.a."  # a of data row 3
+    table.write_text("\n".join(",".join(fields) for fields in lines) + "\n")
+    info = cli("data", "info", str(table), "--data.task", "regression", "--data.target", "y")
+    assert info.code == 0, info.err
+    assert f"{table}: {ROWS} rows, 1 feature(s) -> y" in info.out and "features: b\n" in info.out
+    assert "ignored text column(s): id, a, city" in info.out and "column 'a' holds numbers but 'n.a.' in data row 3: fix" in info.out
+    for args, message in (
+        (("info", str(table), "--data.task", "regression"), "name the column to predict with --data.target COLUMN"),
+        (("show", str(table), "--data.task", "regression", "--data.target", "y"), "a regression table has no images to draw"),
+        (("info", str(table), "--data.task", "node"), "deepfit data describes image sources and regression tables"),
+    ):
+        refused = cli("data", *args)
+        assert refused.code == 2 and refused.err.count("\n") == 1 and message in refused.err, refused.err
+
+
 def test_train_writes_the_run_folder(trained: tuple[Path, Path]) -> None:
     run, _ = trained
     for name in (

@@ -36,4 +36,4 @@ def test_a_plain_resume_says_where_it_picks_up(cli, tmp_path: Path) -> None:  # 
     data = ("--data", "mnist", "--data-dir", str(write_tiny_idx(tmp_path / "idx", train=100, test=20)))
     assert cli("train", *data, *FAST, "--epochs", "1", "--out", "run").code == 0
     again = cli("train", "--resume", "run", "--epochs", "1", "--no-progress")
-    assert again.code == 0 and "resuming run: it has trained 1 epochs, nothing left to train for --epochs 1" in again.out
+    assert again.code == 0 and "resuming run: it has trained 1 epoch, nothing left to train for --epochs 1" in again.out

@@ -172,7 +172,8 @@ def resume_lines(run_dir: Path, config: Config) -> list[str]:
     done, step, planned = int(state["epoch"]), int(state["step"]), int(state["config"]["train"]["epochs"])
     lines = [f"resuming {run_dir} at epoch {done + 1}, step {step}"]
     if done >= config.train.epochs:
-        lines[0] = f"resuming {run_dir}: it has trained {done} epochs, nothing left to train for --epochs {config.train.epochs}"
+        epochs = "1 epoch" if done == 1 else f"{done} epochs"
+        lines[0] = f"resuming {run_dir}: it has trained {epochs}, nothing left to train for --epochs {config.train.epochs}"
     elif planned != config.train.epochs and config.sched.name != "plateau" and (config.sched.name != "none" or config.sched.warmup_epochs):
         lines.append(
             f"the {config.sched.name} schedule was planned for {planned} epochs: rebuilt for {config.train.epochs}, from step {step}"
@@ -539,7 +540,10 @@ def add_data_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", default="0", help="seed of the validation split and of the samples shown")
     parser.add_argument("--out", metavar="PNG", help="show: the file to write (default SOURCE-samples.png)")
     parser.add_argument("--count", type=int, default=32, help="show: how many samples (default 32)")
-    parser.epilog = "Data settings are given as in train: --data.image-size 64 --data.channels 3 --data.skip-bad true ..."
+    parser.epilog = (
+        "Data settings are given as in train: --data.image-size 64 --data.channels 3 --data.skip-bad true ... "
+        "A regression table: deepfit data info FILE.csv --data.task regression --data.target COLUMN"
+    )
 
 
 def data_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
@@ -561,6 +565,10 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.count < 1:
         raise UsageError("--count must be at least 1")
     config = data_config(args, extra)
+    if config.data.task == "regression":
+        return describe_table(config, args.action)
+    if config.data.task == "node":
+        raise UsageError("deepfit data describes image sources and regression tables; deepfit train prints a graph's summary")
     if args.action == "info":
         config.data.skip_bad = True  # describe the readable images and list the bad ones (exit 1), whatever training would do
     from deepfit.data import build_data, load_images
@@ -616,10 +624,8 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
     print(
         f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}"
     )
-    if table.ignored:
-        print(f"ignored text column(s): {', '.join(table.ignored)} (one-hot encode them with --data.categorical onehot)")
-    if table.dropped_rows:
-        print(f"dropped {table.dropped_rows} row(s) with missing values (--data.drop-missing)")
+    for line in table_notes(table):
+        print(line)
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":
@@ -630,6 +636,34 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
             f"test_mse {metrics['test_mse']:.4g}  test_rmse {metrics['test_rmse']:.4g}  test_mae {metrics['test_mae']:.4g}  test_r2 {metrics['test_r2']:.4f}"
         )
     print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def table_notes(table: Any) -> list[str]:
+    """What reading a regression table left out: text columns, stray text cells, rows with gaps."""
+    lines = []
+    if table.ignored:
+        lines.append(f"ignored text column(s): {', '.join(table.ignored)} (one-hot encode them with --data.categorical onehot)")
+    for name, where in table.strays.items():
+        lines.append(f"column {name!r} holds numbers but {where}: fix or blank such cells (blank reads as missing) to use it")
+    if table.dropped_rows:
+        lines.append(f"dropped {table.dropped_rows} row(s) with missing values (--data.drop-missing)")
+    return lines
+
+
+def describe_table(config: Config, action: str) -> int:
+    """deepfit data info for a regression table: its rows, features, target and what was left out."""
+    if action != "info":
+        raise UsageError("a regression table has no images to draw; deepfit data info SOURCE --data.task regression describes it")
+    from deepfit.regression.sources import TABLES, load_table
+
+    if config.data.name not in TABLES and not config.data.target:
+        raise UsageError(f"{config.data.name}: name the column to predict with --data.target COLUMN")
+    table = load_table(config.data)
+    print(f"{table.source}: {len(table.target)} rows, {len(table.feature_names)} feature(s) -> {table.schema.target}")
+    print(f"features: {', '.join(table.feature_names)}")
+    for line in table_notes(table):
+        print(line)
     return 0
 
 

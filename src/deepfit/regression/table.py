@@ -90,6 +90,7 @@ class Table:
     schema: Schema
     source: str  # the dataset name or file path
     ignored: list[str] = field(default_factory=list)  # text columns left out (data.categorical ignore)
+    strays: dict[str, str] = field(default_factory=dict)  # ignored columns that are mostly numbers: their first text cell
     dropped_rows: int = 0  # rows with a missing value dropped (data.drop_missing)
 
     @property
@@ -134,6 +135,28 @@ def numeric_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> set
             continue
         numeric.add(name)
     return numeric
+
+
+def stray_text(header: list[str], rows: list[list[str]], names: list[str]) -> dict[str, str]:
+    """For each named column whose present cells are mostly numbers, where its text is: "'x' in data
+    row 7" (and how many more), so a stray cell is not mistaken for a text column."""
+    strays = {}
+    for name in names:
+        i = header.index(name)
+        present = [(number, row[i].strip()) for number, row in enumerate(rows, start=1) if row[i].strip().lower() not in MISSING]
+        text = [(number, cell) for number, cell in present if not is_number(cell)]
+        if text and 2 * len(text) < len(present):
+            number, cell = text[0]
+            strays[name] = f"{cell!r} in data row {number}" + (f" and {plural(len(text) - 1, 'more cell')}" if len(text) > 1 else "")
+    return strays
+
+
+def is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def choose_schema(
@@ -222,4 +245,4 @@ def load_csv_table(path: Path, *, target: str | None, features: list[str], oneho
     header, rows = read_csv_rows(path)
     schema, ignored = choose_schema(header, rows, target=target, features=features, onehot=onehot, path=path)
     x, y, dropped = encode_rows(schema, header, rows, drop_missing=drop_missing, path=path)
-    return Table(x, y, schema, str(path), ignored, dropped)
+    return Table(x, y, schema, str(path), ignored, stray_text(header, rows, ignored), dropped)
