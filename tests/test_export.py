@@ -181,6 +181,39 @@ def test_torchscript_predicts_in_a_process_without_deepfit(tmp_path: Path) -> No
     assert answer["labels"] == [CLASSES[i] for i in expected.argmax(1)]
 
 
+def test_a_failed_export_keeps_the_earlier_file_and_leaves_nothing_else(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import deepfit.export
+
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    assert cli("export", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "out" / "m.onnx")).code == 0
+    before = (tmp_path / "out" / "m.onnx").read_bytes()
+
+    def broken_runner(target: Path):  # type: ignore[no-untyped-def]
+        def run(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("unsupported operator")
+
+        return run
+
+    monkeypatch.setattr(deepfit.export, "onnx_runner", broken_runner)
+    failed = cli("export", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "out" / "m.onnx"))
+    assert failed.code == 2 and "unsupported operator" in failed.err
+    assert (tmp_path / "out" / "m.onnx").read_bytes() == before  # the earlier export, as it was
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx"]  # no half-written file beside it
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_an_export_to_a_place_that_cannot_be_written_is_one_line(cli, tmp_path: Path, format: str) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "taken.onnx").mkdir()
+    for out in (tmp_path / "notes.txt" / "model.out", tmp_path / "taken.onnx"):
+        result = cli("export", str(checkpoint), "--format", format, "--out", str(out))
+        assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result.err
+        assert f"cannot write {out}" in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "notes.txt", "taken.onnx"]
+    assert not any((tmp_path / "taken.onnx").iterdir())
+
+
 def test_an_exported_file_that_cannot_run_is_one_line_and_removed(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     import deepfit.export
 

@@ -186,6 +186,14 @@ def test_export_runs_on_raw_rows(trained: tuple[Path, Path], tmp_path: Path, fmt
     assert got.shape == (3, 1) and np.allclose(got[:, 0], x @ w + b, atol=1e-3)
 
 
+def test_an_export_to_a_place_that_cannot_be_written_is_one_line(cli, trained: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, _ = trained
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "model.onnx"
+    result = cli("export", str(run), "--format", "onnx", "--out", str(out))
+    assert result.code == 2 and result.err.count("\n") == 1 and f"cannot write {out}" in result.err, result.err
+
+
 def test_show_draws_each_figure_and_report_embeds_them(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     run, _ = trained
     for kind in ("curves", "predicted", "residuals", "feature"):

@@ -5,9 +5,7 @@ TorchScript extra file deepfit.json), and every export checks itself: the writte
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from deepfit.exportfile import (
     onnx_session,
     save_onnx,
     save_torchscript,
+    staged_file,
 )
 from deepfit.optional import import_optional
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
@@ -63,19 +62,14 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
     example = sample_inputs(trained, 2, seed=0)
     exporter = ""
-    with new_folders(target.parent):
+    with staged_file(target, error=ExportError) as staging:
         if format == "onnx":
-            exporter = write_onnx(trained, example, target)
+            exporter = write_onnx(trained, example, staging)
         else:
-            write_torchscript(trained, example, target)
-        try:
-            diff = verify(trained, target, format)
-        except ExportError:
-            target.unlink(missing_ok=True)
-            raise
+            write_torchscript(trained, example, staging)
+        diff = verify(trained, staging, format)
         if not diff <= TOLERANCE:  # also catches NaN
-            target.unlink(missing_ok=True)
-            raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
+            raise ExportMismatch(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} not written")
     return ExportResult(target, format, diff, CHECK_BATCHES, exporter)
 
 
@@ -86,21 +80,6 @@ def require_onnx() -> None:
     """deepfit depends on these, but a partial install may lack one: one line and the pip command."""
     for module in ONNX_PACKAGES:
         import_optional(module, extra="", purpose="deepfit export --format onnx")
-
-
-@contextlib.contextmanager
-def new_folders(folder: Path) -> Iterator[None]:
-    """Create `folder` (and missing parents) for the export; if the export fails, remove the
-    folders created here again, so a failed export leaves no empty RUN/export/ behind."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for made in created:  # deepest first
-            with contextlib.suppress(OSError):
-                made.rmdir()  # only when empty: never deletes what someone else put there
-        raise
 
 
 def default_out(given: Path, checkpoint: Path, format: str) -> Path:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,34 @@ def export_path(run_dir: Path | None, checkpoint: Path, format: str) -> Path:
     if run_dir is not None:
         return run_dir / "export" / f"model{SUFFIXES[format]}"
     return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
+
+
+@contextlib.contextmanager
+def staged_file(target: Path, *, error: ErrorType) -> Iterator[Path]:
+    """A hidden file beside `target` to write and check an export in. It takes `target`'s name only
+    when the block ends without an error, so a failed export writes nothing and leaves an earlier
+    file of that name as it was; folders made for it are removed again (only when empty). A place
+    that cannot be written is one `error` naming it, before any export work."""
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    staging = target.with_name(f".{target.name}.partial")
+    try:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.touch()
+        except OSError as err:
+            raise error(f"cannot write {target}: {err.strerror or err}") from None
+        yield staging
+        try:
+            os.replace(staging, target)
+        except OSError as err:
+            raise error(f"cannot write {target}: {err.strerror or err}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only when empty: never deletes what someone else put there
+        raise
 
 
 def first_line(err: BaseException) -> str:

@@ -27,6 +27,7 @@ from deepfit.exportfile import (
     onnx_session,
     save_onnx,
     save_torchscript,
+    staged_file,
 )
 from deepfit.graph.trained import TrainedNodeModel, build_model_for, load_node_model, run_folder
 
@@ -52,17 +53,12 @@ def export_node_checkpoint(path: str | Path, *, format: str, out: str | Path | N
     model = uncached_model(trained)
     folder = run_folder(Path(path))
     target = Path(out) if out is not None else export_path(folder, trained.path, format)
-    target.parent.mkdir(parents=True, exist_ok=True)
     inputs = (trained.graph.features, trained.graph.edge_index)
-    (write_onnx if format == "onnx" else write_torchscript)(model, inputs, target, metadata(trained))
-    try:
-        diff, checks = verify(model, trained, target, format)
-    except NodeExportError:
-        target.unlink(missing_ok=True)
-        raise
-    if not diff <= TOLERANCE:
-        target.unlink(missing_ok=True)
-        raise NodeExportError(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} removed")
+    with staged_file(target, error=NodeExportError) as staging:
+        (write_onnx if format == "onnx" else write_torchscript)(model, inputs, staging, metadata(trained))
+        diff, checks = verify(model, trained, staging, format)
+        if not diff <= TOLERANCE:
+            raise NodeExportError(f"{format} export differs from the PyTorch model by {diff:.3g} (> {TOLERANCE:g}); {target} not written")
     return NodeExportResult(target, format, diff, checks)
 
 

@@ -24,6 +24,7 @@ from deepfit.exportfile import (
     onnx_session,
     save_onnx,
     save_torchscript,
+    staged_file,
 )
 from deepfit.regression.trained import RegressionModel, load_regression_model
 
@@ -68,18 +69,15 @@ def export_regression(path: str | Path, *, format: str, out: str | Path | None =
     trained = load_regression_model(path)
     module = RawFeaturesModel(trained).eval()
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
-    target.parent.mkdir(parents=True, exist_ok=True)
     example = sample_rows(trained, 2, seed=0)
-    (write_onnx if format == "onnx" else write_torchscript)(module, example, target, metadata(trained))
     tolerance = TOLERANCE * max(1.0, trained.scaling.target_std)
-    try:
-        diff = verify(module, trained, target, format)
-    except RegressionExportError:
-        target.unlink(missing_ok=True)
-        raise
-    if not diff <= tolerance:  # also catches NaN
-        target.unlink(missing_ok=True)
-        raise RegressionExportError(f"{format} export differs from the PyTorch model by {diff:.3g} (> {tolerance:g}); {target} removed")
+    with staged_file(target, error=RegressionExportError) as staging:
+        (write_onnx if format == "onnx" else write_torchscript)(module, example, staging, metadata(trained))
+        diff = verify(module, trained, staging, format)
+        if not diff <= tolerance:  # also catches NaN
+            raise RegressionExportError(
+                f"{format} export differs from the PyTorch model by {diff:.3g} (> {tolerance:g}); {target} not written"
+            )
     return RegressionExport(target, format, diff, tolerance, CHECK_BATCHES)
 
 
