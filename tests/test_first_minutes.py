@@ -239,6 +239,24 @@ def test_a_file_that_is_not_a_checkpoint_says_so(cli, tmp_path: Path) -> None:  
         assert "weights_only=False" not in line and "Re-running" not in line
 
 
+def test_an_output_path_the_system_refuses_is_one_line(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An --out under a file (the same as a missing disk or no permission, even for root): the
+    path and the system's reason on one line, exit 74 (EX_IOERR), no traceback, nothing written elsewhere."""
+    assert cli("train", "--data", "digits", "--model", "mlp", "--model.hidden", "8", "--epochs", "1", "--out", "run").code == 0
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for args in (
+        ("data", "show", "digits", "--out", "notes.txt/samples.png"),
+        ("report", "run", "--out", "notes.txt/report.html"),
+        ("train", "--data", "digits", "--model", "mlp", "--epochs", "1", "--out", "notes.txt/run2"),
+    ):
+        result = cli(*args)
+        (line,) = result.err.strip().splitlines()
+        assert result.code == 74 and line.startswith("deepfit: error: notes.txt"), line
+        assert line.endswith(("Not a directory", "a file is there, where a folder is needed")), line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_report_captions_name_the_split_the_figures_show(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from deepfit.report import write_report
 

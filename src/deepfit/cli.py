@@ -934,6 +934,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except BrokenPipeError:  # `deepfit predict ... | head`: the reader has gone, so stop quietly
         return quiet_broken_pipe()
+    except OSError as err:
+        if err.filename is None:  # not about a path the user can fix: a bug, shown whole
+            raise
+        reason = "a file is there, where a folder is needed" if isinstance(err, FileExistsError) else err.strerror or str(err)
+        print(f"deepfit: error: {err.filename}: {reason}", file=sys.stderr)  # e.g. an --out that cannot be written
+        return OS_ERROR_EXIT
     except NonFiniteError as err:
         print(f"deepfit: stopped: {err}", file=sys.stderr)
         return NonFiniteError.exit_code
@@ -978,6 +984,7 @@ def warnings_as_lines() -> Iterator[None]:
         warnings.showwarning = shown
 
 
+OS_ERROR_EXIT = 74  # EX_IOERR, as for a checkpoint that could not be saved: the system refused a path (no folder, no permission, disk full)
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what `cat` reports when its reader leaves
 
 
