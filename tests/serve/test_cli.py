@@ -3,6 +3,7 @@ start-up does not import the serving stack."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,18 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_p
     result = cli("serve", *args)
     assert result.code == 2 and message in result.err and "Traceback" not in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_or_a_foreign_host_is_one_line_before_the_model_loads(cli, serve_run: Path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, reason in (("127.0.0.1", "ddress already in use"), ("999.1.1.1", "")):
+            result = cli("serve", str(serve_run), "--host", host, "--port", str(port))
+            (line,) = result.err.strip().splitlines()
+            assert result.code == 2 and f"deepfit: error: cannot serve on {host}:{port}: " in line and reason in line, line
+            assert "serving" not in result.out  # no address announced that nothing listens on
 
 
 def test_the_cli_does_not_import_fastapi_or_uvicorn_at_start_up() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,19 @@ def check_settings(settings: ServeSettings) -> None:
             raise ServeError(message)
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind (host, port) once and let go, as uvicorn will, so a port in use or a host that is not
+    this machine's is one line before the model loads, not uvicorn's log line after the start-up
+    banner. A port taken between this check and uvicorn's bind still fails there."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's socket: a closing port's TIME_WAIT is no obstacle
+            probe.bind(address)
+    except OSError as err:  # socket.gaierror too
+        raise ServeError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
+
+
 def with_env_key(settings: ServeSettings) -> ServeSettings:
     """--api-key, else $DEEPFIT_API_KEY (kept out of `ps` listings), else no key."""
     key = settings.options.api_key or os.environ.get(API_KEY_ENV) or None
@@ -75,6 +89,7 @@ def serve(settings: ServeSettings, *, announce: Callable[[str], None] | None = N
     if not Path(settings.checkpoint).exists():
         raise ServeError(f"{settings.checkpoint}: no such run folder or checkpoint")
     uvicorn = import_optional("uvicorn", extra="serve", purpose="deepfit serve")
+    check_address(settings.host, settings.port)
     app = build_app(settings)  # also exports and verifies the ONNX file once for every worker
     if announce is not None:
         announce(f"http://{settings.host}:{settings.port}/")
