@@ -203,8 +203,17 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
     return config_from_dict(raw, base)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: 'line 2, column 1: expected ',' or ']', but got ...'."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
 def save_config(config: Config, path: Path) -> None:
