@@ -16,6 +16,7 @@ from deepfit.history import Row, format_epoch
 from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
+    from deepfit.regression.table import Table
     from deepfit.trained import InitReport
 
 # Top-level train flags -> dotted config keys: fit()'s keyword shortcuts, plus the flags that name
@@ -639,7 +640,7 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def table_notes(table: Any) -> list[str]:
+def table_notes(table: Table) -> list[str]:
     """What reading a regression table left out: text columns, stray text cells, rows with gaps."""
     lines = []
     if table.ignored:

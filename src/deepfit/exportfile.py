@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,25 +37,27 @@ def export_path(run_dir: Path | None, checkpoint: Path, format: str) -> Path:
 
 @contextlib.contextmanager
 def staged_file(target: Path, *, error: ErrorType) -> Iterator[Path]:
-    """A hidden file beside `target` to write and check an export in. It takes `target`'s name only
-    when the block ends without an error, so a failed export writes nothing and leaves an earlier
-    file of that name as it was; folders made for it are removed again (only when empty). A place
-    that cannot be written is one `error` naming it, before any export work."""
+    """A hidden file of its own beside `target` to write and check an export in. It takes `target`'s
+    name only when the block ends without an error, so a failed export writes nothing and leaves an
+    earlier file of that name as it was; folders made for it are removed again (only when empty). A
+    place that cannot be written is one `error` naming `target`, before any export work."""
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
-    staging = target.with_name(f".{target.name}.partial")
+    staging: Path | None = None
     try:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging.touch()
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+            os.close(fd)
         except OSError as err:
             raise error(f"cannot write {target}: {err.strerror or err}") from None
+        staging = Path(name)
         yield staging
         try:
             os.replace(staging, target)
         except OSError as err:
             raise error(f"cannot write {target}: {err.strerror or err}") from None
     except BaseException:
-        with contextlib.suppress(OSError):
+        if staging is not None:
             staging.unlink(missing_ok=True)
         for made in created:  # deepest first
             with contextlib.suppress(OSError):

@@ -8,7 +8,7 @@ import csv
 import gzip
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,17 +124,12 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def numeric_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> set[str]:
     """Columns whose every present value parses as a number (all-missing columns count as numeric)."""
-    numeric = set()
-    for i, name in enumerate(header):
-        try:
-            for row in rows:
-                cell = row[i].strip()
-                if cell.lower() not in MISSING:
-                    float(cell)
-        except ValueError:
-            continue
-        numeric.add(name)
-    return numeric
+    return {name for i, name in enumerate(header) if all(is_number(cell) for cell in present_cells(rows, i))}
+
+
+def present_cells(rows: Sequence[Sequence[str]], index: int) -> Iterator[str]:
+    """The column's cells that hold a value (stripped; NA-like ones left out), lazily."""
+    return (cell for cell in (row[index].strip() for row in rows) if cell.lower() not in MISSING)
 
 
 def stray_text(header: list[str], rows: list[list[str]], names: list[str]) -> dict[str, str]:
