@@ -31,7 +31,7 @@ class Recipe:
 
 
 # Budgets are the project's targets for 2 CPU cores (issue 17), set on a Zen 4 VM with native bf16
-# where these recipes took 11.8 s, 24.4 s and 91.9 s; not met yet (README's recipe table).
+# where these recipes took 11.8 s, 24.4 s and 91.9 s; met on a Zen 5 VM in bf16, not on AVX2-only CPUs (README's recipe table).
 RECIPES = {
     "mnist-99": Recipe("mnist-99.yaml", "mnist", 0.990, 8.0),
     "fashion-mnist-91": Recipe("fashion-mnist-91.yaml", "fashion-mnist", 0.91, 20.0),
