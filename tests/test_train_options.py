@@ -19,6 +19,7 @@ from deepfit.config import Config, set_value
 from deepfit.data import build_data
 from deepfit.errors import ConfigError
 from deepfit.fit import fit
+from deepfit.history import early_stop_reason
 from deepfit.models import build_model
 from deepfit.optim import Schedule, ScheduleSpan, build_scheduler, list_losses, list_optimizers, list_schedulers
 
@@ -91,6 +92,36 @@ def test_warmup_ramps_linearly_from_a_tenth(cli, tmp_path: Path) -> None:  # typ
     assert cli("train", *DIGITS, *args).code == 0
     (row,) = rows(tmp_path / "run")
     assert row["lr"] == pytest.approx(LR * (0.1 + 0.9 * 0.5))  # half of the warm-up done
+
+
+def test_early_stop_ends_the_run_patience_epochs_after_the_best(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """At learning rate 1e-12 no fp32 weight changes, so val_acc never beats epoch 1's."""
+    args = (
+        "--epochs",
+        "5",
+        "--out",
+        "run",
+        "--optim.name",
+        "sgd",
+        "--optim.lr",
+        "1e-12",
+        "--sched.name",
+        "none",
+        "--train.early-stop",
+        "1",
+    )
+    result = cli("train", *DIGITS, *args)
+    assert result.code == 0, result.err
+    assert [row["epoch"] for row in rows(tmp_path / "run")] == [1, 2]
+    assert "stopped early: no val_acc improvement for 1 epoch\n" in result.out
+
+
+@pytest.mark.parametrize(
+    ("epoch", "best", "patience", "reason"),
+    [(2, 1, 1, "no val_acc improvement for 1 epoch"), (4, 1, 3, "no val_acc improvement for 3 epochs"), (3, 1, 3, None), (9, 1, 0, None)],
+)
+def test_early_stop_reason(epoch: int, best: int, patience: int, reason: str | None) -> None:
+    assert early_stop_reason("val_acc", epoch, best, patience) == reason
 
 
 def test_onecycle_max_lr_keeps_the_ratio_of_parameter_groups() -> None:

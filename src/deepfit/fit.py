@@ -37,7 +37,7 @@ from deepfit.fitparts import (
     save_skipped,
     warn_unsafe_tta,
 )
-from deepfit.history import LR_FILE, Row, write_lr_csv, write_metrics_csv
+from deepfit.history import LR_FILE, Row, early_stop_reason, write_lr_csv, write_metrics_csv
 from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals, take_early_interrupt
 from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
@@ -289,9 +289,7 @@ def end_epoch(run: Run, row: Row) -> None:
     save_state(run, mid_epoch=False)
     if improved and distributed.is_main():
         ckpt.save_checkpoint(checkpoint_state(run), run.run_dir / "checkpoints" / "best.pt")
-    patience = run.config.train.early_stop
-    if patience and run.epoch - run.best_epoch >= patience:
-        run.stopped_early = f"no {key} improvement for {patience} epochs"
+    run.stopped_early = early_stop_reason(key, run.epoch, run.best_epoch, run.config.train.early_stop) or run.stopped_early
 
 
 def finish(run: Run) -> FitResult:

@@ -57,6 +57,14 @@ LR_FILE = "lr.csv"  # the learning rate after every training batch: step, epoch 
 LrPoint = tuple[float, float]  # (epoch as a fraction: 2.5 = half way through epoch 3, learning rate)
 
 
+def early_stop_reason(key: str, epoch: int, best_epoch: int, patience: int) -> str | None:
+    """Why a run stops early ('no val_acc improvement for 3 epochs') once `patience` epochs have
+    passed since `best_epoch` without a better `key`; None before that, and always when patience is 0."""
+    if not patience or epoch - best_epoch < patience:
+        return None
+    return f"no {key} improvement for {patience} epoch{'' if patience == 1 else 's'}"
+
+
 def write_lr_csv(points: list[LrPoint], path: Path) -> None:
     """One row per training batch, so the lr panel follows a schedule within epochs; replaced atomically."""
     lines = ["step,epoch,lr", *(f"{step},{epoch:.6g},{lr:.6g}" for step, (epoch, lr) in enumerate(points, start=1))]

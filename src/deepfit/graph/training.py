@@ -22,7 +22,7 @@ from deepfit.errors import ConfigError, StopRequested
 from deepfit.graph.models import NODE_MODELS, decay_groups
 from deepfit.graph.sources import Graph, build_graph
 from deepfit.graph.trained import build_model_for, graph_state
-from deepfit.history import Row, write_metrics_csv
+from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.runtime import seed_everything, select_device, set_threads
@@ -204,9 +204,7 @@ def end_node_epoch(run: NodeRun, row: Row) -> None:
     every = run.config.train.checkpoint_every
     if every and run.epoch % every == 0:
         save_node_state(run)
-    patience = run.config.train.early_stop
-    if patience and run.epoch - run.best_epoch >= patience:
-        run.stopped_early = f"no {key} improvement for {patience} epochs"
+    run.stopped_early = early_stop_reason(key, run.epoch, run.best_epoch, run.config.train.early_stop) or run.stopped_early
 
 
 def node_checkpoint(run: NodeRun, weights: dict[str, torch.Tensor]) -> dict[str, Any]:

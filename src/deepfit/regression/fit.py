@@ -19,7 +19,7 @@ from deepfit import checkpoint as ckpt
 from deepfit.config import Config, parse_duration, save_config, validate
 from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
-from deepfit.history import Row, write_metrics_csv
+from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.regression.batches import RowBatches, predict_values
@@ -197,9 +197,7 @@ def end_epoch(run: RegressionRun, row: Row) -> None:
     save_state(run)
     if improved:
         save_best(run)
-    patience = run.config.train.early_stop
-    if patience and run.epoch - run.best_epoch >= patience:
-        run.stopped_early = f"no {key} improvement for {patience} epochs"
+    run.stopped_early = early_stop_reason(key, run.epoch, run.best_epoch, run.config.train.early_stop) or run.stopped_early
 
 
 def checkpoint_state(run: RegressionRun) -> dict[str, Any]:
