@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepfit.config import SHORTCUTS, TTA_MODES, Config, UnknownKeyError, config_from_dict, infer_task, load_config, set_value, suggest_key
 from deepfit.errors import DeepfitError, NonFiniteError, StopRequested, did_you_mean
-from deepfit.history import Row, format_epoch
+from deepfit.history import Row, format_epoch, plural
 from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
@@ -173,8 +173,7 @@ def resume_lines(run_dir: Path, config: Config) -> list[str]:
     done, step, planned = int(state["epoch"]), int(state["step"]), int(state["config"]["train"]["epochs"])
     lines = [f"resuming {run_dir} at epoch {done + 1}, step {step}"]
     if done >= config.train.epochs:
-        epochs = "1 epoch" if done == 1 else f"{done} epochs"
-        lines[0] = f"resuming {run_dir}: it has trained {epochs}, nothing left to train for --epochs {config.train.epochs}"
+        lines[0] = f"resuming {run_dir}: it has trained {plural(done, 'epoch')}, nothing left to train for --epochs {config.train.epochs}"
     elif planned != config.train.epochs and config.sched.name != "plateau" and (config.sched.name != "none" or config.sched.warmup_epochs):
         lines.append(
             f"the {config.sched.name} schedule was planned for {planned} epochs: rebuilt for {config.train.epochs}, from step {step}"

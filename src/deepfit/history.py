@@ -62,7 +62,12 @@ def early_stop_reason(key: str, epoch: int, best_epoch: int, patience: int) -> s
     passed since `best_epoch` without a better `key`; None before that, and always when patience is 0."""
     if not patience or epoch - best_epoch < patience:
         return None
-    return f"no {key} improvement for {patience} epoch{'' if patience == 1 else 's'}"
+    return f"no {key} improvement for {plural(patience, 'epoch')}"
+
+
+def plural(count: int, word: str) -> str:
+    """'1 epoch', '3 epochs'."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def write_lr_csv(points: list[LrPoint], path: Path) -> None:

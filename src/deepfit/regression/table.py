@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from deepfit.errors import DataError
+from deepfit.history import plural
 
 MISSING = {"", "na", "nan", "n/a", "null", "none", "?"}  # cells read as "no value" (case-insensitive)
 MAX_LEVELS = 100  # a text column with more distinct values is an id or free text, not a category
@@ -124,12 +125,13 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def numeric_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> set[str]:
     """Columns whose every present value parses as a number (all-missing columns count as numeric)."""
-    return {name for i, name in enumerate(header) if all(is_number(cell) for cell in present_cells(rows, i))}
+    return {name for i, name in enumerate(header) if all(is_number(cell) for _, cell in present_cells(rows, i))}
 
 
-def present_cells(rows: Sequence[Sequence[str]], index: int) -> Iterator[str]:
-    """The column's cells that hold a value (stripped; NA-like ones left out), lazily."""
-    return (cell for cell in (row[index].strip() for row in rows) if cell.lower() not in MISSING)
+def present_cells(rows: Sequence[Sequence[str]], index: int) -> Iterator[tuple[int, str]]:
+    """(data row number from 1, cell) for the column's cells that hold a value (stripped; NA-like ones left out), lazily."""
+    numbered = enumerate((row[index].strip() for row in rows), start=1)
+    return ((number, cell) for number, cell in numbered if cell.lower() not in MISSING)
 
 
 def stray_text(header: list[str], rows: list[list[str]], names: list[str]) -> dict[str, str]:
@@ -137,8 +139,7 @@ def stray_text(header: list[str], rows: list[list[str]], names: list[str]) -> di
     row 7" (and how many more), so a stray cell is not mistaken for a text column."""
     strays = {}
     for name in names:
-        i = header.index(name)
-        present = [(number, row[i].strip()) for number, row in enumerate(rows, start=1) if row[i].strip().lower() not in MISSING]
+        present = list(present_cells(rows, header.index(name)))
         text = [(number, cell) for number, cell in present if not is_number(cell)]
         if text and 2 * len(text) < len(present):
             number, cell = text[0]
@@ -207,10 +208,6 @@ def missing_counts(header: list[str], rows: list[list[str]], used: list[str]) ->
     counts = {name: sum(is_missing(row[i]) for row in rows) for name, i in indices.items()}
     gaps = [any(is_missing(row[i]) for i in indices.values()) for row in rows]
     return {name: n for name, n in counts.items() if n}, gaps
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def encode_rows(
