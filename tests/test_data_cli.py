@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import zipfile
 from collections.abc import Callable
@@ -305,3 +306,25 @@ def test_relative_data_paths_are_saved_absolute_so_evaluate_works_from_elsewhere
     monkeypatch.chdir(elsewhere)
     assert cli("evaluate", str(tmp_path / "run"), "--split", "val").code == 0
     assert cli("evaluate", str(tmp_path / "run-idx")).code == 0
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "stream"])
+def test_evaluate_stops_on_bad_files_and_skip_bad_leaves_them_out(cli, tmp_path: Path, pipeline: str) -> None:  # type: ignore[no-untyped-def]
+    for split, count in (("train", 6), ("test", 3)):
+        noise_folder(tmp_path / "clean" / split, {"cats": count, "dogs": count}, seed=len(split))
+    assert cli(*train_args(tmp_path / "clean", ["--data.pipeline", pipeline], tmp_path / "run")).code == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for split in ("train", "test"):
+        noise_folder(broken / split, {"cats": 3, "dogs": 3}, seed=len(split))
+    (broken / "test" / "dogs" / "cut.jpg").write_bytes(jpeg_bytes()[:300])  # a JPEG header: streaming finds it when decoding
+    (broken / "train" / "cats" / "fake.png").write_bytes(b"nope")
+    stopped = cli("evaluate", str(tmp_path / "run"), "--data", str(broken))
+    assert stopped.code == 2 and "Traceback" not in stopped.err
+    assert "fake.png" in stopped.err and "deepfit evaluate --skip-bad" in stopped.err
+    assert not list((tmp_path / "run").glob("report*.json"))
+    result = cli("evaluate", str(tmp_path / "run"), "--data", str(broken), "--skip-bad")
+    assert result.code == 0, result.err
+    assert f"{broken} test split: 6 images" in result.out  # 7 files, the cut one left out
+    assert json.loads((tmp_path / "run" / "report-data-broken.json").read_text())["images"] == 6
+    assert re.search(r"fake\.png: not an image", result.out) and "cut.jpg" in result.out + result.err

@@ -448,6 +448,7 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
         help="average each image's logits with its mirror's (flip-safe data only), its 1-pixel shifts' or both "
         "(default: the run's own train.tta, as its final test line)",
     )
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable image files out and list them (default: stop on them)")
 
 
 def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -457,8 +458,11 @@ def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return evaluate_regression_cmd(args)
     if task_of(args.run) == "node":
         return evaluate_node(args)
-    result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta, data_dir=args.data_dir)
+    result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta, data_dir=args.data_dir, skip_bad=args.skip_bad)
     print(format_report(result.report))
+    if result.skipped:
+        print(f"left out {len(result.skipped)} bad file(s) of the data (any split):")
+        print("\n".join(f"  {path}: {reason}" for path, reason in result.skipped))
     print(f"report: {result.report_path}")
     print(f"confusion matrix: {result.figure_path}")
     return 0

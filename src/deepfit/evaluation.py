@@ -19,6 +19,7 @@ import torch
 from deepfit import metrics
 from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
+from deepfit.data.decode import resize
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
 from deepfit.runtime import select_device
@@ -82,6 +83,7 @@ class Evaluation:
     figure_path: Path | None  # confusion.png written
     labels: np.ndarray  # (N,) true class index of each image, in split order
     predictions: np.ndarray  # (N,) predicted class index
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of bad files left out (skip_bad)
 
 
 def evaluate_checkpoint(
@@ -93,19 +95,21 @@ def evaluate_checkpoint(
     device: str = "auto",
     write: bool = True,
     data_dir: str | None = None,
+    skip_bad: bool = False,
 ) -> Evaluation:
     """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
     files in `data_dir` as in training) and its `split`; with `write`, save report.json and
-    plots/confusion.png beside it."""
+    plots/confusion.png beside it. Unreadable image files stop it unless `skip_bad` (or the run's
+    own data.skip_bad) leaves them out; the result lists them."""
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
-    images, source = evaluation_images(trained, data, split, data_dir=data_dir)
+    images, source, skipped = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
     report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
-    result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy())
+    result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy(), skipped)
     if write:
         label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode)
         result.report_path, result.figure_path = output_paths(trained.path, Path(path), label)
@@ -116,32 +120,37 @@ def evaluate_checkpoint(
     return result
 
 
-def evaluation_images(trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None) -> tuple[ImageSet, str]:
-    """The images to score and the name of their source: the run's own data by default (its
-    seeded splits rebuild exactly), else `data` decoded to the model's input shape; `data_dir`
-    says where a named dataset's files are (as --data-dir in training)."""
-    config = dataclasses.replace(trained.config.data)
-    if data is not None and data != config.name:
-        c, h, w = trained.input_shape
-        config = dataclasses.replace(config, name=data, dir=None, image_size=h, channels=c, image_shape=f"{c}x{h}x{w}")
+def evaluation_images(
+    trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None, skip_bad: bool = False
+) -> tuple[ImageSet, str, list[tuple[str, str]]]:
+    """The images to score, the name of their source and its bad files left out: the run's own
+    data by default (its seeded splits rebuild exactly), else `data` decoded to the model's input
+    shape; `data_dir` says where a named dataset's files are (as --data-dir in training)."""
+    config = dataclasses.replace(trained.config.data, skip_bad=trained.config.data.skip_bad or skip_bad)
+    c, h, w = trained.input_shape
+    other = data if data != config.name else None
+    if other is not None:  # folders decode square at image_size: a non-square model's size is reached below
+        config = dataclasses.replace(config, name=other, dir=None, image_size=h if h == w else None, channels=c, image_shape=f"{c}x{h}x{w}")
     if data_dir is not None:
         config = dataclasses.replace(config, dir=str(Path(data_dir).expanduser().resolve()))
     bundle = build_data(config, seed=trained.config.train.seed)
-    chosen = pick_split(bundle, split, config.name)
+    chosen = pick_split(bundle, split, config.name, skip_bad=config.skip_bad)
+    if other is not None and tuple(chosen.images.shape[1:]) != trained.input_shape and chosen.images.shape[1] == c:
+        chosen = ImageSet(torch.stack([resize(image, (h, w)) for image in chosen.images]), chosen.labels)
     check_shape(chosen, trained, config.name)
-    return relabel(chosen, bundle.classes, trained.classes, config.name), config.name
+    return relabel(chosen, bundle.classes, trained.classes, config.name), config.name, list(bundle.skipped)
 
 
-def pick_split(bundle: DataBundle, split: str, source: str) -> ImageSet:
+def pick_split(bundle: DataBundle, split: str, source: str, *, skip_bad: bool = False) -> ImageSet:
     if split == "all":
-        parts = [load_images(s) for s in (bundle.train, bundle.val, bundle.test) if s is not None]
+        parts = [load_images(s, skip_bad=skip_bad) for s in (bundle.train, bundle.val, bundle.test) if s is not None]
         return ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts]))
     chosen = bundle.test if split == "test" else bundle.val
     if chosen is None or len(chosen) == 0:
         have = [name for name, s in (("test", bundle.test), ("val", bundle.val)) if s is not None and len(s)]
         hint = f"; it has {', '.join(have)}" if have else ""
         raise EvaluationError(f"{source} has no {split} split{hint}; choose --split {'|'.join([*have, 'all'])}")
-    return load_images(chosen)  # a split too large for the memory budget is decoded here, once
+    return load_images(chosen, skip_bad=skip_bad)  # a split too large for the memory budget is decoded here, once
 
 
 def check_shape(images: ImageSet, trained: TrainedModel, source: str) -> None:

@@ -266,7 +266,10 @@ def to_image_set(decoded: Decoded, classes: list[str], size: tuple[int, int], pa
     return ImageSet(images, labels)
 
 
+SKIP_HINT = "fix or remove them, or leave them out (deepfit train --data.skip-bad true, deepfit evaluate --skip-bad)"
+
+
 def bad_files_message(path: Path, bad: list[tuple[str, str]]) -> str:
     """The summary line, then one line per bad file: path and reason."""
     lines = "\n".join(f"  {name}: {reason}" for name, reason in bad)
-    return f"{path}: {len(bad)} bad file(s); fix or remove them (deepfit train leaves them out with --data.skip-bad true):\n{lines}"
+    return f"{path}: {len(bad)} bad file(s); {SKIP_HINT}:\n{lines}"

@@ -24,6 +24,7 @@ from deepfit.data.bundle import ImageSet, SourceData
 from deepfit.data.decode import Header, decode_many, read_header, resize
 from deepfit.data.folder import (
     IMAGE_SUFFIXES,
+    SKIP_HINT,
     ZIP_LOCAL_HEADER,
     Decoded,
     Listing,
@@ -157,7 +158,7 @@ def raise_failures(failures: list[tuple[int, str]], size: int, *, skip_bad: bool
         return None
     lines = "\n".join(f"  {reason}" for _, reason in failures)
     if not skip_bad:
-        raise DataError(f"{len(failures)} bad image(s) met while streaming; fix or remove them, or pass --data.skip-bad true:\n{lines}")
+        raise DataError(f"{len(failures)} bad image(s) met while streaming; {SKIP_HINT}:\n{lines}")
     warnings.warn(f"skipped {len(failures)} bad image(s) while streaming:\n{lines}", stacklevel=2)
     keep = torch.ones(size, dtype=torch.bool)
     keep[[i for i, _ in failures]] = False
