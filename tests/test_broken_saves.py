@@ -3,6 +3,7 @@ checkpoint byte-identical, leaves no temporary file, and stops the run with a cl
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import resource
@@ -94,7 +95,8 @@ def test_a_really_read_only_folder(previous: Path) -> None:
 
 
 def test_a_run_whose_save_fails_stops_with_a_clear_message(cli, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """The third save of the run finds the disk full: exit 74, one line, the second save intact."""
+    """The third save of the run finds the disk full: exit 74, the reason and the resume command,
+    the second save intact; once there is room, the resume finishes the run."""
     real_replace, calls, seen = checkpoint.write_all, [0], {}
 
     def write_then_fill(fd: int, data: memoryview) -> None:
@@ -114,6 +116,10 @@ def test_a_run_whose_save_fails_stops_with_a_clear_message(cli, tiny_idx: Path, 
     assert last.read_bytes() == seen["bytes"]
     assert load_checkpoint(last)["step"] == 1  # the last save that completed
     assert not list(last.parent.glob(".*.tmp"))
+    assert result.err.strip().splitlines()[-1] == "deepfit: resume with: deepfit train --resume r"
+    resumed = cli("train", "--resume", str(tmp_path / "r"), "--no-progress")  # the disk has room again (undo left tmp_path)
+    assert resumed.code == 0, resumed.err
+    assert [int(row["epoch"]) for row in csv.DictReader((tmp_path / "r" / "metrics.csv").open())] == [1, 2]
 
 
 def limit_file_size(limit: int) -> Any:
@@ -142,3 +148,14 @@ def test_a_real_file_size_limit_in_a_real_process(tiny_idx: Path, tmp_path: Path
     assert "could not write checkpoint" in result.stderr and "File too large" in result.stderr
     assert last.read_bytes() == before
     assert load_checkpoint(last)["epoch"] == 1
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "metrics.csv"), CheckpointSaveError("could not write")])
+def test_a_failure_names_the_run_only_when_there_is_a_checkpoint_to_resume(tmp_path: Path, error: Exception) -> None:
+    for has_checkpoint in (False, True):
+        if has_checkpoint:
+            save_checkpoint(valid_state(torch.zeros(3)), tmp_path / "checkpoints" / "last.pt")
+        with pytest.raises(type(error)) as raised, checkpoint.resumable_on_failure(tmp_path):
+            raise error
+        assert getattr(raised.value, "run_dir", None) == (tmp_path if has_checkpoint else None)
+        error.__dict__.pop("run_dir", None)

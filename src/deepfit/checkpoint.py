@@ -9,6 +9,7 @@ byte-identical and raises CheckpointSaveError."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -17,6 +18,7 @@ import re
 import struct
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,19 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise CheckpointSaveError(
             f"could not write checkpoint {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
         ) from None
+
+
+@contextlib.contextmanager
+def resumable_on_failure(run_dir: Path) -> Iterator[None]:
+    """A failure of the file system while a run trains (a full disk, a folder gone read-only, a
+    checkpoint that could not be written) carries the run folder as `run_dir` when its last.pt is
+    there to resume from, so the command's error names the way back once the cause is fixed."""
+    try:
+        yield
+    except (CheckpointSaveError, OSError) as err:
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            err.run_dir = run_dir  # type: ignore[union-attr]
+        raise
 
 
 def reason(err: BaseException) -> str:

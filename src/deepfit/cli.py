@@ -935,6 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(arguments, console=argv is None)
     except DeepfitError as err:
         print(f"deepfit: error: {err}", file=sys.stderr)
+        print_resume_hint(err)
         return err.exit_code
     except BrokenPipeError:  # `deepfit predict ... | head`: the reader has gone, so stop quietly
         return quiet_broken_pipe()
@@ -943,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         reason = "a file is there, where a folder is needed" if isinstance(err, FileExistsError) else err.strerror or str(err)
         print(f"deepfit: error: {err.filename}: {reason}", file=sys.stderr)  # e.g. an --out that cannot be written
+        print_resume_hint(err)
         return OS_ERROR_EXIT
     except NonFiniteError as err:
         print(f"deepfit: stopped: {err}", file=sys.stderr)
@@ -951,13 +953,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None:  # the console script: a press while the interpreter shuts down printed a threading traceback
             ignore_further_signals()
         print(f"deepfit: stopped: {str(err) or 'interrupted'}", file=sys.stderr)
-        run_dir = getattr(err, "run_dir", None)
-        if run_dir is not None:
-            print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)
+        print_resume_hint(err)
         return int(getattr(err, "exit_code", StopRequested.exit_code))  # 130 SIGINT, 143 SIGTERM
     finally:
         if argv is None:  # the console script (or python -m deepfit): the process exits next
             skip_collection_at_exit()
+
+
+def print_resume_hint(err: BaseException) -> None:
+    """The way back into a run that stopped on a signal or a file-system failure (run_dir set)."""
+    run_dir = getattr(err, "run_dir", None)
+    if run_dir is not None:
+        print(f"deepfit: resume with: deepfit train --resume {run_dir}", file=sys.stderr)
 
 
 def skip_collection_at_exit() -> None:

@@ -108,7 +108,8 @@ def fit(
     with open_trackers(run, resumed=resume is not None):
         with stop_on_signals() as run.signals:
             try:
-                train_epochs(run, progress, on_epoch)
+                with ckpt.resumable_on_failure(run.run_dir):
+                    train_epochs(run, progress, on_epoch)
             except StopRequested as stop:
                 with run.signals.protect():  # a second Ctrl-C must not cost the checkpoint
                     save_state(run, mid_epoch=True)

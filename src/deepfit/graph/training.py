@@ -91,7 +91,8 @@ def fit_node(config: Config, *, resume: str | Path | None = None, on_epoch: Epoc
     run = prepare_node_run(config, resume)
     with stop_on_signals() as run.signals:
         try:
-            train_node_epochs(run, on_epoch)
+            with ckpt.resumable_on_failure(run.run_dir):
+                train_node_epochs(run, on_epoch)
         except StopRequested as stop:
             save_node_state(run)
             if isinstance(stop, SignalStop):

@@ -75,7 +75,8 @@ def fit_regression(
     run = prepare_run(config, resume)
     with stop_on_signals() as run.signals:
         try:
-            train_epochs(run, progress, on_epoch)
+            with ckpt.resumable_on_failure(run.run_dir):
+                train_epochs(run, progress, on_epoch)
         except StopRequested as stop:
             save_state(run)
             if isinstance(stop, SignalStop):
