@@ -149,6 +149,19 @@ def test_predict_on_an_empty_folder_says_so_and_exits_1(cli, run: Path) -> None:
     )
 
 
+def test_predict_names_a_corrupt_file_once_and_predicts_the_rest(cli, run: Path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    shots = run / "shots"
+    shots.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, size=(12, 12), dtype=np.uint8)).save(shots / "good.png")
+    (shots / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    result = cli("predict", str(run), str(shots), "--format", "csv")
+    assert result.code == 1 and str(shots / "good.png") in result.out and "broken.png" not in result.out
+    assert result.err.strip().startswith(f"deepfit: cannot predict {shots / 'broken.png'}: ")
+    assert result.err.count("broken.png") == 1 and len(result.err.strip().splitlines()) == 1
+
+
 def test_predict_into_a_pipe_that_closes_early_exits_quietly(run: Path) -> None:
     import subprocess
 

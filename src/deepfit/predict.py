@@ -151,7 +151,7 @@ class Predictor:
             try:
                 decoded, labels = self.read_file(path)
             except DeepfitError as err:
-                failures.append(Failure(str(path), str(err)))
+                failures.append(Failure(str(path), str(err).removeprefix(f"{path}: ")))  # the path is said once
                 continue
             images.append(decoded)
             names += labels
