@@ -44,6 +44,7 @@ def test_karate_through_train_evaluate_predict_export_show_report(cli, tmp_path:
     result = cli("train", "--data", "karate", "--out", str(run))  # task inferred, Kipf's defaults
     assert result.code == 0, result.err
     assert "test_acc" in result.out and "34 nodes, 78 edges" in result.out
+    assert result.out.splitlines()[0].startswith("graph karate: 34 nodes")  # said before the first epoch line
     rows = read_metrics_csv(run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, 201))
     state = load_checkpoint(run / "checkpoints" / "last.pt")

@@ -75,6 +75,8 @@ def test_missing_values_stop_with_one_line_then_train_with_drop_missing(cli, tmp
     assert ok.code == 0, ok.err
     assert "dropped 2 row(s) with missing values" in ok.out and "ignored text column(s): id, city" in ok.out
     assert "118 rows" in ok.out and "2 feature(s) -> y" in ok.out  # id is text (r0, r1, ...) and ignored too
+    lines = ok.out.splitlines()  # what was read and left out comes before the first epoch, not after the last
+    assert lines[0].startswith("data: ") and lines[1].startswith("ignored text column(s)") and lines[3].startswith("epoch 1/3")
 
 
 def test_a_stray_text_cell_in_a_number_column_is_named(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

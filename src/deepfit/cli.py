@@ -16,6 +16,8 @@ from deepfit.history import Row, format_epoch, plural
 from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
+    from deepfit.graph.sources import Graph
+    from deepfit.regression.split import RegressionData
     from deepfit.regression.table import Table
     from deepfit.trained import InitReport
 
@@ -621,15 +623,12 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
     epochs = config.train.epochs
     progress = tqdm_progress if config.train.progress else None
     result = fit_regression(
-        config, resume=args.resume, progress=progress, on_epoch=lambda row: print(format_regression_epoch(row, epochs), flush=True)
+        config,
+        resume=args.resume,
+        progress=progress,
+        on_epoch=lambda row: print(format_regression_epoch(row, epochs), flush=True),
+        on_start=print_regression_data,
     )
-    table, data = result.data.table, result.data
-    sizes = " / ".join(str(len(s)) if s is not None else "0" for s in (data.train, data.val, data.test))
-    print(
-        f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}"
-    )
-    for line in table_notes(table):
-        print(line)
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":
@@ -641,6 +640,17 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
         )
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def print_regression_data(data: RegressionData) -> None:
+    """The table read, its split and what was left out of it: said before the first epoch."""
+    table = data.table
+    sizes = " / ".join(str(len(s)) if s is not None else "0" for s in (data.train, data.val, data.test))
+    print(
+        f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}"
+    )
+    for line in table_notes(table):
+        print(line, flush=True)
 
 
 def table_notes(table: Table) -> list[str]:
@@ -759,10 +769,11 @@ def train_node(config: Config, args: argparse.Namespace) -> int:
         if int(row["epoch"]) % every == 0 or int(row["epoch"]) == epochs:
             print(format_epoch(row, epochs), flush=True)
 
-    result = fit_node(config, resume=args.resume, on_epoch=echo)
-    g = result.graph
-    print(f"graph {g.name}: {g.num_nodes} nodes, {g.edge_index.shape[1] // 2} edges, {g.num_features} features; "
-          f"{int(g.train_mask.sum())} train, {int(g.val_mask.sum())} val, {int(g.test_mask.sum())} test nodes")  # fmt: skip
+    def describe(g: Graph) -> None:
+        print(f"graph {g.name}: {g.num_nodes} nodes, {g.edge_index.shape[1] // 2} edges, {g.num_features} features; "
+              f"{int(g.train_mask.sum())} train, {int(g.val_mask.sum())} val, {int(g.test_mask.sum())} test nodes", flush=True)  # fmt: skip
+
+    result = fit_node(config, resume=args.resume, on_epoch=echo, on_start=describe)
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":

@@ -80,8 +80,11 @@ class NodeFitResult:
     train_seconds: float = 0.0
 
 
-def fit_node(config: Config, *, resume: str | Path | None = None, on_epoch: EpochFn | None = None) -> NodeFitResult:
-    """Train config.model.name on the graph config.data names; write the run folder."""
+def fit_node(
+    config: Config, *, resume: str | Path | None = None, on_epoch: EpochFn | None = None, on_start: Callable[[Graph], None] | None = None
+) -> NodeFitResult:
+    """Train config.model.name on the graph config.data names; write the run folder. `on_start`
+    sees the graph once it is loaded, before the first epoch."""
     validate(config)
     NODE_MODELS.get(config.model.name)  # an unknown model fails before any data is read
     if config.train.monitor not in NODE_METRICS:
@@ -89,6 +92,8 @@ def fit_node(config: Config, *, resume: str | Path | None = None, on_epoch: Epoc
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
     run = prepare_node_run(config, resume)
+    if on_start is not None:
+        on_start(run.graph)
     with stop_on_signals() as run.signals:
         try:
             with ckpt.resumable_on_failure(run.run_dir):

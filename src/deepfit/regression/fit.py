@@ -64,15 +64,23 @@ class RegressionRun:
 
 
 def fit_regression(
-    config: Config, *, resume: str | Path | None = None, progress: ProgressFn | None = None, on_epoch: EpochFn | None = None
+    config: Config,
+    *,
+    resume: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    on_epoch: EpochFn | None = None,
+    on_start: Callable[[RegressionData], None] | None = None,
 ) -> RegressionResult:
     """Train config.model.name (linear, mlp) to predict a table's target; see default_config() for
-    the regression defaults. `resume`: a run folder to continue from its checkpoints/last.pt."""
+    the regression defaults. `resume`: a run folder to continue from its checkpoints/last.pt.
+    `on_start` sees the data once it is read and split, before the first epoch."""
     validate(config)
     config = anchored(config)
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
     run = prepare_run(config, resume)
+    if on_start is not None:
+        on_start(run.data)
     with stop_on_signals() as run.signals:
         try:
             with ckpt.resumable_on_failure(run.run_dir):
