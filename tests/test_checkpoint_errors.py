@@ -94,7 +94,7 @@ def empty_run_folder(tmp_path: Path) -> Path:
 
 
 BAD = {
-    "missing": (missing, "does not exist"),
+    "missing": (missing, "nowhere.pt: no such run folder or checkpoint"),
     "empty": (empty, "is empty"),
     "truncated": (truncated, "not a readable checkpoint"),
     "text file": (text_file, "checkpoint"),
@@ -119,6 +119,7 @@ COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
     "evaluate": lambda ckpt, tmp: ["evaluate", str(ckpt)],
     "export": lambda ckpt, tmp: ["export", str(ckpt), "--format", "onnx"],
     "predict": lambda ckpt, tmp: ["predict", str(ckpt), str(image(tmp))],
+    "show": lambda ckpt, tmp: ["show", "filters", str(ckpt)],
 }
 
 

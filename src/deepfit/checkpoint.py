@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = resolve_run_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{path}: no such run folder or checkpoint")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
     state = safe_torch_load(path)
