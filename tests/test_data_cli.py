@@ -109,6 +109,14 @@ BAD_SOURCES = {
     "not a data file": (not_data, [], "neither a folder nor a .zip, .csv or .csv.gz"),
     "broken zip": (broken_zip, [], "is not a readable zip file"),
     "no class folders": (no_classes, [], "has no class folders with images"),
+    "image size past the bomb limit": (photos, ["--data.image-size", "100000"], "data.image_size 100000 is over the decoded-image limit"),
+    "image size zero": (photos, ["--data.image-size", "0"], "data.image_size must be a positive number of pixels"),
+    "one class folder": (
+        lambda tmp: noise_folder(tmp / "cats-only", {"cats": 4}),
+        [],
+        "one class (cats) to train on; a classifier needs at least 2",
+    ),
+    "one label value": (csv_lines("3,1,2,3,4", "3,5,6,7,8"), [], "one class (3) to train on; a classifier needs at least 2"),
 }
 
 

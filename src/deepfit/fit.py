@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from deepfit import checkpoint as ckpt
 from deepfit import distributed
 from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
-from deepfit.data import DataBundle, anchor_paths, build_data, build_loader
+from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, require_classes
 from deepfit.data.balance import balanced_sample_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
@@ -142,6 +142,7 @@ def prepare_run(
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
     device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
+    require_classes(bundle)
     net, init = build_network(config, bundle, model, fresh=resume is None)
     net, channels_last = place_model(net, config.model.channels_last, device)
     loader = build_loader(

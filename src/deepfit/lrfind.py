@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from deepfit.config import Config, validate
-from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader
+from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader, require_classes
 from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, NonFiniteError
 from deepfit.models import build_model, freeze_backbone, parameter_groups
@@ -74,6 +74,7 @@ def find_lr(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
         bundle = data if data is not None else build_data(config.data, seed=config.train.seed)
+        require_classes(bundle)
         net = sweep_model(config, bundle, model)
         return sweep(config, bundle, net, start_lr=start_lr, end_lr=end_lr, steps=steps)
 

@@ -3,6 +3,7 @@ build_data() -> DataBundle."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from deepfit.config import DataConfig
-from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats, conform, split_validation
+from deepfit.data.bundle import DataBundle, ImageSet, SourceData, channel_stats, conform, require_classes, split_validation
+from deepfit.data.decode import MAX_PIXELS
 from deepfit.data.loader import AUGMENT_PRESETS, BatchLoader, StreamLoader, build_loader
 from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load_path_source
 from deepfit.data.sources import load_digits_source
@@ -35,6 +37,7 @@ __all__ = [
     "list_datasets",
     "load_images",
     "load_source",
+    "require_classes",
 ]
 
 SourceBuilder = Callable[[DataConfig, int], SourceData]
@@ -100,6 +103,9 @@ def check_settings(config: DataConfig) -> None:
         raise DataError(f"data.channels must be 1 or 3; got {config.channels}")
     if config.image_size is not None and config.image_size < 1:
         raise DataError(f"data.image_size must be a positive number of pixels; got {config.image_size}")
+    if config.image_size is not None and config.image_size**2 > MAX_PIXELS:  # the bound image files are held to
+        most = math.isqrt(MAX_PIXELS)
+        raise DataError(f"data.image_size {config.image_size} is over the decoded-image limit of {MAX_PIXELS} pixels: at most {most}")
 
 
 def build_data(config: DataConfig, *, seed: int = 0, dataset: Dataset[Any] | None = None) -> DataBundle:

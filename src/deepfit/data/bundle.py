@@ -63,6 +63,15 @@ class DataBundle:
         return len(self.classes)
 
 
+def require_classes(bundle: DataBundle) -> None:
+    """Training needs two classes to tell apart in its training split: a source with one is a
+    layout mistake (one class folder, one label value), stopped before anything is trained."""
+    present = torch.unique(bundle.train.labels).tolist()
+    if len(present) < 2:
+        found = f"one class ({bundle.classes[present[0]]})" if present else "no labelled images"
+        raise DataError(f"{bundle.source}: {found} to train on; a classifier needs at least 2 (a folder per class, or 2 label values)")
+
+
 def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
     """A seeded stratified split: `fraction` of each class goes to validation (at least one image
     of each class that has two or more, so tiny folders still get a validation split)."""
