@@ -647,10 +647,11 @@ def print_regression_data(data: RegressionData) -> None:
     table = data.table
     sizes = " / ".join(str(len(s)) if s is not None else "0" for s in (data.train, data.val, data.test))
     print(
-        f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}"
+        f"data: {table.source}: {len(table.target)} rows (train / val / test {sizes}), {len(table.feature_names)} feature(s) -> {table.schema.target}",
+        *table_notes(table),
+        sep="\n",
+        flush=True,
     )
-    for line in table_notes(table):
-        print(line, flush=True)
 
 
 def table_notes(table: Table) -> list[str]:
