@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def test_train_writes_the_run_folder(cli, tiny_idx: Path, tmp_path: Path) -> Non
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["name"] == "lenet" and saved["train"]["epochs"] == 2
     assert "epoch 2/2" in result.out and "test_acc" in result.out
+    first, second = result.out.splitlines()[:2]  # what it trains on, before the first epoch
+    said = re.fullmatch(r"data: mnist: 160 images 1x12x12 \(train / val / test (\d+) / (\d+) / 40\), 10 classes", first)
+    assert said is not None and int(said[1]) + int(said[2]) == 120 and int(said[2]) > 0 and second.startswith("epoch 1/2")
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["input_shape"] == [1, 12, 12] and len(state["classes"]) == 10
 

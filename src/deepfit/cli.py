@@ -16,6 +16,7 @@ from deepfit.history import Row, format_epoch, plural
 from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
+    from deepfit.data import DataBundle
     from deepfit.graph.sources import Graph
     from deepfit.regression.split import RegressionData
     from deepfit.regression.table import Table
@@ -206,8 +207,18 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     main_rank = launch.is_rank0()  # under torchrun only rank 0 prints progress
     echo, progress = rank_outputs(args, config) if main_rank else (None, None)
-    result = fit(config, resume=args.resume, progress=progress, on_epoch=echo)
+    result = fit(config, resume=args.resume, progress=progress, on_epoch=echo, on_start=print_image_data if main_rank else None)
     return print_fit_result(result, config.train.monitor) if main_rank else 0
+
+
+def print_image_data(bundle: DataBundle) -> None:
+    """What the run trains on, before its first epoch: images, their shape, the split, the classes."""
+    sizes = [len(s) if s is not None else 0 for s in (bundle.train, bundle.val, bundle.test)]
+    shape = "x".join(map(str, bundle.input_shape))
+    print(
+        f"data: {bundle.source}: {sum(sizes)} images {shape} (train / val / test {' / '.join(map(str, sizes))}), {bundle.num_classes} classes",
+        flush=True,
+    )
 
 
 def import_for_training() -> None:

@@ -75,6 +75,7 @@ def fit(
     on_epoch: EpochFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    on_start: Callable[[DataBundle], None] | None = None,
     **overrides: Any,
 ) -> FitResult:
     """Train `model` (default: the registered config.model.name) on `data` (default: config.data):
@@ -84,7 +85,8 @@ def fit(
     `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
     `scheduler`: anything deepfit.optim.Schedule takes (a scheduler object, class/partial, or a
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
-    Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step."""
+    Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step.
+    `on_start` sees the data once it is built, before the first epoch."""
     named = {key: value for key, value in (("model", model), ("data", data)) if isinstance(value, (str, dict))}
     config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
     model = None if isinstance(model, (str, dict)) else model
@@ -105,6 +107,8 @@ def fit(
         raise NothingTrained() from None
     if take_early_interrupt() is not None:  # a start-up Ctrl-C whose KeyboardInterrupt something swallowed
         raise NothingTrained()
+    if on_start is not None:
+        on_start(run.data)
     with open_trackers(run, resumed=resume is not None):
         with stop_on_signals() as run.signals:
             try:
