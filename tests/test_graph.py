@@ -201,6 +201,8 @@ def test_predict_an_unknown_node_is_exit_1_and_the_rest_predicted(cli, tmp_path:
     assert result.code == 1 and "cannot predict node 'nope'" in result.err
     assert len(result.out.strip().splitlines()) == 3  # header + nodes 0 and 33
     assert cli("evaluate", "run", "--tta", "flip").code == 2
+    refused = cli("evaluate", "run", "--skip-bad")
+    assert refused.code == 2 and "--data, --tta and --skip-bad do not apply" in refused.err
     assert cli("evaluate", "run", "--split", "val").code == 2  # karate has no validation nodes
 
 

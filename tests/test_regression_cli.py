@@ -147,6 +147,9 @@ def test_evaluate_scores_the_seeded_test_split(trained: tuple[Path, Path], capsy
     everything = json.loads((run / "report.json").read_text())
     all_x, all_y = np.c_[data["a"], data["b"]], data["y"]
     assert everything["rows"] == ROWS and everything["r2"] == pytest.approx(r2_score(all_y, all_x @ w + b), abs=1e-6)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--skip-bad"]) == 2  # image files only: said, not silently ignored
+    assert capsys.readouterr().err.strip() == "deepfit: error: --skip-bad leaves out bad image files; a regression table has none"
 
 
 def test_predict_keeps_the_id_column_and_reports_bad_rows(

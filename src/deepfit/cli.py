@@ -709,6 +709,8 @@ def evaluate_regression_cmd(args: argparse.Namespace) -> int:
 
     if args.tta not in (None, "none"):
         raise UsageError("--tta transforms images; a regression model has none")
+    if args.skip_bad:
+        raise UsageError("--skip-bad leaves out bad image files; a regression table has none")
     result = evaluate_regression(args.run, data=args.data, split=args.split)
     m = result.metrics
     print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {m['r2']:.4f}")
@@ -802,8 +804,8 @@ def train_node(config: Config, args: argparse.Namespace) -> int:
 def evaluate_node(args: argparse.Namespace) -> int:
     from deepfit.graph.inference import evaluate_node_checkpoint, format_node_report
 
-    if args.data or args.tta not in (None, "none"):
-        raise UsageError("a node checkpoint is evaluated on its own graph: --data and --tta do not apply")
+    if args.data or args.tta not in (None, "none") or args.skip_bad:
+        raise UsageError("a node checkpoint is evaluated on its own graph: --data, --tta and --skip-bad do not apply")
     result = evaluate_node_checkpoint(args.run, split=args.split)
     print(format_node_report(result.report))
     print(f"report: {result.report_path}")
