@@ -277,3 +277,11 @@ def test_onnx_export_falls_back_to_the_torchscript_exporter(
     got = session.run(None, {"features": x})[0]
     w, b = raw_linear(run)
     assert got.shape == (4, 1) and np.allclose(got[:, 0], x @ w + b, atol=1e-3)
+
+
+def test_a_table_too_small_to_hold_rows_out_says_how_to_score_it(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "two.csv").write_text("a,b,y\n1,2,3\n2,3,5\n")
+    result = cli("train", "--task", "regression", "--data", "two.csv", "--target", "y", "--epochs", "2", "--no-progress", "--out", "run")
+    assert result.code == 0, result.err
+    assert "(train / val / test 2 / 0 / 0)" in result.out and "test_mse" not in result.out
+    assert "no test rows to score: deepfit evaluate run --data OTHER.csv" in result.out

@@ -649,6 +649,8 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
         print(
             f"test_mse {metrics['test_mse']:.4g}  test_rmse {metrics['test_rmse']:.4g}  test_mae {metrics['test_mae']:.4g}  test_r2 {metrics['test_r2']:.4f}"
         )
+    else:  # a table too small to hold rows out
+        print(f"no test rows to score: deepfit evaluate {result.run_dir} --data OTHER.csv scores another table")
     print(f"run folder: {result.run_dir}")
     return 0
 
