@@ -71,6 +71,16 @@ def test_karate_through_train_evaluate_predict_export_show_report(cli, tmp_path:
         assert "verified: max abs difference" in exported.out
     shown = cli("show", "graph", str(run))
     assert shown.code == 0 and Path(shown.out.strip()).is_file()
+    for figure in (run / "plots").glob("*.png"):
+        figure.unlink()
+    every = cli("show", "all", str(run))  # karate is small enough for the graph drawing too
+    assert every.code == 0 and sorted(Path(p).name for p in every.out.split()) == [
+        "curves.png",
+        "embeddings.png",
+        "graph.png",
+        "inputs.png",
+    ]
+    assert all(Path(p).is_file() for p in every.out.split())
     html = cli("report", str(run))
     assert html.code == 0 and (run / "report.html").read_text().count("data:image/png;base64") == 4
 

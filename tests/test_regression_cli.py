@@ -207,6 +207,12 @@ def test_show_draws_each_figure_and_report_embeds_them(trained: tuple[Path, Path
         assert (run / "plots" / f"{kind}.png").stat().st_size > 1000
     assert main(["show", "gradcam", str(run)]) == 2
     assert "valid: curves, predicted, residuals, feature" in capsys.readouterr().err
+    for kind in ("curves", "predicted", "residuals", "feature"):
+        (run / "plots" / f"{kind}.png").unlink()
+    assert main(["show", "all", str(run)]) == 0  # every figure in one command, as for image runs
+    drawn = capsys.readouterr().out.split()
+    assert drawn == [str(run / "plots" / f"{kind}.png") for kind in ("curves", "predicted", "residuals", "feature")]
+    assert all(Path(path).stat().st_size > 1000 for path in drawn)
     assert main(["report", str(run)]) == 0
     page = (run / "report.html").read_text()
     assert page.count("<img ") == 4 and "(regression)" in page and "val_r2" in page

@@ -759,6 +759,11 @@ def show_regression(args: argparse.Namespace) -> int:
     if args.image or args.layer or args.count:
         raise UsageError("--image, --layer and --count are for image runs; regression figures: curves, predicted, residuals, feature")
     trained, data, run_dir = load_regression_run(args.run)
+    if args.kind == "all":  # every figure the run can draw, as for an image run
+        from deepfit.regression.views import save_run_figures
+
+        print("\n".join(map(str, save_run_figures(trained.model, data, trained.history, run_dir / "plots"))))
+        return 0
     figure = make_regression_figure(args.kind, trained.model, data, trained.history)
     print(save_figure(figure, run_dir / "plots" / f"{args.kind}.png"))
     return 0
@@ -852,8 +857,14 @@ def show_node(args: argparse.Namespace) -> int:
     if args.image or args.layer or args.count:
         raise UsageError("--image, --layer and --count are for image runs; a node run shows curves, embeddings, graph or inputs")
     trained = load_node_model(args.run)
-    figure = node_figure(args.kind, list(trained.state["history"]), trained.model, trained.graph)
+    history = list(trained.state["history"])
     folder = run_folder(Path(args.run)) or trained.path.parent
+    if args.kind == "all":  # every figure the run can draw (the graph drawing only for small graphs)
+        from deepfit.graph.figures import save_run_figures
+
+        print("\n".join(map(str, save_run_figures(folder, history, trained.model, trained.graph))))
+        return 0
+    figure = node_figure(args.kind, history, trained.model, trained.graph)
     print(save_figure(figure, folder / "plots" / f"{args.kind}.png"))
     return 0
 
