@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepfit.checkpoint import load_checkpoint, load_model_state
+from deepfit.checkpoint import checkpoint_task, load_checkpoint, load_model_state
 from deepfit.config import TTA_MODES, Config, config_from_dict
 from deepfit.data import BatchLoader, DataBundle, ImageSet
 from deepfit.errors import CheckpointError, ConfigError
@@ -80,6 +80,10 @@ def load_into(path: str | Path, *, device: torch.device | None, channels_last: b
     path = Path(path)
     state = load_checkpoint(path)
     file = path if path.is_file() else resolved_file(path)
+    if (task := checkpoint_task(state)) != "image":  # the other tasks' commands dispatch before this
+        raise CheckpointError(
+            f"{file} holds a {task} model, not an image classifier; deepfit evaluate, predict, export, show and report take {task} runs, serve does not"
+        )
     try:
         config = config_from_dict(state["config"])
         architecture = config_from_dict(state["config"]).model

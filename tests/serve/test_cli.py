@@ -31,6 +31,17 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_p
     assert len(result.err.strip().splitlines()) == 1
 
 
+def test_a_regression_run_is_refused_in_one_line_naming_the_commands_that_take_it(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = "\n".join(f"{x},{2 * x + 1}" for x in range(40))
+    (tmp_path / "line.csv").write_text(f"x,y\n{rows}\n")
+    trained = cli("train", "--task", "regression", "--data", "line.csv", "--target", "y", "--epochs", "1", "--out", "reg", "--no-progress")
+    assert trained.code == 0, trained.err
+    result = cli("serve", "reg", "--port", "0")
+    (line,) = result.err.strip().splitlines()
+    assert result.code == 2 and "holds a regression model, not an image classifier" in line and "serve does not" in line
+    assert "serving" not in result.out
+
+
 def test_a_port_in_use_or_a_foreign_host_is_one_line_before_the_model_loads(cli, serve_run: Path) -> None:  # type: ignore[no-untyped-def]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
