@@ -205,6 +205,17 @@ def test_bad_node_run_is_one_line_exit_2(cli, tmp_path: Path, args: list[str], m
     assert not (tmp_path / "run").exists()
 
 
+def test_data_info_and_show_describe_a_graph(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    info = cli("data", "info", "karate")  # a graph's name is enough, as for train
+    assert info.code == 0, info.err
+    first, heading, *rows = info.out.strip().splitlines()
+    trained = cli("train", "--data", "karate", "--epochs", "1", "--out", "run")
+    assert first == trained.out.splitlines()[0]  # the same graph and split as the run trains on
+    assert heading == "labelled nodes per class:" and [row.split()[-1] for row in rows] == ["17", "17"]
+    shown = cli("data", "show", "karate", "--out", "karate.png")
+    assert shown.code == 0 and shown.out.strip() == "karate.png" and (tmp_path / "karate.png").stat().st_size > 5000
+
+
 def test_predict_an_unknown_node_is_exit_1_and_the_rest_predicted(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert cli("train", "--data", "karate", "--epochs", "3", "--out", "run").code == 0
     result = cli("predict", "run", "0", "nope", "33")

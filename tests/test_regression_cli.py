@@ -98,14 +98,14 @@ def test_data_info_describes_a_table_and_names_its_stray_cell(cli, tmp_path: Pat
     lines = [line.split(",") for line in table.read_text().splitlines()]
     lines[3][1] = "n.a."  # a of data row 3
     table.write_text("\n".join(",".join(fields) for fields in lines) + "\n")
-    info = cli("data", "info", str(table), "--data.task", "regression", "--data.target", "y")
+    info = cli("data", "info", str(table), "--data.target", "y")  # a target column: a table, as train infers it
     assert info.code == 0, info.err
     assert f"{table}: {ROWS} rows, 1 feature(s) -> y" in info.out and "features: b\n" in info.out
     assert "ignored text column(s): id, a, city" in info.out and "column 'a' holds numbers but 'n.a.' in data row 3: fix" in info.out
     for args, message in (
         (("info", str(table), "--data.task", "regression"), "name the column to predict with --data.target COLUMN"),
         (("show", str(table), "--data.task", "regression", "--data.target", "y"), "a regression table has no images to draw"),
-        (("info", str(table), "--data.task", "node"), "deepfit data describes image sources and regression tables"),
+        (("info", str(table), "--data.task", "node"), "a node task's edge-list CSV needs its node table: --data.nodes"),
     ):
         refused = cli("data", *args)
         assert refused.code == 2 and refused.err.count("\n") == 1 and message in refused.err, refused.err

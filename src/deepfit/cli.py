@@ -17,7 +17,6 @@ from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
     from deepfit.data import DataBundle
-    from deepfit.graph.sources import Graph
     from deepfit.regression.split import RegressionData
     from deepfit.regression.table import Table
     from deepfit.trained import InitReport
@@ -559,13 +558,14 @@ def add_data_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=32, help="show: how many samples (default 32)")
     parser.epilog = (
         "Data settings are given as in train: --data.image-size 64 --data.channels 3 --data.skip-bad true ... "
-        "A regression table: deepfit data info FILE.csv --data.task regression --data.target COLUMN"
+        "A regression table: deepfit data info FILE.csv --data.target COLUMN; a graph: deepfit data info karate|cora (or EDGES.csv --data.task node --data.nodes NODES.csv)"
     )
 
 
-def data_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
-    """The train config's data section from SOURCE, --data-dir, --download and --data.* overrides."""
-    config = Config()
+def data_config(args: argparse.Namespace, extra: Sequence[str], base: Config | None = None) -> Config:
+    """The train config's data section from SOURCE, --data-dir, --download and --data.* overrides
+    (over `base`: a task's defaults)."""
+    config = base or Config()
     set_value(config, "data.name", args.source)
     set_value(config, "train.seed", args.seed)
     if args.data_dir is not None:
@@ -582,10 +582,11 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.count < 1:
         raise UsageError("--count must be at least 1")
     config = data_config(args, extra)
-    if config.data.task == "regression":
+    task = infer_task(config.data)  # as train infers it: a target column is a table, karate and cora are graphs
+    if task == "regression":
         return describe_table(config, args.action)
-    if config.data.task == "node":
-        raise UsageError("deepfit data describes image sources and regression tables; deepfit train prints a graph's summary")
+    if task == "node":
+        return describe_graph(data_config(args, extra, base=task_defaults("node")), args)
     if args.action == "info":
         config.data.skip_bad = True  # describe the readable images and list the bad ones (exit 1), whatever training would do
     from deepfit.data import build_data, load_images
@@ -677,6 +678,29 @@ def table_notes(table: Table) -> list[str]:
     if table.dropped_rows:
         lines.append(f"dropped {table.dropped_rows} row(s) with missing values (--data.drop-missing)")
     return lines
+
+
+def describe_graph(config: Config, args: argparse.Namespace) -> int:
+    """deepfit data info for a graph: its size and split, then labelled nodes per class; show draws
+    its adjacency and feature matrices (a neighbourhood of a large graph)."""
+    from deepfit.columns import display_width, pad
+    from deepfit.graph import graph_of
+
+    graph = graph_of(config)
+    if args.action == "show":
+        from deepfit.graph.figures import plot_inputs
+        from deepfit.plots import save_figure
+
+        print(save_figure(plot_inputs(graph), Path(args.out or f"{Path(args.source).stem}-inputs.png")))
+        return 0
+    counts = [int((graph.labels == i).sum()) for i in range(len(graph.classes))]
+    width = max(display_width(name) for name in ["class", *graph.classes])
+    lines = [graph.summary(), "labelled nodes per class:"]
+    lines += [f"  {pad(name, width)}  {count:>6}" for name, count in zip(graph.classes, counts, strict=True)]
+    if (unlabelled := graph.num_nodes - sum(counts)) > 0:
+        lines.append(f"{unlabelled} unlabelled node(s): deepfit predict predicts them")
+    print("\n".join(lines))
+    return 0
 
 
 def describe_table(config: Config, action: str) -> int:
@@ -790,11 +814,7 @@ def train_node(config: Config, args: argparse.Namespace) -> int:
         if int(row["epoch"]) % every == 0 or int(row["epoch"]) == epochs:
             print(format_epoch(row, epochs), flush=True)
 
-    def describe(g: Graph) -> None:
-        print(f"graph {g.name}: {g.num_nodes} nodes, {g.edge_index.shape[1] // 2} edges, {g.num_features} features; "
-              f"{int(g.train_mask.sum())} train, {int(g.val_mask.sum())} val, {int(g.test_mask.sum())} test nodes", flush=True)  # fmt: skip
-
-    result = fit_node(config, resume=args.resume, on_epoch=echo, on_start=describe)
+    result = fit_node(config, resume=args.resume, on_epoch=echo, on_start=lambda graph: print(graph.summary(), flush=True))
     if result.stopped_early:
         print(f"stopped early: {result.stopped_early}")
         if result.stopped_early == "time limit":

@@ -6,7 +6,7 @@ from deepfit.graph.models import NODE_MODELS, build_node_model, list_node_models
 from deepfit.graph.report import write_node_report
 from deepfit.graph.sources import GRAPHS, Graph, build_graph, list_graphs
 from deepfit.graph.trained import TrainedNodeModel, load_node_model
-from deepfit.graph.training import NodeFitResult, fit_node, node_defaults
+from deepfit.graph.training import NodeFitResult, fit_node, graph_of, node_defaults
 
 __all__ = [
     "GRAPHS",
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_node_checkpoint",
     "export_node_checkpoint",
     "fit_node",
+    "graph_of",
     "list_graphs",
     "list_node_models",
     "load_node_model",

@@ -45,6 +45,11 @@ class Graph:
     def num_features(self) -> int:
         return int(self.features.shape[1])
 
+    def summary(self) -> str:
+        """One line: size, features and the split, as train and `deepfit data info` say it."""
+        return (f"graph {self.name}: {self.num_nodes} nodes, {self.edge_index.shape[1] // 2} edges, {self.num_features} features; "
+                f"{int(self.train_mask.sum())} train, {int(self.val_mask.sum())} val, {int(self.test_mask.sum())} test nodes")  # fmt: skip
+
     def split(self, name: str) -> torch.Tensor:
         """Node indices of 'train', 'val', 'test' or 'all' (every labelled node)."""
         masks = {"train": self.train_mask, "val": self.val_mask, "test": self.test_mask, "all": self.labels >= 0}

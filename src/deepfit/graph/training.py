@@ -107,11 +107,16 @@ def fit_node(
     return finish_node(run)
 
 
+def graph_of(config: Config) -> Graph:
+    """The graph config.data names, split by config.train.seed, as a node run trains on it."""
+    d = config.data
+    return build_graph(d.name, data_dir=d.dir, cache_dir=d.cache_dir, nodes=d.nodes, val_fraction=d.val_fraction,
+                       test_fraction=d.node_test_fraction, seed=config.train.seed)  # fmt: skip
+
+
 def prepare_node_run(config: Config, resume: str | Path | None) -> NodeRun:
     """Everything that can fail on bad input first; the run folder last."""
-    d = config.data
-    graph = build_graph(d.name, data_dir=d.dir, cache_dir=d.cache_dir, nodes=d.nodes, val_fraction=d.val_fraction,
-                        test_fraction=d.node_test_fraction, seed=config.train.seed)  # fmt: skip
+    graph = graph_of(config)
     device = select_device(config.train.device)
     model = build_model_for(config, graph, cached=True).to(device)  # one fixed graph: normalise its adjacency once
     selector = NodeSelector(model, model_features(graph.features), graph.edge_index).to(device)
