@@ -277,6 +277,7 @@ def test_cli_models_lists_and_summarizes(cli) -> None:  # type: ignore[no-untype
     lines = listing.out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list_models()
     assert all(len(line.split()) > 3 for line in lines)  # each with a description
+    assert all(line.rstrip().endswith((".", ")")) for line in lines), lines  # a whole sentence, not a docstring's first line cut short
     result = cli("models", "summary", "cnn3", "--input", "1x28x28", "--classes", "10")
     assert result.code == 0, result.err
     assert re.search(r"features\.7\s+MaxPool2d\s+64x3x3\s+0", result.out)
@@ -289,3 +290,13 @@ def test_cli_models_lists_and_summarizes(cli) -> None:  # type: ignore[no-untype
     for bad in (["models", "summary", "nosuchnet"], ["models", "summary", "mlp", "--input", "28"], ["models", "summary"], too_small):
         failed = cli(*bad)
         assert failed.code == 2 and failed.err.count("\n") == 1, failed.err
+
+
+@pytest.mark.parametrize(("task", "names"), [("regression", ["linear", "mlp"]), ("node", ["gcn", "mlp"])])
+def test_cli_models_lists_the_other_tasks_models(cli, task: str, names: list[str]) -> None:  # type: ignore[no-untyped-def]
+    listing = cli("models", "--task", task)
+    assert listing.code == 0, listing.err
+    lines = listing.out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == names and all(line.rstrip().endswith(".") for line in lines)
+    refused = cli("models", "summary", names[0])  # linear, gcn: not image models
+    assert refused.code == 2 and f"{names[0]} is a {task} model" in refused.err and refused.err.count("\n") == 1

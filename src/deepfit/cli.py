@@ -315,22 +315,45 @@ def add_models_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", metavar="NAME", help="summary: the registered model")
     parser.add_argument("--input", default="1x28x28", metavar="CxHxW", help="summary: input shape (default 1x28x28)")
     parser.add_argument("--classes", type=int, default=10, metavar="N", help="summary: number of classes (default 10)")
+    parser.add_argument("--task", default="image", choices=TASKS, help="list: the image (default), regression or node models")
     parser.epilog = "summary takes model settings as in train: --model.hidden 200 --model.activation sigmoid ..."
 
 
+TASKS = ("image", "regression", "node")
+
+
+def task_models(task: str) -> Any:
+    """A task's model registry, imported only when asked for (the graph one imports no PyG)."""
+    if task == "regression":
+        from deepfit.regression.models import REGRESSION_MODELS
+
+        return REGRESSION_MODELS
+    if task == "node":
+        from deepfit.graph.models import NODE_MODELS
+
+        return NODE_MODELS
+    from deepfit.models import MODELS
+
+    return MODELS
+
+
 def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.models import build_model, describe_models, format_summary, summarize_model
+    from deepfit.models import build_model, format_summary, summarize_model
 
     if args.action == "list":
         if args.name or extra:
             raise UsageError("deepfit models lists them all; use deepfit models summary NAME --input CxHxW")
-        described = describe_models()
+        described = task_models(args.task).describe()
         width = max(len(name) for name, _ in described)
         for name, description in described:
             print(f"{name:<{width}}  {description}")
         return 0
     if not args.name or args.classes < 1:
         raise UsageError("usage: deepfit models summary NAME --input CxHxW [--classes N] (N >= 1)")
+    if args.task != "image":
+        raise UsageError("deepfit models summary draws image models layer by layer (CxHxW inputs)")
+    if args.name not in task_models("image") and (others := [t for t in TASKS[1:] if args.name in task_models(t)]):
+        raise UsageError(f"{args.name} is a {' and '.join(others)} model; deepfit models summary draws image models layer by layer")
     config = Config()
     set_value(config, "model.name", args.name)
     for key, value in parse_overrides(extra):

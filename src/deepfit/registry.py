@@ -37,5 +37,17 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, one-line description) of every entry: the first sentence of its builder's docstring."""
+        return [(name, first_sentence(self._items[name].__doc__ or "")) for name in self.names()]
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def first_sentence(doc: str) -> str:
+    """The docstring's first paragraph on one line, up to its first full stop (a summary that a
+    line break cut in two is joined again)."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]

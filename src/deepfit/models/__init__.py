@@ -52,7 +52,7 @@ def list_models() -> list[str]:
 
 def describe_models() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered model: its builder's docstring summary."""
-    return [(name, (MODELS.get(name).__doc__ or "").strip().split("\n")[0]) for name in MODELS.names()]
+    return MODELS.describe()
 
 
 def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
