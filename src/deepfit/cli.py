@@ -410,7 +410,10 @@ def lr_find_folder(config: Config) -> Path:
 
 
 def add_show_parser(parser: argparse.ArgumentParser) -> None:
-    kinds = "curves, samples, predictions, confusion, mistakes, filters, features, gradcam, or all of them"
+    kinds = (
+        "curves, samples, predictions, confusion, mistakes, filters, features, gradcam, or all of them "
+        "(a regression run: curves, predicted, residuals, feature; a node run: curves, embeddings, graph, inputs; all for either)"
+    )
     parser.add_argument("kind", metavar="KIND", help=kinds)
     parser.add_argument("run", metavar="RUN", help="run folder or checkpoint")
     parser.add_argument("--image", help="an image file for features and gradcam (default: test images)")
@@ -572,7 +575,9 @@ def tqdm_files(items: Iterable[Any], description: str, total: int) -> Iterable[A
 
 
 def add_data_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["info", "show"], help="info: splits, classes, shape, stats; show: a PNG grid of samples")
+    parser.add_argument(
+        "action", choices=["info", "show"], help="info: splits, classes, shape, stats; show: a PNG grid of samples (a graph: its A and X)"
+    )
     parser.add_argument("source", metavar="SOURCE", help="dataset name (digits, mnist, cifar10, ...) or a folder, .zip, .csv or .csv.gz")
     parser.add_argument("--data-dir", help="folder holding the dataset files")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
