@@ -239,10 +239,7 @@ def print_fit_result(result: Any, monitor: str) -> int:
     """What a finished image run tells people: init report, early stop, skipped files, test scores, folder."""
     if result.init is not None:
         print(format_init(result.init))
-    if result.stopped_early:
-        print(f"stopped early: {result.stopped_early}")
-        if result.stopped_early == "time limit":
-            print(f"resume with: deepfit train --resume {result.run_dir}")
+    print_early_stop(result.stopped_early, result.run_dir)
     if result.data.skipped:
         from deepfit.fitparts import SKIPPED_FILE
 
@@ -251,6 +248,14 @@ def print_fit_result(result: Any, monitor: str) -> int:
     print(final_line(result.metrics, result.history, monitor, weights))
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def print_early_stop(reason: str | None, run_dir: Path) -> None:
+    """Why a run (any task) ended before train.epochs; a time limit leaves it to resume."""
+    if reason:
+        print(f"stopped early: {reason}")
+        if reason == "time limit":
+            print(f"resume with: deepfit train --resume {run_dir}")
 
 
 def final_line(metrics: dict[str, float], history: list[Row], monitor: str, weights: str = "") -> str:
@@ -490,6 +495,7 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from deepfit.data.bundle import bad_file_lines
     from deepfit.evaluation import evaluate_checkpoint, format_report
 
     if task_of(args.run) == "regression":
@@ -500,7 +506,7 @@ def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     print(format_report(result.report))
     if result.skipped:
         print(f"left out {len(result.skipped)} bad file(s) of the data (any split):")
-        print("\n".join(f"  {path}: {reason}" for path, reason in result.skipped))
+        print(bad_file_lines(result.skipped))
     print(f"report: {result.report_path}")
     print(f"confusion matrix: {result.figure_path}")
     return 0
@@ -669,10 +675,7 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
         on_epoch=lambda row: print(format_regression_epoch(row, epochs), flush=True),
         on_start=print_regression_data,
     )
-    if result.stopped_early:
-        print(f"stopped early: {result.stopped_early}")
-        if result.stopped_early == "time limit":
-            print(f"resume with: deepfit train --resume {result.run_dir}")
+    print_early_stop(result.stopped_early, result.run_dir)
     metrics = result.metrics
     if metrics:
         print(
@@ -843,10 +846,7 @@ def train_node(config: Config, args: argparse.Namespace) -> int:
             print(format_epoch(row, epochs), flush=True)
 
     result = fit_node(config, resume=args.resume, on_epoch=echo, on_start=lambda graph: print(graph.summary(), flush=True))
-    if result.stopped_early:
-        print(f"stopped early: {result.stopped_early}")
-        if result.stopped_early == "time limit":
-            print(f"resume with: deepfit train --resume {result.run_dir}")
+    print_early_stop(result.stopped_early, result.run_dir)
     print(f"trained {len(result.history)} epochs in {result.train_seconds:.1f}s")
     for key in ("test_acc", "test_loss"):
         if key in result.metrics:

@@ -63,6 +63,11 @@ class DataBundle:
         return len(self.classes)
 
 
+def bad_file_lines(bad: list[tuple[str, str]]) -> str:
+    """One indented line per bad file, `  path: reason`, as every listing of them says it."""
+    return "\n".join(f"  {path}: {reason}" for path, reason in bad)
+
+
 def require_classes(bundle: DataBundle) -> None:
     """Training needs two classes to tell apart in its training split: a source with one is a
     layout mistake (one class folder, one label value), stopped before anything is trained."""
@@ -171,5 +176,5 @@ def describe_bundle(bundle: DataBundle) -> str:
         lines.append(warning)
     if bundle.skipped:
         lines.append(f"{len(bundle.skipped)} bad file(s), not counted above:")
-        lines += [f"  {path}: {reason}" for path, reason in bundle.skipped]
+        lines.append(bad_file_lines(bundle.skipped))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deepfit.data.bundle import ImageSet, SourceData
+from deepfit.data.bundle import ImageSet, SourceData, bad_file_lines
 from deepfit.data.decode import Header, decode_image, decode_many, read_header, resize
 from deepfit.errors import DataError
 
@@ -230,7 +230,7 @@ def load_folder_source(
     if bad and not skip_bad:
         raise DataError(bad_files_message(path, bad))
     if not first.images:
-        raise DataError(f"{path}: not one readable training image\n" + "\n".join(f"  {name}: {reason}" for name, reason in bad))
+        raise DataError(f"{path}: not one readable training image\n" + bad_file_lines(bad))
     size = (image_size, image_size) if image_size else most_common_size(first.images)
     classes = sorted(set(first.classes))  # class folders left without readable images are among the bad
     sets = {split: to_image_set(d, classes, size, path, split) for split, d in decoded.items()}
@@ -271,5 +271,4 @@ SKIP_HINT = "fix or remove them, or leave them out (deepfit train --data.skip-ba
 
 def bad_files_message(path: Path, bad: list[tuple[str, str]]) -> str:
     """The summary line, then one line per bad file: path and reason."""
-    lines = "\n".join(f"  {name}: {reason}" for name, reason in bad)
-    return f"{path}: {len(bad)} bad file(s); {SKIP_HINT}:\n{lines}"
+    return f"{path}: {len(bad)} bad file(s); {SKIP_HINT}:\n{bad_file_lines(bad)}"
