@@ -284,6 +284,22 @@ def test_csv_shape_is_inferred_for_colour_squares_or_given(tmp_path: Path) -> No
     assert tuple(source_of(tmp_path / "odd.csv", image_shape="1x2x5").train.images.shape) == (4, 1, 2, 5)  # type: ignore[attr-defined]
 
 
+def test_a_table_read_as_pixel_rows_names_the_target_flag_and_its_columns(tmp_path: Path) -> None:
+    table = tmp_path / "houses.csv"
+    table.write_text("area,rooms,city,price\n52.5,2,a,160.1\n80.0,3,b,290.7\n")
+    with pytest.raises(DataError) as caught:
+        source_of(table)
+    assert str(caught.value).splitlines() == [
+        f"{table} line 2: 'a' is not a number",
+        "houses.csv is read as image rows (a label, then pixels 0-255); to predict a column of a table,"
+        " name it: --target COLUMN (columns: area, rooms, city, price)",
+    ]
+    labels, pixels = random_rows(4, 10)
+    with pytest.raises(DataError) as caught:  # pixel rows without a header: no table hint
+        source_of(write_csv(tmp_path / "odd.csv", labels, pixels, header=False))
+    assert "--target" not in str(caught.value)
+
+
 def test_a_train_csv_finds_its_test_sibling(tmp_path: Path) -> None:
     write_csv(tmp_path / "digits_train.csv", *random_rows(6, 16), header=True)
     write_csv(tmp_path / "digits_test.csv", *random_rows(3, 16, seed=1), header=True)

@@ -1,4 +1,5 @@
-"""deepfit: train, evaluate, explain and export PyTorch image classifiers.
+"""deepfit: train, evaluate, explain, export and serve PyTorch models (image classifiers, regression
+on tables, node classification on graphs).
 
 The names below load on first use (PEP 562), so `import deepfit.cli` and `deepfit --help` do not
 pay for torch; `import deepfit` alone imports nothing heavy until a name is touched."""

@@ -58,7 +58,10 @@ def suggest_choice(message: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from deepfit import __version__
 
-    parser = Parser(prog="deepfit", description="Train, evaluate, explain and export PyTorch image classifiers.")
+    parser = Parser(
+        prog="deepfit",
+        description="Train, evaluate, explain, export and serve PyTorch models: image classifiers, regression on tables, node classification on graphs.",
+    )
     parser.add_argument("--version", action="version", version=f"deepfit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_parser(commands.add_parser("train", help="train a model and write a run folder"))

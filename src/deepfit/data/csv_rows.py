@@ -119,13 +119,29 @@ def check_range(path: Path, numbered: list[tuple[int, bytes]], pixels: np.ndarra
 def load_csv_source(path: Path, *, image_shape: str | None) -> SourceData:
     """A CSV as a training set (a seeded validation split is taken later); a sibling file whose
     name says test (train.csv -> test.csv) becomes the test split."""
-    train = read_pixel_csv(path, image_shape=image_shape)
+    try:
+        train = read_pixel_csv(path, image_shape=image_shape)
+    except DataError as err:
+        raise DataError(f"{err}{table_hint(path)}") from None
     test_path = sibling_test(path)
     test = read_pixel_csv(test_path, image_shape=image_shape) if test_path else None
     top = int(train.labels.max()) if test is None else int(max(train.labels.max(), test.labels.max()))
     classes = [str(i) for i in range(top + 1)]
     origin = str(path) + (f" (test: {test_path})" if test_path else "")
     return SourceData(train=train, test=test, classes=classes, flip_ok=False, origin=origin)
+
+
+def table_hint(path: Path) -> str:
+    """For a CSV with named columns that is not pixel rows: how to train on it as a table."""
+    first = next((line for line in read_lines(path) if line.strip()), b"")
+    if not is_header(first):
+        return ""
+    columns = [c.strip().strip(b'"').decode(errors="replace") for c in first.split(b",")]
+    shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
+    return (
+        f"\n{path.name} is read as image rows (a label, then pixels 0-255); to predict a column of a table,"
+        f" name it: --target COLUMN (columns: {shown})"
+    )
 
 
 def sibling_test(path: Path) -> Path | None:
