@@ -942,6 +942,7 @@ def add_serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, ms (default 5)")
     parser.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body, MiB; larger gets 413 (default 10)")
     parser.add_argument("--max-images", type=int, default=64, help="most images in one request; more gets 413 (default 64)")
+    parser.add_argument("--max-rows", type=int, default=10_000, help="regression: most table rows in one request (default 10000)")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width x height an image may declare (default 40M)")
     parser.add_argument("--topk", type=int, default=5, help="classes listed per image when a request does not say (default 5)")
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation, as in predict (default: the run's own train.tta)")
@@ -953,7 +954,7 @@ def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-        max_images=args.max_images, default_topk=args.topk, api_key=args.api_key,
+        max_images=args.max_images, default_topk=args.topk, max_rows=args.max_rows, api_key=args.api_key,
     )  # fmt: skip
     settings = ServeSettings(
         args.checkpoint, host=args.host, port=args.port, backend=args.backend, device=args.device,

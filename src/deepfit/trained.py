@@ -82,7 +82,7 @@ def load_into(path: str | Path, *, device: torch.device | None, channels_last: b
     file = path if path.is_file() else resolved_file(path)
     if (task := checkpoint_task(state)) != "image":  # the other tasks' commands dispatch before this
         raise CheckpointError(
-            f"{file} holds a {task} model, not an image classifier; deepfit evaluate, predict, export, show and report take {task} runs, serve does not"
+            f"{file} holds a {task} model, not an image classifier; deepfit evaluate, predict, export, show and report take {task} runs"
         )
     try:
         config = config_from_dict(state["config"])

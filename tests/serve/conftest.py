@@ -135,3 +135,28 @@ def bomb_png(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     return good[:8] + chunk + good[33:]
+
+
+KEY = "table-secret"  # the table server's API key
+CITIES = ("north", "south", "east")
+
+
+@pytest.fixture(scope="session")
+def table_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A linear model of price from area, rooms and a one-hot city column, trained for 30 epochs."""
+    root = tmp_path_factory.mktemp("table")
+    rng = np.random.default_rng(5)
+    lines = ["area,rooms,city,note,price"]
+    for i in range(120):
+        area, rooms, city = rng.uniform(30, 200), int(rng.integers(1, 6)), CITIES[i % 3]
+        price = 3 * area + 10 * rooms + 40 * CITIES.index(city) + rng.normal(0, 5)
+        lines.append(f"{area:.1f},{rooms},{city},free text {i},{price:.2f}")
+    (root / "houses.csv").write_text("\n".join(lines) + "\n")
+    args = ["train", "--data", str(root / "houses.csv"), "--target", "price", "--features", "area,rooms,city"]
+    assert main([*args, "--data.categorical", "onehot", "--epochs", "30", "--no-progress", "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def table_server(table_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from started(table_run, tmp_path_factory, "--max-rows", "50", "--api-key", KEY)

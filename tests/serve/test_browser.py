@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serve.conftest import Server
+from tests.serve.conftest import KEY, Server
 from tests.serve.oracle import predict_cli
 
 CHROMIUM_FLAGS = (
@@ -92,3 +92,34 @@ def test_upload_and_drawing_show_predictions(
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("DEEPFIT_KEEP_SCREENSHOT"):  # a file path: keep the screenshot for a person to look at
         shutil.copyfile(shot, os.environ["DEEPFIT_KEEP_SCREENSHOT"])
+
+
+def test_the_table_page_builds_a_form_from_the_model_and_shows_its_prediction(browser: Any, table_server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(table_server.url + "/")
+    key = browser.find_element(By.ID, "api-key")
+    browser.execute_script("arguments[0].closest('details').open = true", key)
+    key.send_keys(KEY, Keys.TAB)  # leaving the field: the page describes the model again, with the key
+    WebDriverWait(browser, 60).until(lambda d: "linear" in d.find_element(By.ID, "model-name").text)
+    assert browser.find_element(By.ID, "model-facts").text.startswith("predicts price from area, rooms, city")
+    browser.find_element(By.NAME, "area").send_keys("150")
+    browser.find_element(By.NAME, "rooms").send_keys("4")
+    Select(browser.find_element(By.NAME, "city")).select_by_visible_text("east")
+    browser.find_element(By.ID, "predict-row").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("the row:"))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{table_server.url}/v1/predict", json={"rows": [{"area": "150", "rooms": "4", "city": "east"}]}, headers=auth)
+    assert float(browser.find_element(By.ID, "top-label").text) == pytest.approx(answer.json()["predictions"][0]["value"], rel=1e-5)
+    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#results td")]
+    assert cells[:3] == ["150", "4", "east"] and float(cells[3]) == float(browser.find_element(By.ID, "top-label").text)
+    assert browser.save_screenshot(str(tmp_path / "table-answer.png"))
+
+    browser.find_element(By.ID, "csv").send_keys("area,rooms,city\n60,1,north\n90,2,oops\n")
+    browser.find_element(By.ID, "predict-csv").click()
+    WebDriverWait(browser, 60).until(lambda d: "row 1:" in d.find_element(By.ID, "status").text)
+    assert "'oops', a value not seen in training" in browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
+    assert browser.save_screenshot(str(tmp_path / "table-page.png"))

@@ -31,14 +31,33 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_p
     assert len(result.err.strip().splitlines()) == 1
 
 
-def test_a_regression_run_is_refused_in_one_line_naming_the_commands_that_take_it(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    rows = "\n".join(f"{x},{2 * x + 1}" for x in range(40))
-    (tmp_path / "line.csv").write_text(f"x,y\n{rows}\n")
-    trained = cli("train", "--task", "regression", "--data", "line.csv", "--target", "y", "--epochs", "1", "--out", "reg", "--no-progress")
+def test_a_node_run_is_refused_in_one_line_naming_what_lists_its_predictions(cli) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch_geometric", reason="node runs need the graph extra (PyTorch Geometric)")
+    trained = cli("train", "--data", "karate", "--epochs", "2", "--out", "karate", "--no-progress")
     assert trained.code == 0, trained.err
-    result = cli("serve", "reg", "--port", "0")
+    result = cli("serve", "karate", "--port", "0")
     (line,) = result.err.strip().splitlines()
-    assert result.code == 2 and "holds a regression model, not an image classifier" in line and "serve does not" in line
+    assert result.code == 2 and "holds a node model" in line and "listed by deepfit predict karate" in line
+    assert "serving" not in result.out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "onnx"], "--backend onnx serves image models"),
+        (["--device", "cuda"], "a regression model is served on the CPU"),
+        (["--tta", "flip"], "--tta is test-time augmentation of images"),
+        (["--max-rows", "0"], "--max-rows must be at least 1"),
+    ],
+)
+def test_image_only_options_are_refused_for_a_regression_run(cli, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    rows = "\n".join(f"{x},{2 * x + 1}" for x in range(40))
+    Path("line.csv").write_text(f"x,y\n{rows}\n")
+    trained = cli("train", "--data", "line.csv", "--target", "y", "--epochs", "1", "--out", "reg", "--no-progress")
+    assert trained.code == 0, trained.err
+    result = cli("serve", "reg", "--port", "0", *args)
+    (line,) = result.err.strip().splitlines()
+    assert result.code == 2 and message in line and "Traceback" not in result.err
     assert "serving" not in result.out
 
 

@@ -1,7 +1,8 @@
 """1,200 malformed requests against one real server: random bytes, truncated and corrupted
 PNG/JPEG/GIF, huge declared dimensions, wrong content types, broken JSON, base64 and multipart,
 too many images, bad topk. Each gets a 4xx JSON error; afterwards good requests are still answered
-like `deepfit predict`, and the server's memory stops growing (no per-request leak)."""
+like `deepfit predict`, and the server's memory stops growing (no per-request leak). And 450 bad
+requests against a regression model's server: broken JSON and CSV, spoiled rows, too many rows."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import Server, bomb_png, png_bytes
+from tests.serve.conftest import KEY, Server, bomb_png, png_bytes
 from tests.serve.oracle import assert_same, predict_cli
 
 Case = tuple[str, dict[str, Any]]  # (kind, httpx request arguments)
@@ -117,3 +118,46 @@ def test_ten_thousand_malformed_requests(torch_server: Server) -> None:
         send_all(torch_server, malformed(rng))
     good = png_bytes(np.zeros((16, 16), dtype=np.uint8))
     assert httpx.post(f"{torch_server.url}/v1/predict", content=good, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def malformed_rows(rng: np.random.Generator, count: int) -> list[Case]:
+    """Bad requests for a regression model (area, rooms, one-hot city), deterministic for the seed."""
+    good = {"area": 80.0, "rooms": 2, "city": "north"}
+
+    spoils: list[Any] = [None, "", "x" * 300, [1], {"a": 1}, True]  # each is wrong in any column, as is no value at all
+
+    def spoiled() -> dict[str, Any]:
+        row: dict[str, Any] = dict(good)
+        column, choice = str(rng.choice(list(good))), int(rng.integers(0, len(spoils) + 1))
+        if choice == len(spoils):
+            del row[column]
+        else:
+            row[column] = spoils[choice]
+        return row
+
+    kinds: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("random bytes as json", lambda: raw(rng.bytes(int(rng.integers(1, 2000))), "application/json")),
+        ("random bytes as csv", lambda: raw(rng.bytes(int(rng.integers(1, 2000))) + b"\xff", "text/csv")),
+        ("broken json", lambda: raw(json.dumps({"rows": [good]}).encode()[: int(rng.integers(1, 30))], "application/json")),
+        (
+            "wrong json shape",
+            lambda: {"json": [{"rows": 1}, {"rows": [1]}, {"rows": "a"}, {"row": [good]}, [good], 3][int(rng.integers(0, 6))]},
+        ),
+        ("a spoiled row among good ones", lambda: {"json": {"rows": [good] * int(rng.integers(0, 5)) + [spoiled()]}}),
+        ("ragged csv", lambda: raw(b"area,rooms,city\n80,2,north\n" + b"1," * int(rng.integers(3, 40)) + b"\n", "text/csv")),
+        ("csv without the columns", lambda: raw(b"a,b\n" + b"1,2\n" * int(rng.integers(1, 20)), "text/csv")),
+        ("wrong type", lambda: raw(json.dumps({"rows": [good]}).encode(), str(rng.choice(["image/png", "application/xml", "", "x/y"])))),
+        ("too many rows", lambda: {"json": {"rows": [good] * int(rng.integers(51, 200))}}),
+    ]
+    return [(kinds[i % len(kinds)][0], kinds[i % len(kinds)][1]()) for i in range(count)]
+
+
+def test_malformed_table_requests_get_json_errors_and_the_server_still_answers(table_server: Server) -> None:
+    cases = [
+        (kind, {**case, "headers": {**case.get("headers", {}), "Authorization": f"Bearer {KEY}"}})
+        for kind, case in malformed_rows(np.random.default_rng(2), 450)
+    ]
+    send_all(table_server, cases)
+    good = {"rows": [{"area": 80, "rooms": 2, "city": "north"}]}
+    response = httpx.post(f"{table_server.url}/v1/predict", json=good, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert response.status_code == 200 and isinstance(response.json()["predictions"][0]["value"], float)

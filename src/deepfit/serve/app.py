@@ -1,5 +1,5 @@
-"""The FastAPI application: /v1/predict, /v1/model, /v1/stats, /healthz, /readyz and the web page.
-Every error reaches the client as JSON `{"error": "..."}` with a 4xx/5xx status, never a
+"""The FastAPI application: /v1/predict, /v1/model, /v1/stats, /healthz, /readyz and the web page,
+for an image classifier (dynamic batching) or a regression model (table rows). Every error reaches the client as JSON `{"error": "..."}` with a 4xx/5xx status, never a
 traceback; an optional API key guards /v1/*.
 
 No `from __future__ import annotations` here: FastAPI reads the routes' `request: Request`
@@ -10,7 +10,8 @@ import contextlib
 import hmac
 import importlib.resources
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,15 @@ import numpy as np
 from deepfit.optional import import_optional
 from deepfit.serve.batcher import Batcher
 from deepfit.serve.model import ImageRejected, ServedModel
+from deepfit.serve.table import ServedTable, parse_rows
 from deepfit.serve.uploads import ApiError, Limits, parse_topk, parse_upload, read_body
 
 API_KEY_ENV = "DEEPFIT_API_KEY"
-STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+STATIC_FILES = {
+    "app.js": "text/javascript; charset=utf-8",
+    "table.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
 log = logging.getLogger("deepfit.serve")
 
 
@@ -33,6 +39,7 @@ class ServeOptions:
     max_body_mb: float = 10.0  # request body limit (413 above)
     max_images: int = 64  # images in one request (413 above)
     default_topk: int = 5  # when the request does not say
+    max_rows: int = 10_000  # table rows in one request (413 above)
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
 
     @property
@@ -60,7 +67,9 @@ class State:
         self.ready = True
 
 
-def create_app(model: ServedModel, options: ServeOptions) -> Any:
+def create_app(model: ServedModel | ServedTable, options: ServeOptions) -> Any:
+    if isinstance(model, ServedTable):
+        return create_table_app(model, options)
     fastapi = import_optional("fastapi", extra="serve", purpose="deepfit serve")
     import_optional("multipart", extra="serve", purpose="deepfit serve")  # python-multipart, for file uploads
     state = State(model, options)
@@ -82,7 +91,24 @@ def create_app(model: ServedModel, options: ServeOptions) -> Any:
     app.state.deepfit = state
     add_error_handlers(app, fastapi)
     add_api_routes(app, state)
-    add_page_routes(app, fastapi)
+    add_health_routes(app, lambda: state.ready, model.backend)
+    add_page_routes(app, fastapi, "index.html")
+    return app
+
+
+def create_table_app(model: ServedTable, options: ServeOptions) -> Any:
+    """A regression model's app: nothing to warm up or batch, so it is ready at once."""
+    fastapi = import_optional("fastapi", extra="serve", purpose="deepfit serve")
+    info = model.info
+    app = fastapi.FastAPI(
+        title="deepfit serve",
+        version="1",
+        description=f"Regression of {info['target']} with {info['architecture']} ({info['run']}).",
+    )
+    add_error_handlers(app, fastapi)
+    add_table_routes(app, model, options)
+    add_health_routes(app, lambda: True, model.backend)
+    add_page_routes(app, fastapi, "table.html")
     return app
 
 
@@ -113,8 +139,7 @@ def add_error_handlers(app: Any, fastapi: Any) -> None:
         return error_response(500, "internal error; the server log has the details")
 
 
-def check_key(state: State, authorization: str | None) -> None:
-    key = state.options.api_key
+def check_key(key: str | None, authorization: str | None) -> None:
     if not key:
         return
     scheme, _, given = (authorization or "").partition(" ")
@@ -131,7 +156,7 @@ def add_api_routes(app: Any, state: State) -> None:
         image body (`Content-Type: image/*` or `application/octet-stream`), or JSON
         `{"images": [base64, ...]}`; `topk` as a query parameter, form field or JSON key. Returns
         `{"predictions": [{label, index, probability, topk: [{label, probability}]}, ...]}`."""
-        check_key(state, request.headers.get("authorization"))
+        check_key(state.options.api_key, request.headers.get("authorization"))
         if not state.ready:
             raise ApiError(503, "the model is still warming up; retry shortly")
         with state.batcher.admit():
@@ -139,23 +164,54 @@ def add_api_routes(app: Any, state: State) -> None:
 
     @app.get("/v1/model", summary="what is served: classes, input shape, architecture, final metrics")
     async def model_info(request: Request) -> Any:
-        check_key(state, request.headers.get("authorization"))
+        check_key(state.options.api_key, request.headers.get("authorization"))
         return {**state.model.info, "max_batch": state.options.max_batch, "max_images": state.options.max_images}
 
     @app.get("/v1/stats", summary="how requests were batched so far")
     async def stats(request: Request) -> Any:
-        check_key(state, request.headers.get("authorization"))
+        check_key(state.options.api_key, request.headers.get("authorization"))
         return state.batcher.stats.to_dict()
 
+
+def add_table_routes(app: Any, model: ServedTable, options: ServeOptions) -> None:
+    from fastapi import Request
+
+    counts = {"requests": 0, "rows": 0}
+
+    @app.post("/v1/predict", summary=f"predict {model.target} for table rows")
+    async def predict(request: Request) -> Any:
+        """Rows as JSON `{"rows": [{"column": value, ...}, ...]}` (null: a missing value) or a CSV
+        body with its header row (`Content-Type: text/csv`); columns the model does not use are
+        ignored. Returns `{"target": NAME, "predictions": [{"value": number}, ...]}` in row order."""
+        check_key(options.api_key, request.headers.get("authorization"))
+        body = await read_body(request.headers.get("content-length"), request.stream(), options.limits.max_body)
+        rows = parse_rows(request.headers.get("content-type"), body, options.max_rows)
+        values = await asyncio.to_thread(model.predict, rows)  # thousands of rows: off the event loop
+        counts["requests"] += 1
+        counts["rows"] += len(rows)
+        return {"target": model.target, "predictions": [{"value": v if math.isfinite(v) else None} for v in values]}
+
+    @app.get("/v1/model", summary="what is served: target, feature columns, categories, architecture, final metrics")
+    async def model_info(request: Request) -> Any:
+        check_key(options.api_key, request.headers.get("authorization"))
+        return {**model.info, "max_rows": options.max_rows}
+
+    @app.get("/v1/stats", summary="requests and rows answered so far")
+    async def stats(request: Request) -> Any:
+        check_key(options.api_key, request.headers.get("authorization"))
+        return dict(counts)
+
+
+def add_health_routes(app: Any, is_ready: Callable[[], bool], backend: str) -> None:
     @app.get("/healthz", summary="the process is alive")
     async def healthz() -> Any:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="the model is loaded and warmed up")
     async def readyz() -> Any:
-        if not state.ready:
+        if not is_ready():
             return error_response(503, "warming up")
-        return {"status": "ready", "backend": state.model.backend}
+        return {"status": "ready", "backend": backend}
 
 
 async def classify(state: State, request: Any) -> dict[str, Any]:
@@ -180,12 +236,12 @@ def answer(model: ServedModel, results: list[Any], topk: int) -> list[dict[str, 
     return [{key: value for key, value in p.to_dict().items() if key != "path"} for p in predictions]
 
 
-def add_page_routes(app: Any, fastapi: Any) -> None:
+def add_page_routes(app: Any, fastapi: Any, page_name: str) -> None:
     from fastapi.responses import HTMLResponse, Response
 
     @app.get("/", include_in_schema=False)
     async def page() -> Any:
-        return HTMLResponse(static_text("index.html"))
+        return HTMLResponse(static_text(page_name))
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Any:

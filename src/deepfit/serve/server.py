@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from deepfit.optional import import_optional
+from deepfit.runtime import set_threads
 from deepfit.serve.app import API_KEY_ENV, ServeOptions, create_app
 from deepfit.serve.model import ServeError, load_served_model
+from deepfit.serve.table import load_served_table
 
 WORKER_ENV = "DEEPFIT_SERVE_WORKER"  # JSON settings handed to `--workers N` processes
 GRACEFUL_S = 30  # longest wait for in-flight requests after SIGTERM
@@ -46,6 +48,7 @@ def check_settings(settings: ServeSettings) -> None:
         (o.max_wait_ms >= 0, "--max-wait-ms cannot be negative"),
         (o.max_body_mb > 0, "--max-body-mb must be positive"),
         (o.max_images >= 1, "--max-images must be at least 1"),
+        (o.max_rows >= 1, "--max-rows must be at least 1"),
         (o.default_topk >= 1, "--topk must be at least 1"),
         (settings.max_pixels >= 1, "--max-pixels must be at least 1"),
     ]
@@ -73,7 +76,36 @@ def with_env_key(settings: ServeSettings) -> ServeSettings:
     return dataclasses.replace(settings, options=dataclasses.replace(settings.options, api_key=key))
 
 
+def served_task(checkpoint: str) -> str:
+    """image or regression; a node model is refused here, in one line naming what lists its answers."""
+    from deepfit.checkpoint import checkpoint_task, load_checkpoint
+
+    task = checkpoint_task(load_checkpoint(checkpoint))
+    if task not in ("image", "regression"):
+        raise ServeError(
+            f"{checkpoint} holds a {task} model: its predictions are for the nodes of the graph it was trained on,"
+            f" listed by deepfit predict {checkpoint}; serve takes image and regression runs"
+        )
+    return task
+
+
+def check_table_settings(settings: ServeSettings) -> None:
+    """The image-only options, refused for a regression model rather than silently ignored."""
+    refused = [
+        (settings.backend != "torch", "--backend onnx serves image models; a regression model is served by PyTorch"),
+        (settings.device not in ("cpu", "auto"), "a regression model is served on the CPU; leave --device at cpu"),
+        (settings.tta is not None, "--tta is test-time augmentation of images; a regression model has none"),
+    ]
+    for bad, message in refused:
+        if bad:
+            raise ServeError(message)
+
+
 def build_app(settings: ServeSettings) -> Any:
+    if served_task(settings.checkpoint) == "regression":
+        check_table_settings(settings)
+        set_threads(settings.threads)
+        return create_app(load_served_table(settings.checkpoint), settings.options)
     model = load_served_model(
         settings.checkpoint, backend=settings.backend, device=settings.device, threads=settings.threads, max_pixels=settings.max_pixels,
         tta=settings.tta,
