@@ -291,3 +291,21 @@ def test_a_table_too_small_to_hold_rows_out_says_how_to_score_it(cli, tmp_path: 
     assert result.code == 0, result.err
     assert "(train / val / test 2 / 0 / 0)" in result.out and "test_mse" not in result.out
     assert "no test rows to score: deepfit evaluate run --data OTHER.csv" in result.out
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "message"),
+    [
+        ("line", {}, "--devices 2: regression runs train in one process; train without --devices"),
+        ("karate", {"WORLD_SIZE": "2"}, "torchrun started 2 ranks: node runs train in one process"),
+    ],
+)
+def test_several_ranks_are_refused_for_regression_and_node_runs(  # type: ignore[no-untyped-def]
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str, env: dict[str, str], message: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    devices = [] if env else ["--devices", "2"]
+    result = cli("train", "--data", data, *devices, "--epochs", "1", "--no-progress", "--out", "run")
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ an unreachable server is a warning; a missing package is exit 2; no tracker is i
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -12,9 +13,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deepfit.checkpoint import load_checkpoint
 from deepfit.history import read_metrics_csv
 from tests.conftest import REPO, CliResult
 
@@ -157,3 +160,75 @@ def test_no_tracker_is_imported_unless_asked() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600, check=True).stdout
     assert out.split() == ["[]", "False"]
+
+
+def scalars(folder: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+
+
+def printed_metric(out: str, key: str) -> float:
+    words = [word for line in out.splitlines() if line.startswith("test_") for word in line.split()]
+    value = words[words.index(key) + 1]
+    return float(value[:-1]) / 100 if value.endswith("%") else float(value)
+
+
+def test_regression_and_node_runs_log_every_epoch_to_tensorboard_across_a_resume(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tensorboard")
+    args = ["--data", "line", "--data.batch-size", "16", "--log", "tensorboard", "--no-progress"]
+    assert cli("train", *args, "--epochs", "3", "--out", "reg").code == 0
+    resumed = cli("train", "--resume", "reg", "--epochs", "5", "--no-progress")  # train.log is kept in config.yaml
+    assert resumed.code == 0, resumed.err
+    rows = read_metrics_csv(tmp_path / "reg" / "metrics.csv")
+    per_epoch = int(load_checkpoint(tmp_path / "reg" / "checkpoints" / "last.pt")["step"]) // 5
+    events = scalars(tmp_path / "reg" / "tb")
+    for key in ("train_loss", "train_r2", "val_rmse", "val_r2", "lr"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [per_epoch * n for n in range(1, 6)], key  # each epoch once, at its global step
+        assert [e.value for e in logged] == pytest.approx([row[key] for row in rows], rel=1e-5), key
+    assert events.Scalars("test_r2")[-1].value == pytest.approx(printed_metric(resumed.out, "test_r2"), abs=1e-3)
+
+    pytest.importorskip("torch_geometric", reason="node runs need the graph extra (PyTorch Geometric)")
+    node = cli("train", "--data", "karate", "--epochs", "12", "--log", "tensorboard", "--out", "node", "--no-progress")
+    assert node.code == 0, node.err
+    rows = read_metrics_csv(tmp_path / "node" / "metrics.csv")
+    events = scalars(tmp_path / "node" / "tb")
+    assert [e.step for e in events.Scalars("train_loss")] == list(range(1, 13))  # step = epoch: one optimizer step each
+    assert [e.value for e in events.Scalars("train_acc")] == pytest.approx([row["train_acc"] for row in rows], rel=1e-5)
+    assert events.Scalars("test_acc")[-1].value == pytest.approx(printed_metric(node.out, "test_acc"), abs=1e-3)
+
+
+@pytest.mark.slow  # MLflow's import and sqlite store, as above
+def test_regression_and_node_runs_are_mlflow_runs(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = {"reg": ["--data", "line", "--epochs", "4"], "node": ["--data", "karate", "--epochs", "6"]}
+    if importlib.util.find_spec("torch_geometric") is None:
+        del runs["node"]
+    for name, args in runs.items():
+        result = cli("train", *args, "--log", "mlflow", "--train.mlflow-uri", uri, "--out", name, "--no-progress")
+        assert result.code == 0, result.err
+    client = MlflowClient(uri)
+    found = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("deepfit").experiment_id])}
+    assert set(found) == set(runs)
+    for name, key, figure in (("reg", "val_r2", "predicted.png"), ("node", "train_acc", "embeddings.png")):
+        if name not in found:
+            continue
+        run = found[name]
+        assert run.info.status == "FINISHED" and run.data.tags["task"] == ("regression" if name == "reg" else "node")
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        expected = [row[key] for row in read_metrics_csv(tmp_path / name / "metrics.csv")]
+        assert [m.value for m in history] == pytest.approx(expected, rel=1e-5) and len(history) == len(expected)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+            a.path for a in client.list_artifacts(run.info.run_id, "plots")
+        }
+        assert {"best.pt", f"plots/{figure}"} <= artifacts
+
+
+def test_a_missing_tracker_package_stops_a_regression_run_before_its_folder(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    result = cli("train", "--data", "line", "--epochs", "2", "--log", "mlflow", "--out", "reg", "--no-progress")
+    assert result.code == 2 and "pip install 'deepfit[track]'" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "reg").exists()

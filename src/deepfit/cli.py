@@ -186,6 +186,19 @@ def resume_lines(run_dir: Path, config: Config) -> list[str]:
     return lines
 
 
+def refuse_ranks(task: str, devices: int | None) -> None:
+    """Regression and node runs train in one process (a table or a graph is a few full batches);
+    N ranks (--devices N, or torchrun) would each write the same run folder."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    ranks = int(world) if world.isdigit() else 1
+    if (devices or 1) > 1:
+        raise UsageError(f"--devices {devices}: {task} runs train in one process; train without --devices")
+    if ranks > 1:
+        raise UsageError(f"torchrun started {ranks} ranks: {task} runs train in one process; run deepfit train without torchrun")
+
+
 def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Iterable[Any]:
     from tqdm import tqdm
 
@@ -199,10 +212,9 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = resolve_train_config(args, extra)  # bad flags fail before torch loads
     if args.console and not launch.wants_launch(args.devices):
         import_for_training()
-    if config.data.task == "regression":
-        return train_regression(config, args)
-    if config.data.task == "node":
-        return train_node(config, args)
+    if config.data.task in ("regression", "node"):
+        refuse_ranks(config.data.task, args.devices)
+        return train_regression(config, args) if config.data.task == "regression" else train_node(config, args)
     if launch.wants_launch(args.devices):
         return train_on_devices(args, config)
     from deepfit.fit import fit

@@ -26,6 +26,7 @@ from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.runtime import seed_everything, select_device, set_threads
+from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 EpochFn = Callable[[Row], None]
 NODE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")  # what each epoch's row records
@@ -67,6 +68,7 @@ class NodeRun:
     stopped_early: str | None = None
     signals: StopFlag = field(default_factory=StopFlag)
     train_seconds: float = 0.0  # wall time of the epochs (training and validation), this process
+    tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log's TensorBoard / MLflow
 
 
 @dataclass
@@ -91,20 +93,25 @@ def fit_node(
         raise ConfigError(f"train.monitor {config.train.monitor!r} is not a metric of a node run; valid: {', '.join(NODE_METRICS)}")
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
+    require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_node_run(config, resume)
     if on_start is not None:
         on_start(run.graph)
-    with stop_on_signals() as run.signals:
-        try:
-            with ckpt.resumable_on_failure(run.run_dir):
-                train_node_epochs(run, on_epoch)
-        except StopRequested as stop:
-            save_node_state(run)
-            if isinstance(stop, SignalStop):
-                stop.run_dir = run.run_dir
-            if run.stopped_early != "time limit":
-                raise
-    return finish_node(run)
+    info = run_info(run.config, run.run_dir, step=run.epoch, resumed=resume is not None, history=run.history)
+    with start_trackers(run.config.train.log, info) as run.tracker:  # step = epoch: one optimizer step each
+        with stop_on_signals() as run.signals:
+            try:
+                with ckpt.resumable_on_failure(run.run_dir):
+                    train_node_epochs(run, on_epoch)
+            except StopRequested as stop:
+                save_node_state(run)
+                if isinstance(stop, SignalStop):
+                    stop.run_dir = run.run_dir
+                if run.stopped_early != "time limit":
+                    raise
+        result = finish_node(run)
+        run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
+    return result
 
 
 def graph_of(config: Config) -> Graph:
@@ -204,6 +211,7 @@ def end_node_epoch(run: NodeRun, row: Row) -> None:
     An epoch takes milliseconds, so last.pt and best.pt are written at the end, on a stop (signal,
     time limit) and every train.checkpoint_every epochs, not after every epoch."""
     run.history.append(row)
+    run.tracker.log_epoch(run.epoch, row)
     key = monitored(run)
     if key not in row:
         valid = ", ".join(k for k in row if k not in ("epoch", "lr", "seconds"))

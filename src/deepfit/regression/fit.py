@@ -27,6 +27,7 @@ from deepfit.regression.models import build_regression_loss, build_regression_mo
 from deepfit.regression.sources import anchored, load_regression_data
 from deepfit.regression.split import RegressionData, Split
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
+from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
 EpochFn = Callable[[Row], None]
@@ -61,6 +62,7 @@ class RegressionRun:
     started: float = field(default_factory=time.monotonic)
     stopped_early: str | None = None
     signals: StopFlag = field(default_factory=StopFlag)
+    tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log's TensorBoard / MLflow
 
 
 def fit_regression(
@@ -78,20 +80,25 @@ def fit_regression(
     config = anchored(config)
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
+    require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_run(config, resume)
     if on_start is not None:
         on_start(run.data)
-    with stop_on_signals() as run.signals:
-        try:
-            with ckpt.resumable_on_failure(run.run_dir):
-                train_epochs(run, progress, on_epoch)
-        except StopRequested as stop:
-            save_state(run)
-            if isinstance(stop, SignalStop):
-                stop.run_dir = run.run_dir
-            if run.stopped_early != "time limit":
-                raise
-    return finish(run)
+    info = run_info(run.config, run.run_dir, step=run.step, resumed=resume is not None, history=run.history)
+    with start_trackers(run.config.train.log, info) as run.tracker:
+        with stop_on_signals() as run.signals:
+            try:
+                with ckpt.resumable_on_failure(run.run_dir):
+                    train_epochs(run, progress, on_epoch)
+            except StopRequested as stop:
+                save_state(run)
+                if isinstance(stop, SignalStop):
+                    stop.run_dir = run.run_dir
+                if run.stopped_early != "time limit":
+                    raise
+        result = finish(run)
+        run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
+    return result
 
 
 def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
@@ -206,6 +213,7 @@ def end_epoch(run: RegressionRun, row: Row) -> None:
     save_state(run)
     if improved:
         save_best(run)
+    run.tracker.log_epoch(run.step, row)
     run.stopped_early = early_stop_reason(key, run.epoch, run.best_epoch, run.config.train.early_stop) or run.stopped_early
 
 
