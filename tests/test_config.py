@@ -95,3 +95,41 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_rejects_garbage() -> None:
     with pytest.raises(ConfigError, match="time_limit"):
         parse_duration("soon")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "line", "--train.ema", "0.99"], "--train.ema (image runs): not used by a regression run; leave it out"),
+        (
+            ["--data", "line", "--init-from", "runs/old", "--data.sampler", "balanced"],
+            "--data.sampler (image runs), --model.init-from (image runs): not used by a regression run; leave them out",
+        ),
+        (["--data", "line", "--loss.label-smoothing", "0.1"], "--loss.label-smoothing (image/node runs): not used by a regression run"),
+        (["--data", "karate", "--data.batch-size", "8"], "--data.batch-size (image/regression runs): not used by a node run"),
+        (["--data", "karate", "--train.tta", "flip"], "--train.tta (image runs): not used by a node run"),
+        (["--data", "digits", "--data.test-fraction", "0.3"], "--data.test-fraction (regression runs): not used by an image run"),
+        (["--data", "digits", "--data.nodes", "nodes.csv"], "--data.nodes (node runs): not used by an image run"),
+    ],
+)
+def test_an_option_the_task_does_not_read_is_refused_not_ignored(cli, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    result = cli("train", *args, "--epochs", "1", "--no-progress", "--out", "run")
+    assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_task_specific_option_is_a_config_field_and_the_defaults_pass() -> None:
+    from deepfit.config import OPTION_TASKS, refuse_unused
+
+    blank = Config()
+    for key, tasks in OPTION_TASKS.items():
+        section, field = key.split(".")
+        assert hasattr(getattr(blank, section), field), key
+        assert set(tasks) <= {"image", "regression", "node"}, key
+    for task in ("image", "regression", "node"):
+        refuse_unused(blank, task)  # nothing set: nothing refused
+    from deepfit.graph import node_defaults
+    from deepfit.regression import default_config
+
+    refuse_unused(default_config(), "regression")  # each task's own defaults are options it reads
+    refuse_unused(node_defaults(), "node")

@@ -289,15 +289,15 @@ def test_a_table_read_as_pixel_rows_names_the_target_flag_and_its_columns(tmp_pa
     table.write_text("area,rooms,city,price\n52.5,2,a,160.1\n80.0,3,b,290.7\n")
     with pytest.raises(DataError) as caught:
         source_of(table)
-    assert str(caught.value).splitlines() == [
-        f"{table} line 2: 'a' is not a number",
-        "houses.csv is read as image rows (a label, then pixels 0-255); to predict a column of a table,"
-        " name it: --target COLUMN (columns: area, rooms, city, price)",
-    ]
+    assert str(caught.value) == (
+        f"{table} line 2: 'a' is not a number; houses.csv was read as image rows (a label, then pixels 0-255):"
+        " for a table, name the column to predict with --target COLUMN (columns: area, rooms, city, price)"
+    )
     labels, pixels = random_rows(4, 10)
-    with pytest.raises(DataError) as caught:  # pixel rows without a header: no table hint
-        source_of(write_csv(tmp_path / "odd.csv", labels, pixels, header=False))
-    assert "--target" not in str(caught.value)
+    for header in (False, True):  # pixel rows, headed by `label` or not headed: no table hint
+        with pytest.raises(DataError) as caught:
+            source_of(write_csv(tmp_path / "odd.csv", labels, pixels, header=header))
+        assert "--target" not in str(caught.value)
 
 
 def test_a_train_csv_finds_its_test_sibling(tmp_path: Path) -> None:

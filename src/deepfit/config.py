@@ -384,6 +384,38 @@ def validate(config: Config) -> None:
             raise ConfigError(message)
     if config.train.time_limit is not None:
         parse_duration(config.train.time_limit)
+    refuse_unused(config, infer_task(config.data))
+
+
+IMAGE_ONLY = (
+    "data.augment", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
+    "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
+    "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
+    "train.topk", "train.tta", "train.ema", "train.sync_bn", "train.keep_last", "train.log_every",
+)  # fmt: skip
+# The options that only some tasks read. One set away from its default for another task stops the
+# run in one line rather than being silently ignored (`--train.ema` on a regression run, say).
+OPTION_TASKS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(IMAGE_ONLY, ("image",)),
+    **dict.fromkeys(("data.target", "data.features", "data.categorical", "data.drop_missing", "data.test_fraction", "data.standardize"), ("regression",)),
+    **dict.fromkeys(("data.nodes", "data.node_test_fraction"), ("node",)),
+    **dict.fromkeys(("data.batch_size", "data.eval_batch_size", "train.accumulate", "train.precision"), ("image", "regression")),
+    "loss.label_smoothing": ("image", "node"),
+}  # fmt: skip
+
+
+def refuse_unused(config: Config, task: str) -> None:
+    """ConfigError naming every option set for `task` that its runs do not read."""
+    blank = Config()
+    unused = []
+    for key, tasks in OPTION_TASKS.items():
+        section, field = key.split(".")
+        if task not in tasks and getattr(getattr(config, section), field) != getattr(getattr(blank, section), field):
+            unused.append(f"--{key.replace('_', '-')} ({'/'.join(tasks)} runs)")
+    if unused:
+        raise ConfigError(
+            f"{', '.join(unused)}: not used by {'an' if task == 'image' else 'a'} {task} run; leave {'it' if len(unused) == 1 else 'them'} out"
+        )
 
 
 # Datasets whose name alone says the task: `--data line` needs no `--task regression`.

@@ -132,16 +132,14 @@ def load_csv_source(path: Path, *, image_shape: str | None) -> SourceData:
 
 
 def table_hint(path: Path) -> str:
-    """For a CSV with named columns that is not pixel rows: how to train on it as a table."""
+    """For a CSV whose header does not start with `label` (so not pixel rows): how to train on it
+    as a table instead."""
     first = next((line for line in read_lines(path) if line.strip()), b"")
-    if not is_header(first):
-        return ""
     columns = [c.strip().strip(b'"').decode(errors="replace") for c in first.split(b",")]
+    if not is_header(first) or columns[0].lower() == "label":
+        return ""
     shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
-    return (
-        f"\n{path.name} is read as image rows (a label, then pixels 0-255); to predict a column of a table,"
-        f" name it: --target COLUMN (columns: {shown})"
-    )
+    return f"; {path.name} was read as image rows (a label, then pixels 0-255): for a table, name the column to predict with --target COLUMN (columns: {shown})"
 
 
 def sibling_test(path: Path) -> Path | None:
