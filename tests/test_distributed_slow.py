@@ -114,7 +114,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path: Pa
     finally:
         end_tree(launcher)
     assert launcher.returncode == 143, err[-2000:]
-    assert "resume with: deepfit train --resume run" in err
+    assert "resume with: deepfit train --resume run" in err, err[-3000:]  # the whole tail, should it ever fail again
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert state["loader"]["position"] > 0 or state["epoch"] >= 1
 

@@ -309,3 +309,19 @@ def test_several_ranks_are_refused_for_regression_and_node_runs(  # type: ignore
     result = cli("train", "--data", data, *devices, "--epochs", "1", "--no-progress", "--out", "run")
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--topk", "3"], "--topk lists classes; a regression model predicts one value per row"),
+        (["--tta", "flip"], "--tta transforms images; a regression model has none"),
+    ],
+)
+def test_predict_refuses_image_flags_for_a_regression_run(  # type: ignore[no-untyped-def]
+    cli, trained: tuple[Path, Path], flags: list[str], message: str
+) -> None:
+    run, table = trained
+    result = cli("predict", str(run), str(table), *flags)
+    assert result.code == 2 and message in result.err and result.out == ""
+    assert cli("predict", str(run), str(table)).code == 0  # the same command without the flag

@@ -551,7 +551,7 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def add_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or checkpoint file")
     parser.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (recursive), globs or CSV files")
-    parser.add_argument("--topk", type=int, default=3, help="classes to list per image (default 3)")
+    parser.add_argument("--topk", type=int, help="classes to list per image or node (default 3)")
     parser.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--id-column", metavar="COLUMN", help="regression: copy this CSV column beside each prediction")
@@ -564,11 +564,14 @@ def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     from deepfit.predict import Predictor, csv_rows, format_table
 
-    if args.topk < 1:
+    if args.topk is not None and args.topk < 1:
         raise UsageError("--topk must be at least 1")
     task = task_of(args.checkpoint)
     if task in ("regression", "node") and args.tta not in (None, "none"):
         raise UsageError(f"--tta transforms images; a {task} model has none")
+    if task == "regression" and args.topk is not None:
+        raise UsageError("--topk lists classes; a regression model predicts one value per row")
+    args.topk = 3 if args.topk is None else args.topk
     if task == "regression":
         return predict_regression_cmd(args)
     if task == "node":
