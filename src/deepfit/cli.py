@@ -558,20 +558,26 @@ def add_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation, as in evaluate (default: the run's own train.tta)")
 
 
+def check_predict_flags(args: argparse.Namespace, task: str) -> None:
+    """The flags that do not apply to the checkpoint's task, refused rather than ignored; --topk
+    defaults to 3 where it applies."""
+    if args.topk is not None and args.topk < 1:
+        raise UsageError("--topk must be at least 1")
+    if task in ("regression", "node") and args.tta not in (None, "none"):
+        raise UsageError(f"--tta transforms images; a {task} model has none")
+    if task == "regression" and args.topk is not None:
+        raise UsageError("--topk lists classes; a regression model predicts one value per row")
+    args.topk = 3 if args.topk is None else args.topk
+
+
 def cmd_predict(args: argparse.Namespace, extra: Sequence[str]) -> int:
     import csv
     import json
 
     from deepfit.predict import Predictor, csv_rows, format_table
 
-    if args.topk is not None and args.topk < 1:
-        raise UsageError("--topk must be at least 1")
     task = task_of(args.checkpoint)
-    if task in ("regression", "node") and args.tta not in (None, "none"):
-        raise UsageError(f"--tta transforms images; a {task} model has none")
-    if task == "regression" and args.topk is not None:
-        raise UsageError("--topk lists classes; a regression model predicts one value per row")
-    args.topk = 3 if args.topk is None else args.topk
+    check_predict_flags(args, task)
     if task == "regression":
         return predict_regression_cmd(args)
     if task == "node":
