@@ -959,19 +959,39 @@ def add_serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch backend: cpu (default), cuda, mps or auto")
     parser.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of the model per process (default: the library's)")
-    parser.add_argument("--max-batch", type=int, default=32, help="most images in one forward pass (default 32)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill, ms (default 5)")
+    parser.add_argument("--max-batch", type=int, help="most images in one forward pass (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill, ms (default 5)")
     parser.add_argument("--max-body-mb", type=float, default=10.0, help="largest request body, MiB; larger gets 413 (default 10)")
-    parser.add_argument("--max-images", type=int, default=64, help="most images in one request; more gets 413 (default 64)")
-    parser.add_argument("--max-rows", type=int, default=10_000, help="regression: most table rows in one request (default 10000)")
-    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest width x height an image may declare (default 40M)")
-    parser.add_argument("--topk", type=int, default=5, help="classes listed per image when a request does not say (default 5)")
+    parser.add_argument("--max-images", type=int, help="most images in one request; more gets 413 (default 64)")
+    parser.add_argument("--max-rows", type=int, help="regression: most table rows in one request (default 10000)")
+    parser.add_argument("--max-pixels", type=int, help="largest width x height an image may declare (default 40M)")
+    parser.add_argument("--topk", type=int, help="classes listed per image when a request does not say (default 5)")
     parser.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation, as in predict (default: the run's own train.tta)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set $DEEPFIT_API_KEY)")
 
 
+# The serve flags of one kind of model, with their defaults: given for the other kind, refused.
+IMAGE_SERVE_FLAGS = {"max_batch": 32, "max_wait_ms": 5.0, "max_images": 64, "max_pixels": 40_000_000, "topk": 5}
+TABLE_SERVE_FLAGS = {"max_rows": 10_000}
+
+
+def serve_flag_defaults(args: argparse.Namespace) -> None:
+    """Refuse the flags the checkpoint's kind of model does not use, then fill in the defaults."""
+    task = task_of(args.checkpoint) if Path(args.checkpoint).exists() else None  # a missing path: serve names it
+    foreign = TABLE_SERVE_FLAGS if task == "image" else IMAGE_SERVE_FLAGS if task == "regression" else {}
+    given = [f"--{name.replace('_', '-')}" for name in foreign if getattr(args, name) is not None]
+    if given:
+        kind, model = ("image", "a regression model") if task == "regression" else ("table", "an image classifier")
+        raise UsageError(f"{', '.join(given)}: {kind}-serving option{'s' if len(given) > 1 else ''}; {args.checkpoint} holds {model}")
+    for name, value in {**IMAGE_SERVE_FLAGS, **TABLE_SERVE_FLAGS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def cmd_serve(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.serve import ServeOptions, ServeSettings, serve
+
+    serve_flag_defaults(args)
 
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,

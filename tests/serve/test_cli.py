@@ -21,6 +21,7 @@ import pytest
         (["RUN", "--backend", "onnx", "--device", "cuda"], "--backend onnx runs on the CPU"),
         (["BROKEN"], "BROKEN"),
         (["RUN", "--tta", "flip"], "--tta flip is not allowed for fashion-mnist"),
+        (["RUN", "--max-rows", "5"], "--max-rows: table-serving option; "),
     ],
 )
 def test_bad_serve_arguments_are_one_line_and_exit_2(cli, serve_run: Path, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
@@ -48,6 +49,7 @@ def test_a_node_run_is_refused_in_one_line_naming_what_lists_its_predictions(cli
         (["--device", "cuda"], "a regression model is served on the CPU"),
         (["--tta", "flip"], "--tta is test-time augmentation of images"),
         (["--max-rows", "0"], "--max-rows must be at least 1"),
+        (["--max-batch", "8", "--topk", "2"], "--max-batch, --topk: image-serving options; reg holds a regression model"),
     ],
 )
 def test_image_only_options_are_refused_for_a_regression_run(cli, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
