@@ -221,3 +221,20 @@ def load_resumed_config(run: Path) -> Config:
     from deepfit.config import config_from_dict
 
     return config_from_dict(load_checkpoint(run / "checkpoints" / "last.pt")["config"])
+
+
+def test_a_schema_encodes_json_numbers_and_nulls_as_it_encodes_their_csv_text() -> None:
+    from deepfit.regression.table import MissingValue, Schema
+
+    schema = Schema(["a", "rooms", "city"], "y", {"rooms": ["2", "3"], "city": ["n", "s"]})
+    as_text = schema.encode({"a": "1.5", "rooms": "3", "city": "s"})
+    assert as_text == [1.5, 0.0, 1.0, 0.0, 1.0]
+    assert schema.encode({"a": 1.5, "rooms": 3, "city": "s", "extra": [1]}) == as_text  # a one-hot level given as a number
+    for cell in (None, float("nan"), float("inf"), "NA", " "):
+        with pytest.raises(MissingValue, match="missing value in column 'a'"):
+            schema.encode({"a": cell, "rooms": "2", "city": "n"})
+    for cell, message in ((True, "column 'a' holds True, not a number or text"), ([1], "holds \\[1\\]"), ("x", "has 'x', not a number")):
+        with pytest.raises(ValueError, match=message):
+            schema.encode({"a": cell, "rooms": "2", "city": "n"})
+    with pytest.raises(MissingValue, match="'city'"):
+        schema.encode({"a": 1, "rooms": 2})  # no cell at all

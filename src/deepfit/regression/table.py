@@ -8,7 +8,7 @@ import csv
 import gzip
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,20 +46,25 @@ class Schema:
             names += [f"{column}={level}" for level in levels] if levels is not None else [column]
         return names
 
-    def encode(self, row: dict[str, str]) -> list[float]:
-        """One row's features; MissingValue or ValueError (an unknown level, a non-number) when it cannot."""
+    def encode(self, row: Mapping[str, object]) -> list[float]:
+        """One row's features from its cells: text as a CSV holds it, or the numbers and nulls of a
+        JSON row; MissingValue or ValueError (an unknown level, a non-number) when it cannot."""
         values: list[float] = []
         for column in self.columns:
-            cell = row.get(column, "").strip()
-            if cell.lower() in MISSING:
-                raise MissingValue(column)
+            cell = row.get(column)
             levels = self.categories.get(column)
+            if levels is None and type(cell) in (int, float):  # a JSON number: no round trip through text
+                values.append(finite(float(cell), column))  # type: ignore[arg-type]
+                continue
+            text = cell_text(cell, column)
+            if text.lower() in MISSING:
+                raise MissingValue(column)
             if levels is None:
-                values.append(parse_number(cell, column))
-            elif cell in levels:
-                values += [1.0 if cell == level else 0.0 for level in levels]
+                values.append(parse_number(text, column))
+            elif text in levels:
+                values += [1.0 if text == level else 0.0 for level in levels]
             else:
-                raise ValueError(f"column {column!r} has {cell!r}, a value not seen in training (known: {', '.join(levels[:10])})")
+                raise ValueError(f"column {column!r} has {text!r}, a value not seen in training (known: {', '.join(levels[:10])})")
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,11 +77,26 @@ class Schema:
         )
 
 
+def cell_text(cell: object, column: str) -> str:
+    """A cell as text: a CSV's as it is, a JSON number as written, null (or no cell) as missing."""
+    if cell is None:
+        return ""
+    if isinstance(cell, str):
+        return cell.strip()
+    if type(cell) in (int, float):
+        return str(cell)
+    raise ValueError(f"column {column!r} holds {str(cell)[:40]}, not a number or text")
+
+
 def parse_number(cell: str, column: str) -> float:
     try:
         value = float(cell)
     except ValueError:
         raise ValueError(f"column {column!r} has {cell!r}, not a number") from None
+    return finite(value, column)
+
+
+def finite(value: float, column: str) -> float:
     if not math.isfinite(value):
         raise MissingValue(column)
     return value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,19 +36,30 @@ class ServedTable:
     def target(self) -> str:
         return self.regression.target
 
-    def predict(self, rows: list[dict[str, str]]) -> list[float]:
-        """Rows of text cells (column -> cell) -> predicted values in the target's units."""
-        features = []
-        needed = self.regression.schema.columns
-        for index, row in enumerate(rows):
-            prefix = f"row {index}: " if len(rows) > 1 else ""
-            if absent := [column for column in needed if column not in row]:
-                raise ApiError(400, f"{prefix}no column {', '.join(map(repr, absent))}; the model needs {', '.join(needed)}")
-            try:
-                features.append(self.regression.schema.encode(row))
-            except (MissingValue, ValueError) as err:
-                raise ApiError(400, prefix + str(err)) from None
+    def predict(self, rows: list[dict[str, Any]]) -> list[float]:
+        """Rows of cells (column -> text, number or null) -> predicted values in the target's units."""
+        encode = self.regression.schema.encode
+        try:
+            features = [encode(row) for row in rows]
+        except (MissingValue, ValueError) as err:
+            raise ApiError(400, self.row_error(rows, err)) from None
         return [float(v) for v in self.regression.predict(torch.tensor(features, dtype=torch.float64)).tolist()]
+
+    def row_error(self, rows: list[dict[str, Any]], err: Exception) -> str:
+        """The first row that cannot be encoded, named by its position (found again: only on failure)."""
+        index = next(i for i, row in enumerate(rows) if not self.encodes(row))
+        prefix = f"row {index}: " if len(rows) > 1 else ""
+        needed = self.regression.schema.columns
+        if absent := [column for column in needed if column not in rows[index]]:
+            return f"{prefix}no column {', '.join(map(repr, absent))}; the model needs {', '.join(needed)}"
+        return prefix + str(err)
+
+    def encodes(self, row: dict[str, Any]) -> bool:
+        try:
+            self.regression.schema.encode(row)
+        except (MissingValue, ValueError):
+            return False
+        return True
 
 
 def load_served_table(path: str | Path) -> ServedTable:
@@ -88,8 +98,9 @@ def table_metrics(run_dir: Path | None) -> dict[str, float]:
     return metrics
 
 
-def parse_rows(content_type: str | None, body: bytes, max_rows: int) -> list[dict[str, str]]:
-    """The rows of a request, as text cells by column name; ApiError for anything malformed."""
+def parse_rows(content_type: str | None, body: bytes, max_rows: int) -> list[dict[str, Any]]:
+    """The rows of a request, cells by column name (text, or JSON numbers and nulls); ApiError for
+    anything malformed."""
     kind = media_type(content_type)
     if kind == "application/json":
         rows = json_rows(body)
@@ -104,7 +115,8 @@ def parse_rows(content_type: str | None, body: bytes, max_rows: int) -> list[dic
     return rows
 
 
-def json_rows(body: bytes) -> list[dict[str, str]]:
+def json_rows(body: bytes) -> list[dict[str, Any]]:
+    """The rows of a JSON body as they are: their cells are checked as the model's columns are read."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError):
@@ -112,26 +124,13 @@ def json_rows(body: bytes) -> list[dict[str, str]]:
     rows = payload.get("rows") if isinstance(payload, dict) else None
     if not isinstance(rows, list):
         raise ApiError(400, f'JSON without a "rows" list: {ROWS_HINT}')
-    cells = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ApiError(400, f"row {index} is not an object of column: value")
-        cells.append({str(column): cell_text(value, index, str(column)) for column, value in row.items()})
-    return cells
+    return rows
 
 
-def cell_text(value: object, index: int, column: str) -> str:
-    """A JSON value as the CSV cell it stands for: null is a missing value."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, list, dict)):
-        raise ApiError(400, f"row {index}: column {column!r} holds {json.dumps(value)[:40]}, not a number or text")
-    if isinstance(value, float) and not math.isfinite(value):
-        return ""
-    return str(value)
-
-
-def csv_rows(body: bytes) -> list[dict[str, str]]:
+def csv_rows(body: bytes) -> list[dict[str, Any]]:
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
