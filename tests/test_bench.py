@@ -228,6 +228,21 @@ def test_serve_bench_smoke_agrees_with_predict_and_measures_load(tiny_datasets: 
     assert float(line.split()[5]) > 0  # requests/s
 
 
+def test_table_serve_bench_smoke_answers_the_peers_values(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    for name in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(name)
+    from bench import serve_table
+
+    from deepfit.cli import main
+
+    assert main(["train", "--data", "line", "--epochs", "5", "--no-progress", "--out", str(tmp_path / "line")]) == 0
+    capsys.readouterr()
+    code = serve_table.main(["--checkpoint", str(tmp_path / "line"), "--rows", "1,40", "--repeats", "3", "--no-save"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines[1:]] == ["1", "40"]
+    assert all(line.split()[-1] == "yes" for line in lines[1:])  # deepfit and the peer answered the same values
+
+
 @pytest.mark.slow
 def test_serve_bench_smoke_with_litserve_and_onnx(tiny_datasets: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("litserve")
