@@ -260,3 +260,32 @@ def test_a_checkpoint_whose_graph_does_not_fit_is_one_line_exit_2(cli, tmp_path:
         result = cli("evaluate", name)
         assert result.code == 2 and "cannot rebuild its node model and graph" in result.err
         assert len(result.err.strip().splitlines()) == 1
+
+
+def test_pyg_processing_lines_are_dropped_and_its_other_output_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from deepfit.graph.sources import quiet_processing
+
+    with quiet_processing():
+        print("Processing...", file=sys.stderr)
+        print("UserWarning: something PyG wants said", file=sys.stderr)
+        print("Done!", file=sys.stderr)
+    assert capsys.readouterr().err == "UserWarning: something PyG wants said\n"
+
+
+@pytest.mark.data
+def test_cora_processed_into_a_fresh_cache_prints_no_pyg_chatter(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch_geometric", reason="node runs need the graph extra (PyTorch Geometric)")
+    planetoid = DATASETS / "planetoid"
+    if not (planetoid / "Cora" / "raw").is_dir():
+        pytest.skip(f"{planetoid}/Cora/raw not found (set DEEPFIT_DATASETS)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # PyG is silent under pytest by itself
+    args = ["data", "info", "cora", "--data-dir", str(planetoid), "--data.cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run([sys.executable, "-m", "deepfit.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "2708 nodes" in done.stdout, done.stderr
+    assert "Processing" not in done.stderr and "Done!" not in done.stderr, done.stderr
+    assert any((tmp_path / "cache").rglob("*.pt"))  # it did process into the fresh cache

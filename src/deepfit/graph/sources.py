@@ -4,11 +4,14 @@ labels (-1 where unknown) and boolean train/val/test node masks."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -78,7 +81,8 @@ def build_cora(*, data_dir: str | None, cache_dir: str | None, **_: object) -> G
     raw = find_cora_raw(data_dir)
     planetoid = import_pyg("torch_geometric.datasets", purpose="--data cora")
     root = planetoid_root(raw, cache_dir)
-    data = planetoid.Planetoid(str(root), "Cora")[0]
+    with quiet_processing():
+        data = planetoid.Planetoid(str(root), "Cora")[0]
     features = data.x / data.x.sum(1, keepdim=True).clamp(min=1.0)  # NormalizeFeatures: rows sum to 1
     node_ids = [str(i) for i in range(data.num_nodes)]
     return Graph("cora", features, data.edge_index, data.y, data.train_mask, data.val_mask, data.test_mask, list(CORA_CLASSES), node_ids)
@@ -110,6 +114,19 @@ def find_cora_raw(data_dir: str | None) -> Path:
                 return candidate
     looked = ", ".join(str(b) for b in bases) or "nowhere (give --data-dir or set DEEPFIT_DATASETS)"
     raise DataError(f"cora: the Planetoid raw files ({', '.join(CORA_FILES)}) were not found under {looked}")
+
+
+@contextlib.contextmanager
+def quiet_processing() -> Iterator[None]:
+    """PyG prints 'Processing...' and 'Done!' to stderr the first time it processes a dataset into
+    deepfit's cache; everything else it writes there (its warnings) is passed on as written."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        rest = [line for line in captured.getvalue().splitlines(keepends=True) if line.strip() not in ("Processing...", "Done!")]
+        sys.stderr.write("".join(rest))
 
 
 def planetoid_root(raw: Path, cache_dir: str | None) -> Path:
