@@ -325,3 +325,11 @@ def test_predict_refuses_image_flags_for_a_regression_run(  # type: ignore[no-un
     result = cli("predict", str(run), str(table), *flags)
     assert result.code == 2 and message in result.err and result.out == ""
     assert cli("predict", str(run), str(table)).code == 0  # the same command without the flag
+
+
+def test_a_constant_target_stops_in_one_line_before_the_run_folder(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = "\n".join(f"{x},{x * 2},7.5" for x in range(30))
+    (tmp_path / "flat.csv").write_text(f"a,b,y\n{rows}\n")
+    result = cli("train", "--data", "flat.csv", "--target", "y", "--epochs", "2", "--no-progress", "--out", "run")
+    assert result.code == 2 and "the target column 'y' is 7.5 in every training row: there is nothing to learn" in result.err
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

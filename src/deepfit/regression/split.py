@@ -80,12 +80,20 @@ def fit_scaling(table: Table, rows: np.ndarray, *, standardize: bool) -> Scaling
     return Scaling(x.mean(axis=0).tolist(), np.where(std > 0, std, 1.0).tolist(), float(y.mean()), target_std if target_std > 0 else 1.0)
 
 
+def require_spread(table: Table, rows: np.ndarray) -> None:
+    """A target with one value in every training row has nothing to learn (and no R^2)."""
+    values = table.target[rows]
+    if np.ptp(values) == 0:
+        raise DataError(f"the target column {table.schema.target!r} is {values[0]:g} in every training row: there is nothing to learn")
+
+
 def make_split(table: Table, rows: np.ndarray, scaling: Scaling) -> Split:
     return Split(scaling.features(table.features[rows]), scaling.target(table.target[rows]), rows)
 
 
 def build_regression_data(table: Table, *, test_fraction: float, val_fraction: float, seed: int, standardize: bool) -> RegressionData:
     train, val, test = split_rows(len(table.target), test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
+    require_spread(table, train)
     scaling = fit_scaling(table, train, standardize=standardize)
     return RegressionData(
         table, scaling, make_split(table, train, scaling),
