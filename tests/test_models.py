@@ -298,5 +298,19 @@ def test_cli_models_lists_the_other_tasks_models(cli, task: str, names: list[str
     assert listing.code == 0, listing.err
     lines = listing.out.strip().splitlines()
     assert [line.split()[0] for line in lines] == names and all(line.rstrip().endswith(".") for line in lines)
-    refused = cli("models", "summary", names[0])  # linear, gcn: not image models
-    assert refused.code == 2 and f"{names[0]} is a {task} model" in refused.err and refused.err.count("\n") == 1
+    if task == "node":
+        pytest.importorskip("torch_geometric", reason="the gcn model is PyTorch Geometric's GCNConv (the graph extra)")
+    refused = cli("models", "summary", names[0])  # linear, gcn: no image shape, a feature count is needed
+    assert refused.code == 2 and f"{names[0]} is a {task} model: give --input F" in refused.err and refused.err.count("\n") == 1
+    summary = cli("models", "summary", names[0], "--input", "12", "--classes", "3")  # the task found from the name alone
+    assert summary.code == 0, summary.err
+    assert summary.out.startswith(f"{names[0]}: input 12 features")
+    expected = 12 + 1 if task == "regression" else 12 * 16 + 16 + 16 * 3 + 3  # linear: 12 weights and a bias; gcn: two GCNConv layers
+    assert f"total parameters: {expected:,}" in summary.out
+    rows = [line.split() for line in summary.out.splitlines()[3:-1]]
+    assert sum(int(row[-1].replace(",", "")) for row in rows) == expected  # every parameter in one row (GCNConv's bias too)
+    mlp = cli("models", "summary", "mlp", "--task", task, "--input", "5", "--model.hidden", "4", "--classes", "3")
+    assert (
+        mlp.code == 0
+        and f"total parameters: {5 * 4 + 4 + 4 * (1 if task == 'regression' else 3) + (1 if task == 'regression' else 3)}" in mlp.out
+    )

@@ -333,9 +333,9 @@ def print_epoch(epochs: int) -> Callable[[Row], None]:
 def add_models_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=["list", "summary"], default="list", help="list (default) or summary")
     parser.add_argument("name", nargs="?", metavar="NAME", help="summary: the registered model")
-    parser.add_argument("--input", default="1x28x28", metavar="CxHxW", help="summary: input shape (default 1x28x28)")
+    parser.add_argument("--input", metavar="CxHxW|F", help="summary: image shape (default 1x28x28), or features per row or node")
     parser.add_argument("--classes", type=int, default=10, metavar="N", help="summary: number of classes (default 10)")
-    parser.add_argument("--task", default="image", choices=TASKS, help="list: the image (default), regression or node models")
+    parser.add_argument("--task", default="image", choices=TASKS, help="the image (default), regression or node models")
     parser.epilog = "summary takes model settings as in train: --model.hidden 200 --model.activation sigmoid ..."
 
 
@@ -358,7 +358,7 @@ def task_models(task: str) -> Any:
 
 
 def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.models import build_model, format_summary, summarize_model
+    from deepfit.models import format_summary, summarize_model
 
     if args.action == "list":
         if args.name or extra:
@@ -370,20 +370,53 @@ def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return 0
     if not args.name or args.classes < 1:
         raise UsageError("usage: deepfit models summary NAME --input CxHxW [--classes N] (N >= 1)")
-    if args.task != "image":
-        raise UsageError("deepfit models summary draws image models layer by layer (CxHxW inputs)")
-    if args.name not in task_models("image") and (others := [t for t in TASKS[1:] if args.name in task_models(t)]):
-        raise UsageError(f"{args.name} is a {' and '.join(others)} model; deepfit models summary draws image models layer by layer")
-    config = Config()
+    task = summary_task(args.name, args.task)
+    config = task_defaults(task)
     set_value(config, "model.name", args.name)
     for key, value in parse_overrides(extra):
         if not key.startswith("model."):
             raise UsageError(f"--{key}: deepfit models summary takes only --model.* settings")
         set_flag(config, key, value)
-    shape = input_shape(args.input)
-    model = build_model(config.model, input_shape=shape, num_classes=args.classes)
-    print(format_summary(summarize_model(model, shape), title=args.name))
+    model, shape, extra_inputs = summary_model(task, config, args)
+    print(format_summary(summarize_model(model, shape, extra_inputs=extra_inputs), title=args.name))
     return 0
+
+
+def summary_task(name: str, task: str) -> str:
+    """--task when given; else image, or the one other task that alone has a model of that name."""
+    if task != "image" or name in task_models("image"):
+        return task
+    others = [t for t in TASKS[1:] if name in task_models(t)]
+    return others[0] if len(others) == 1 else task
+
+
+def summary_model(task: str, config: Config, args: argparse.Namespace) -> tuple[Any, tuple[int, ...], tuple[Any, ...]]:
+    """The model to summarise, the shape of one input item, and any further forward arguments."""
+    if task == "image":
+        from deepfit.models import build_model
+
+        shape = input_shape(args.input or "1x28x28")
+        return build_model(config.model, input_shape=shape, num_classes=args.classes), shape, ()
+    features = feature_count(args.input, task, args.name)
+    if task == "regression":
+        from deepfit.regression.models import build_regression_model
+
+        return build_regression_model(config.model, num_features=features), (features,), ()
+    import torch
+
+    from deepfit.graph.models import build_node_model
+
+    m = config.model
+    model = build_node_model(m.name, in_features=features, num_classes=args.classes, hidden=list(m.hidden), dropout=m.dropout)
+    return model, (features,), (torch.tensor([[0, 1], [1, 0]]),)  # two nodes joined by an edge
+
+
+def feature_count(text: str | None, task: str, name: str) -> int:
+    what = "a table row" if task == "regression" else "a node"
+    if text is None or not text.isdigit() or int(text) < 1:
+        given = "" if text is None else f" ({text!r} is not a count)"
+        raise UsageError(f"{name} is a {task} model: give --input F, the number of features of {what}{given}, for example --input 10")
+    return int(text)
 
 
 def input_shape(text: str) -> tuple[int, int, int]:

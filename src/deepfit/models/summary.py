@@ -22,7 +22,7 @@ class LayerRow:
 
 @dataclass
 class ModelSummary:
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # one item: CxHxW for an image, (F,) for a table row or a node
     rows: list[LayerRow]
     total: int  # all parameters of the model
     trainable: int  # those with requires_grad
@@ -32,20 +32,21 @@ class ModelSummary:
         return self.rows[-1].output_shape if self.rows else ()
 
 
-def summarize_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
-    """Run a batch of two zero images (eval mode, no gradients) and record every leaf module call."""
+def summarize_model(model: nn.Module, input_shape: tuple[int, ...], *, extra_inputs: tuple[Any, ...] = ()) -> ModelSummary:
+    """Run a batch of two zero items (eval mode, no gradients) and record every leaf module call;
+    `extra_inputs` follow the batch in the call (a node model's edge_index)."""
     rows: list[LayerRow] = []
     seen: set[str] = set()
-    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    leaves = [(name or "(model)", m) for name, m in model.named_modules() if owns_parameters(m) or not list(m.children())]
     handles = [m.register_forward_hook(recorder(name, rows, seen)) for name, m in leaves]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(2, *input_shape))  # (2, C, H, W): 2, not 1, so shape errors show
+            model(torch.zeros(2, *input_shape), *extra_inputs)  # (2, C, H, W): 2, not 1, so shape errors show
     except RuntimeError as err:  # torch's shape errors
-        c, h, w = input_shape
-        raise ConfigError(f"{type(model).__name__} cannot take {c}x{h}x{w} input: {' '.join(str(err).split())[:200]}") from None
+        shown = "x".join(map(str, input_shape))
+        raise ConfigError(f"{type(model).__name__} cannot take {shown} input: {' '.join(str(err).split())[:200]}") from None
     finally:
         model.train(was_training)
         for handle in handles:
@@ -53,6 +54,12 @@ def summarize_model(model: nn.Module, input_shape: tuple[int, int, int]) -> Mode
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(input_shape, rows, total, trainable)
+
+
+def owns_parameters(module: nn.Module) -> bool:
+    """A module with parameters of its own besides its children's (PyG's GCNConv: its bias) gets a
+    row of its own, after its children's, so the rows add up to the total."""
+    return any(True for _ in module.parameters(recurse=False))
 
 
 def recorder(name: str, rows: list[LayerRow], seen: set[str]) -> Any:
@@ -74,8 +81,9 @@ def format_summary(summary: ModelSummary, title: str) -> str:
     lines = [(r.name, r.kind, "x".join(map(str, r.output_shape)), f"{r.params:,}") for r in summary.rows]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(4)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    c, h, w = summary.input_shape
-    out = [f"{title}: input {c}x{h}x{w}", fmt.format(*header), "  ".join("-" * w for w in widths)]
+    shape = "x".join(map(str, summary.input_shape))
+    what = "" if len(summary.input_shape) == 3 else " features"
+    out = [f"{title}: input {shape}{what}", fmt.format(*header), "  ".join("-" * w for w in widths)]
     out += [fmt.format(*line) for line in lines]
     out.append(f"total parameters: {summary.total:,} (trainable {summary.trainable:,})")
     return "\n".join(out)
