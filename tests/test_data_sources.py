@@ -526,3 +526,14 @@ def test_named_datasets_are_cached_and_follow_their_files(tiny_idx: Path, tmp_pa
     write_idx(tiny_idx / "train-labels-idx1-ubyte", (np.arange(120) % 2).astype(np.uint8), compress=True)
     os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
     assert load_source(config, seed=0).train.labels.max() == 1
+
+
+def test_a_named_dataset_too_big_once_resized_stops_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepfit.data.bundle
+
+    monkeypatch.setattr(deepfit.data.bundle, "device_memory", lambda device: 10 * 2**20)  # a machine of 10 MiB
+    with pytest.raises(DataError) as caught:
+        build_data(DataConfig(name="digits", image_size=64), seed=0)
+    assert "1,797 images resized to 64x64 take 0.0 GB in memory, over half of this machine's 0.0 GB" in str(caught.value)
+    monkeypatch.setattr(deepfit.data.bundle, "device_memory", lambda device: 64 * 2**30)
+    assert tuple(build_data(DataConfig(name="digits", image_size=64), seed=0).train.images.shape[1:]) == (1, 64, 64)  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ optimizer step), resnet18's weights, freezing and learning-rate groups, --init-f
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.error
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from deepfit.checkpoint import load_checkpoint
-from deepfit.config import ModelConfig
+from deepfit.config import Config, ModelConfig
 from deepfit.errors import CheckpointError, ConfigError
 from deepfit.models import (
     build_model,
@@ -314,3 +315,29 @@ def test_cli_models_lists_the_other_tasks_models(cli, task: str, names: list[str
         mlp.code == 0
         and f"total parameters: {5 * 4 + 4 + 4 * (1 if task == 'regression' else 3) + (1 if task == 'regression' else 3)}" in mlp.out
     )
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "resnet18"])
+def test_training_memory_estimate_matches_a_real_forward_pass(name: str) -> None:
+    """training_bytes builds the model on the meta device; the same sums from a real model's summary."""
+    from deepfit.models import training_bytes
+
+    shape = (3, 40, 40)
+    config = Config()
+    config.model.name = name
+    summary = summarize_model(build_model(config.model, input_shape=shape, num_classes=5), shape)
+    activations = sum(4 * math.prod(row.output_shape) for row in summary.rows)  # float32 outputs per image
+    assert training_bytes(config.model, shape, 5, batch_size=16) == 4 * 4 * summary.total + 16 * activations
+
+
+def test_training_that_cannot_fit_in_memory_stops_before_the_model_is_built(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import deepfit.fitparts
+
+    monkeypatch.setattr(deepfit.fitparts, "device_memory", lambda device: 50 * 2**20)  # a machine of 50 MiB
+    built: list[str] = []
+    monkeypatch.setattr(deepfit.fitparts, "build_model", lambda *a, **k: built.append("built"))
+    args = ["train", "--data", "digits", "--data.image-size", "170", "--epochs", "1", "--no-progress", "--out", "run"]
+    result = cli(*args)
+    assert result.code == 2 and "cnn_bn on 1x170x170 images in batches of 128 needs about" in result.err
+    assert "more than the 0.1 GB this machine has: lower --data.image-size or --data.batch-size" in result.err
+    assert built == [] and not (tmp_path / "run").exists()

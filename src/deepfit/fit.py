@@ -34,6 +34,7 @@ from deepfit.fitparts import (
     choose_schedule,
     class_weights,
     make_optimizer,
+    require_training_memory,
     save_skipped,
     warn_unsafe_tta,
 )
@@ -147,6 +148,8 @@ def prepare_run(
     device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     require_classes(bundle)
+    if model is None:  # a registered model: built on the meta device first when the images are large
+        require_training_memory(config, bundle, device)
     net, init = build_network(config, bundle, model, fresh=resume is None)
     net, channels_last = place_model(net, config.model.channels_last, device)
     loader = build_loader(

@@ -16,8 +16,9 @@ from deepfit.config import Config
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
 from deepfit.errors import ConfigError
-from deepfit.models import build_model, freeze_backbone, parameter_groups
+from deepfit.models import build_model, freeze_backbone, parameter_groups, training_bytes
 from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, resolve_schedule
+from deepfit.runtime import device_memory
 from deepfit.trained import InitReport, init_from_data, init_weights
 
 SKIPPED_FILE = "skipped_files.csv"  # the bad files data.skip_bad left out: path, reason
@@ -50,6 +51,26 @@ def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *
     if config.model.freeze == "backbone":
         freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
     return model, init
+
+
+PROBE_ABOVE = 3 * 96 * 96  # input values per image above which training's memory is estimated first (MNIST, CIFAR: not)
+
+
+def require_training_memory(config: Config, bundle: DataBundle, device: torch.device) -> None:
+    """A registered model on large images: stop in one line when training would need more than
+    the device's memory (an image size that makes the classifier's first layer tens of GB, say),
+    rather than be killed by the operating system partway through building it."""
+    c, h, w = bundle.input_shape
+    if c * h * w <= PROBE_ABOVE or not (have := device_memory(device)):
+        return
+    need = training_bytes(config.model, bundle.input_shape, bundle.num_classes, config.data.batch_size)
+    if need > have:
+        where = "the GPU has" if device.type == "cuda" else "this machine has"
+        raise ConfigError(
+            f"{config.model.name} on {c}x{h}x{w} images in batches of {config.data.batch_size} needs about {need / 1e9:.1f} GB to train"
+            f" (weights, gradients, optimizer state, activations), more than the {have / 1e9:.1f} GB {where}:"
+            " lower --data.image-size or --data.batch-size"
+        )
 
 
 def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torch.optim.Optimizer:

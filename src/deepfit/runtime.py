@@ -99,3 +99,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 
 def default_cache_dir() -> str:
     return os.environ.get("DEEPFIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "deepfit"))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has: the GPU's total, or the machine's RAM (0 when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows) or no such name
+        return 0

@@ -9,6 +9,7 @@ import torch
 from deepfit.columns import display_width, pad
 from deepfit.data.balance import imbalance_warning
 from deepfit.errors import DataError
+from deepfit.runtime import device_memory
 
 
 @dataclass
@@ -116,6 +117,7 @@ def conform(source: SourceData, *, channels: int | None, image_size: int | None)
     """Every split converted to `channels` (1 or 3) and resized to `image_size` squared, where
     asked and not already so (image folders are decoded that way; named datasets are not)."""
     val, test = source.val, source.test
+    require_memory_for(source, channels, image_size)
     return replace(
         source,
         train=conform_set(source.train, channels, image_size),
@@ -124,11 +126,32 @@ def conform(source: SourceData, *, channels: int | None, image_size: int | None)
     )
 
 
-def conform_set(images: ImageSet, channels: int | None, image_size: int | None, chunk: int = 4096) -> ImageSet:
+def require_memory_for(source: SourceData, channels: int | None, image_size: int | None) -> None:
+    """A named dataset is resized in memory: stop in one line when the result cannot fit (over half
+    the machine's memory) instead of failing on an allocation partway."""
+    if not image_size:
+        return
+    splits = [s for s in (source.train, source.val, source.test) if s is not None]
+    count = sum(len(s) for s in splits)
+    need = count * (channels or int(source.train.images.shape[1])) * image_size**2
+    have = device_memory(torch.device("cpu"))
+    if have and need * 2 > have:
+        raise DataError(
+            f"{source.origin}: {count:,} images resized to {image_size}x{image_size} take {need / 1e9:.1f} GB in memory, over half of"
+            f" this machine's {have / 1e9:.1f} GB: lower --data.image-size"
+        )
+
+
+CHUNK_BYTES = 256 * 2**20  # float32 working memory of one resize: 4096 images of 28x28, or fewer larger ones
+
+
+def conform_set(images: ImageSet, channels: int | None, image_size: int | None) -> ImageSet:
     _, c, h, w = images.images.shape
     size = [image_size, image_size] if image_size and (h, w) != (image_size, image_size) else None
     if channels in (None, c) and size is None:
         return images
+    out = (channels or c) * (size[0] * size[1] if size else h * w)
+    chunk = max(1, min(4096, CHUNK_BYTES // (4 * max(out, c * h * w))))
     parts = [conform_chunk(images.images[i : i + chunk], channels or c, size) for i in range(0, len(images), chunk)]
     return ImageSet(torch.cat(parts) if parts else images.images, images.labels)
 

@@ -16,7 +16,7 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 
 # Importing the modules registers their models.
 from deepfit.models import cnns, fast, mlp, resnet, whitening  # noqa: E402,F401
-from deepfit.models.summary import ModelSummary, format_summary, summarize_model  # noqa: E402
+from deepfit.models.summary import ModelSummary, format_summary, summarize_model, training_bytes  # noqa: E402
 from deepfit.models.transfer import (  # noqa: E402
     WeightCopy,
     copy_matching_weights,
@@ -43,6 +43,7 @@ __all__ = [
     "parameter_groups",
     "starts_pretrained",
     "summarize_model",
+    "training_bytes",
 ]
 
 

@@ -62,6 +62,32 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def training_bytes(arch: Any, input_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> int:
+    """About what training the registered model `arch` takes: parameters four times (weights,
+    gradients and an optimizer's two moments) and every leaf module's output per item (what the
+    backward pass keeps). Measured on a copy built on the meta device: shapes, no memory."""
+    import dataclasses
+
+    from deepfit.models import build_model
+
+    bare = dataclasses.replace(arch, weights=None, init_from=None)  # nothing to download or read
+    with torch.device("meta"):
+        model = build_model(bare, input_shape=input_shape, num_classes=num_classes)
+    outputs = [0]
+
+    def count(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs[0] += output.numel() * output.element_size()
+
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model.eval()(torch.empty(2, *input_shape, device="meta"))
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 4 * parameters + batch_size * outputs[0] // 2
+
+
 def recorder(name: str, rows: list[LayerRow], seen: set[str]) -> Any:
     """A forward hook appending one row per call; a reused module (ResNet's relu) owns its
     parameters once."""
