@@ -341,3 +341,14 @@ def test_training_that_cannot_fit_in_memory_stops_before_the_model_is_built(cli,
     assert result.code == 2 and "cnn_bn on 1x170x170 images in batches of 128 needs about" in result.err
     assert "more than the 0.1 GB this machine has: lower --data.image-size or --data.batch-size" in result.err
     assert built == [] and not (tmp_path / "run").exists()
+
+
+def test_a_model_that_cannot_run_on_meta_tensors_gets_no_estimate() -> None:
+    from deepfit.models import training_bytes
+    from deepfit.models.summary import meta_training_bytes
+
+    config = Config()
+    config.model.name = "nosuchnet"
+    assert training_bytes(config.model, (3, 40, 40), 5, batch_size=16) is None  # no estimate, so no check and no crash
+    with pytest.raises(Exception):  # noqa: B017  the failure training_bytes absorbs
+        meta_training_bytes(config.model, (3, 40, 40), 5, batch_size=16)

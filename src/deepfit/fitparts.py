@@ -64,7 +64,7 @@ def require_training_memory(config: Config, bundle: DataBundle, device: torch.de
     if c * h * w <= PROBE_ABOVE or not (have := device_memory(device)):
         return
     need = training_bytes(config.model, bundle.input_shape, bundle.num_classes, config.data.batch_size)
-    if need > have:
+    if need is not None and need > have:
         where = "the GPU has" if device.type == "cuda" else "this machine has"
         raise ConfigError(
             f"{config.model.name} on {c}x{h}x{w} images in batches of {config.data.batch_size} needs about {need / 1e9:.1f} GB to train"

@@ -62,10 +62,18 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def training_bytes(arch: Any, input_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> int:
+def training_bytes(arch: Any, input_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> int | None:
     """About what training the registered model `arch` takes: parameters four times (weights,
     gradients and an optimizer's two moments) and every leaf module's output per item (what the
-    backward pass keeps). Measured on a copy built on the meta device: shapes, no memory."""
+    backward pass keeps). Measured on a copy built on the meta device: shapes, no memory. None
+    for a model that cannot be built or run there (a user's class that reads values, say)."""
+    try:
+        return meta_training_bytes(arch, input_shape, num_classes, batch_size)
+    except Exception:  # any failure of someone's model on meta tensors: no estimate, no check
+        return None
+
+
+def meta_training_bytes(arch: Any, input_shape: tuple[int, int, int], num_classes: int, batch_size: int) -> int:
     import dataclasses
 
     from deepfit.models import build_model
