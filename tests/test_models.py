@@ -310,6 +310,8 @@ def test_cli_models_lists_the_other_tasks_models(cli, task: str, names: list[str
     assert f"total parameters: {expected:,}" in summary.out
     rows = [line.split() for line in summary.out.splitlines()[3:-1]]
     assert sum(int(row[-1].replace(",", "")) for row in rows) == expected  # every parameter in one row (GCNConv's bias too)
+    as_image = cli("models", "summary", "mlp", "--input", "5")  # mlp is an image model too: CxHxW unless told
+    assert as_image.code == 2 and "a feature count is for --task regression or --task node" in as_image.err
     mlp = cli("models", "summary", "mlp", "--task", task, "--input", "5", "--model.hidden", "4", "--classes", "3")
     assert (
         mlp.code == 0

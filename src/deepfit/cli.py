@@ -423,7 +423,8 @@ def input_shape(text: str) -> tuple[int, int, int]:
     """'1x28x28' -> (1, 28, 28)."""
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UsageError(f"--input {text!r} is not CxHxW (for example 1x28x28 or 3x32x32)")
+        count = "; a feature count is for --task regression or --task node" if text.isdigit() else ""
+        raise UsageError(f"--input {text!r} is not CxHxW (for example 1x28x28 or 3x32x32){count}")
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
