@@ -333,3 +333,10 @@ def test_a_constant_target_stops_in_one_line_before_the_run_folder(cli, tmp_path
     result = cli("train", "--data", "flat.csv", "--target", "y", "--epochs", "2", "--no-progress", "--out", "run")
     assert result.code == 2 and "the target column 'y' is 7.5 in every training row: there is nothing to learn" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_show_with_run_and_figure_swapped_says_the_order(cli, trained: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
+    run, _ = trained
+    swapped = cli("show", str(run), "curves")
+    assert swapped.code == 2 and f"the figure comes first: deepfit show curves {run}" in swapped.err
+    assert cli("show", "curves", str(run)).code == 0

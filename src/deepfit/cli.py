@@ -479,6 +479,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.inspect import FIGURE_KINDS, ShowOptions, load_run, make_figure
     from deepfit.plots import save_figure
 
+    if Path(args.kind).exists() and not Path(args.run).exists():  # `show RUN KIND`: the two swapped
+        raise UsageError(f"the figure comes first: deepfit show {args.run} {args.kind}")
     if task_of(args.run) == "regression":
         return show_regression(args)
     if task_of(args.run) == "node":
