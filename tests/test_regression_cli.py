@@ -340,3 +340,11 @@ def test_show_with_run_and_figure_swapped_says_the_order(cli, trained: tuple[Pat
     swapped = cli("show", str(run), "curves")
     assert swapped.code == 2 and f"the figure comes first: deepfit show curves {run}" in swapped.err
     assert cli("show", "curves", str(run)).code == 0
+
+
+def test_evaluate_on_another_table_names_the_data_row_it_cannot_read(cli, trained: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, _ = trained
+    (tmp_path / "other.csv").write_text("a,b,y\n1,2,3\n2,3,lots\n")
+    result = cli("evaluate", str(run), "--data", "other.csv")
+    assert result.code == 2 and "other.csv data row 2: column 'y' has 'lots', not a number" in result.err
+    assert len(result.err.strip().splitlines()) == 1

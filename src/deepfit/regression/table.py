@@ -242,11 +242,16 @@ def encode_rows(
         raise DataError(
             f"{path}: {plural(dropped, 'row')} of {len(rows)} have missing values: {detail}; drop them with --data.drop-missing true"
         )
-    kept = [dict(zip(header, row, strict=True)) for row, gap in zip(rows, gaps, strict=True) if not gap]
+    kept = [(n, dict(zip(header, row, strict=True))) for n, (row, gap) in enumerate(zip(rows, gaps, strict=True), start=1) if not gap]
     if not kept:
         raise DataError(f"{path}: every row has a missing value; nothing is left to train on")
-    features = [schema.encode(record) for record in kept]
-    targets = [parse_number(record[schema.target].strip(), schema.target) for record in kept]
+    features, targets = [], []
+    for number, record in kept:
+        try:
+            features.append(schema.encode(record))
+            targets.append(parse_number(record[schema.target].strip(), schema.target))
+        except ValueError as err:  # an unseen category, text in a number column
+            raise DataError(f"{path} data row {number}: {err}") from None
     return np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64), dropped
 
 
