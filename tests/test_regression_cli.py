@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,13 @@ def test_evaluate_on_another_table_names_the_data_row_it_cannot_read(cli, traine
     result = cli("evaluate", str(run), "--data", "other.csv")
     assert result.code == 2 and "other.csv data row 2: column 'y' has 'lots', not a number" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_r2_of_one_row_is_said_to_be_undefined_and_written_as_json_null(cli, trained: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = Path(shutil.copytree(trained[0], tmp_path / "run"))  # its report.json is rewritten: the module's run stays as it was
+    (tmp_path / "one.csv").write_text("a,b,y\n1,2,3\n")
+    result = cli("evaluate", str(run), "--data", "one.csv")
+    assert result.code == 0 and "r2 n/a (needs targets that differ)" in result.out
+    report = json.loads((run / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
+    assert report["r2"] is None and report["rows"] == 1 and report["mse"] >= 0
+    assert cli("report", str(run)).code == 0 and "<td>n/a</td>" in (run / "report.html").read_text()

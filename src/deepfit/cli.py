@@ -830,7 +830,8 @@ def evaluate_regression_cmd(args: argparse.Namespace) -> int:
         raise UsageError("--skip-bad leaves out bad image files; a regression table has none")
     result = evaluate_regression(args.run, data=args.data, split=args.split)
     m = result.metrics
-    print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {m['r2']:.4f}")
+    r2 = f"{m['r2']:.4f}" if m["r2"] == m["r2"] else "n/a (needs targets that differ)"
+    print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2}")
     print(f"report: {result.report_path}")
     print(f"figures: {', '.join(str(p) for p in result.figure_paths)}")
     return 0

@@ -5,6 +5,7 @@ report.json and the predicted-vs-actual and residual figures beside the run."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def evaluate_regression(path: str | Path, *, data: str | None = None, split: str
         "split": described,
         "target": trained.target,
         "rows": len(target),
-        **metrics,
+        **{key: value if math.isfinite(value) else None for key, value in metrics.items()},  # R^2 of one row, or of equal targets: null
     }
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     save_figures(predicted, target, trained.target, described, figures)

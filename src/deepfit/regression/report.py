@@ -91,4 +91,4 @@ def evaluation(path: Path) -> str:
         return f"<p class='note'>report.json could not be read: {esc(err)}</p>"
     if not isinstance(report, dict):
         return f"<pre>{esc(json.dumps(report))}</pre>"
-    return table([{"metric": k, "value": number(v) if isinstance(v, float) else v} for k, v in report.items()])
+    return table([{"metric": k, "value": number(v) if isinstance(v, float) else "n/a" if v is None else v} for k, v in report.items()])
