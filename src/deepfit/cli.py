@@ -323,6 +323,11 @@ def format_init(init: InitReport) -> str:
     return "\n".join(lines)
 
 
+def r2_text(value: float) -> str:
+    """R^2 to 4 places; undefined (NaN) for one row or equal targets, said so."""
+    return f"{value:.4f}" if value == value else "n/a (needs targets that differ)"
+
+
 def print_epoch(epochs: int) -> Callable[[Row], None]:
     def echo(row: Row) -> None:
         print(format_epoch(row, epochs), flush=True)
@@ -739,7 +744,7 @@ def train_regression(config: Config, args: argparse.Namespace) -> int:
     metrics = result.metrics
     if metrics:
         print(
-            f"test_mse {metrics['test_mse']:.4g}  test_rmse {metrics['test_rmse']:.4g}  test_mae {metrics['test_mae']:.4g}  test_r2 {metrics['test_r2']:.4f}"
+            f"test_mse {metrics['test_mse']:.4g}  test_rmse {metrics['test_rmse']:.4g}  test_mae {metrics['test_mae']:.4g}  test_r2 {r2_text(metrics['test_r2'])}"
         )
     else:  # a table too small to hold rows out
         print(f"no test rows to score: deepfit evaluate {result.run_dir} --data OTHER.csv scores another table")
@@ -830,8 +835,7 @@ def evaluate_regression_cmd(args: argparse.Namespace) -> int:
         raise UsageError("--skip-bad leaves out bad image files; a regression table has none")
     result = evaluate_regression(args.run, data=args.data, split=args.split)
     m = result.metrics
-    r2 = f"{m['r2']:.4f}" if m["r2"] == m["r2"] else "n/a (needs targets that differ)"
-    print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2}")
+    print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2_text(m['r2'])}")
     print(f"report: {result.report_path}")
     print(f"figures: {', '.join(str(p) for p in result.figure_paths)}")
     return 0
