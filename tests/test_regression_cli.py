@@ -104,8 +104,7 @@ def test_data_info_describes_a_table_and_names_its_stray_cell(cli, tmp_path: Pat
     assert f"{table}: {ROWS} rows, 1 feature(s) -> y" in info.out and "features: b\n" in info.out
     assert "ignored text column(s): id, a, city" in info.out and "column 'a' holds numbers but 'n.a.' in data row 3: fix" in info.out
     for args, message in (
-        (("info", str(table), "--data.task", "regression"), "name the column to predict with --data.target COLUMN"),
-        (("show", str(table), "--data.task", "regression", "--data.target", "y"), "a regression table has no images to draw"),
+        (("info", str(table), "--data.task", "regression"), "name the column to predict with --target COLUMN"),
         (("info", str(table), "--data.task", "node"), "a node task's edge-list CSV needs its node table: --data.nodes"),
     ):
         refused = cli("data", *args)
@@ -359,3 +358,18 @@ def test_r2_of_one_row_is_said_to_be_undefined_and_written_as_json_null(cli, tra
     report = json.loads((run / "report.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
     assert report["r2"] is None and report["rows"] == 1 and report["mse"] >= 0
     assert cli("report", str(run)).code == 0 and "<td>n/a</td>" in (run / "report.html").read_text()
+
+
+def test_data_info_and_show_take_target_as_train_does(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    write_table(tmp_path / "table.csv")
+    info = cli("data", "info", "table.csv", "--target", "y", "--features", "a,b")
+    assert info.code == 0 and info.out.startswith("table.csv: ") and "2 feature(s) -> y" in info.out
+    shown = cli("data", "show", "table.csv", "--target", "y", "--out", "look.png")
+    assert shown.code == 0 and shown.out.strip() == "look.png"
+    from PIL import Image
+
+    with Image.open(tmp_path / "look.png") as image:
+        assert image.width > 600 and image.height > 250  # a panel per feature, side by side
+    one = cli("data", "show", "table.csv", "--target", "y", "--count", "1", "--out", "one.png")
+    with Image.open(tmp_path / "one.png") as image:
+        assert one.code == 0 and image.width < 600  # --count 1: the most correlated feature alone

@@ -655,9 +655,12 @@ def add_data_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", default="0", help="seed of the validation split and of the samples shown")
     parser.add_argument("--out", metavar="PNG", help="show: the file to write (default SOURCE-samples.png)")
     parser.add_argument("--count", type=int, default=32, help="show: how many samples (default 32)")
+    parser.add_argument("--target", metavar="COLUMN", help="a regression table: the column to predict (as in train)")
+    parser.add_argument("--features", metavar="A,B,C", help="a regression table: the feature columns (default: every numeric one)")
     parser.epilog = (
         "Data settings are given as in train: --data.image-size 64 --data.channels 3 --data.skip-bad true ... "
-        "A regression table: deepfit data info FILE.csv --data.target COLUMN; a graph: deepfit data info karate|cora (or EDGES.csv --data.task node --data.nodes NODES.csv)"
+        "A regression table: deepfit data info|show FILE.csv --target COLUMN (show: each feature against the target); "
+        "a graph: deepfit data info karate|cora (or EDGES.csv --data.task node --data.nodes NODES.csv)"
     )
 
 
@@ -670,6 +673,9 @@ def data_config(args: argparse.Namespace, extra: Sequence[str], base: Config | N
     if args.data_dir is not None:
         set_value(config, "data.dir", args.data_dir)
     config.data.download = bool(args.download)
+    for flag, key in (("target", "data.target"), ("features", "data.features")):
+        if getattr(args, flag, None) is not None:
+            set_value(config, key, getattr(args, flag))
     for key, value in parse_overrides(extra):
         if not key.startswith("data."):
             raise UsageError(f"--{key}: deepfit data takes only --data.* settings")
@@ -683,7 +689,7 @@ def cmd_data(args: argparse.Namespace, extra: Sequence[str]) -> int:
     config = data_config(args, extra)
     task = infer_task(config.data)  # as train infers it: a target column is a table, karate and cora are graphs
     if task == "regression":
-        return describe_table(config, args.action)
+        return describe_table(config, args)
     if task == "node":
         return describe_graph(data_config(args, extra, base=task_defaults("node")), args)
     if args.action == "info":
@@ -799,15 +805,24 @@ def describe_graph(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_table(config: Config, action: str) -> int:
-    """deepfit data info for a regression table: its rows, features, target and what was left out."""
-    if action != "info":
-        raise UsageError("a regression table has no images to draw; deepfit data info SOURCE --data.task regression describes it")
+def describe_table(config: Config, args: argparse.Namespace) -> int:
+    """deepfit data info for a regression table: its rows, features, target and what was left out;
+    show: each feature against the target."""
     from deepfit.regression.sources import TABLES, load_table
 
     if config.data.name not in TABLES and not config.data.target:
-        raise UsageError(f"{config.data.name}: name the column to predict with --data.target COLUMN")
+        raise UsageError(f"{config.data.name}: name the column to predict with --target COLUMN")
     table = load_table(config.data)
+    if args.action == "show":
+        from deepfit.plots import save_figure
+        from deepfit.regression.figures import plot_table
+
+        title = f"{table.source}: {len(table.target):,} rows, each feature against {table.schema.target}"
+        figure = plot_table(
+            table.features, table.target, table.feature_names, target_name=table.schema.target, title=title, most=min(12, args.count)
+        )
+        print(save_figure(figure, Path(args.out or f"{Path(args.source).stem}-samples.png")))
+        return 0
     print(f"{table.source}: {len(table.target)} rows, {len(table.feature_names)} feature(s) -> {table.schema.target}")
     print(f"features: {', '.join(table.feature_names)}")
     for line in table_notes(table):

@@ -77,3 +77,33 @@ def plot_feature_fit(
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     return fig
+
+
+def plot_table(features: np.ndarray, target: np.ndarray, names: list[str], *, target_name: str, title: str, most: int = 12) -> Figure:
+    """Each feature against the target, one scatter per feature (at most `most`, the most correlated
+    first), its Pearson r in the panel's title: a table's first look, as a grid of samples is an
+    image set's."""
+    from deepfit.plots import plt
+
+    r = [pearson(features[:, j], target) for j in range(features.shape[1])]
+    order = sorted(range(len(names)), key=lambda j: -abs(r[j]) if not math.isnan(r[j]) else 0.0)[: max(1, most)]
+    columns = min(4, len(order))
+    rows = math.ceil(len(order) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), layout="constrained", squeeze=False)
+    for ax, j in zip(axes.flat, order, strict=False):
+        ax.scatter(features[:, j], target, s=6, alpha=0.5)
+        ax.set_title(f"{names[j]}  (r = {r[j]:.2f})" if not math.isnan(r[j]) else names[j], fontsize=9)
+        ax.set_ylabel(target_name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(order) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """The correlation of two columns; NaN when either is constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
