@@ -238,3 +238,5 @@ def test_a_schema_encodes_json_numbers_and_nulls_as_it_encodes_their_csv_text() 
             schema.encode({"a": cell, "rooms": "2", "city": "n"})
     with pytest.raises(MissingValue, match="'city'"):
         schema.encode({"a": 1, "rooms": 2})  # no cell at all
+    with pytest.raises(ValueError, match="column 'a' holds a number too large for a float"):
+        schema.encode({"a": 10**400, "rooms": 2, "city": "n"})  # JSON's integers have no bound

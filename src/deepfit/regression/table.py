@@ -54,7 +54,7 @@ class Schema:
             cell = row.get(column)
             levels = self.categories.get(column)
             if levels is None and type(cell) in (int, float):  # a JSON number: no round trip through text
-                values.append(finite(float(cell), column))  # type: ignore[arg-type]
+                values.append(finite(as_float(cell, column), column))
                 continue
             text = cell_text(cell, column)
             if text.lower() in MISSING:
@@ -94,6 +94,14 @@ def parse_number(cell: str, column: str) -> float:
     except ValueError:
         raise ValueError(f"column {column!r} has {cell!r}, not a number") from None
     return finite(value, column)
+
+
+def as_float(cell: object, column: str) -> float:
+    """A JSON number as a float; an integer beyond float's range (JSON allows any) is refused."""
+    try:
+        return float(cell)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"column {column!r} holds a number too large for a float") from None
 
 
 def finite(value: float, column: str) -> float:
