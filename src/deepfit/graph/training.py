@@ -23,9 +23,10 @@ from deepfit.graph.models import NODE_MODELS, decay_groups
 from deepfit.graph.sources import Graph, build_graph
 from deepfit.graph.trained import build_model_for, graph_state
 from deepfit.history import Row, early_stop_reason, write_metrics_csv
-from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import StopFlag
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.runtime import seed_everything, select_device, set_threads
+from deepfit.stopping import stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 EpochFn = Callable[[Row], None]
@@ -99,16 +100,8 @@ def fit_node(
         on_start(run.graph)
     info = run_info(run.config, run.run_dir, step=run.epoch, resumed=resume is not None, history=run.history)
     with start_trackers(run.config.train.log, info) as run.tracker:  # step = epoch: one optimizer step each
-        with stop_on_signals() as run.signals:
-            try:
-                with ckpt.resumable_on_failure(run.run_dir):
-                    train_node_epochs(run, on_epoch)
-            except StopRequested as stop:
-                save_node_state(run)
-                if isinstance(stop, SignalStop):
-                    stop.run_dir = run.run_dir
-                if run.stopped_early != "time limit":
-                    raise
+        with stoppable(run.run_dir, lambda: save_node_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
+            train_node_epochs(run, on_epoch)
         result = finish_node(run)
         run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
     return result

@@ -20,13 +20,14 @@ from deepfit.config import Config, parse_duration, save_config, validate
 from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, early_stop_reason, write_metrics_csv
-from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import StopFlag
 from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.regression.batches import RowBatches, predict_values
 from deepfit.regression.models import build_regression_loss, build_regression_model, regression_metrics
 from deepfit.regression.sources import anchored, load_regression_data
 from deepfit.regression.split import RegressionData, Split
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
+from deepfit.stopping import stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
@@ -86,16 +87,8 @@ def fit_regression(
         on_start(run.data)
     info = run_info(run.config, run.run_dir, step=run.step, resumed=resume is not None, history=run.history)
     with start_trackers(run.config.train.log, info) as run.tracker:
-        with stop_on_signals() as run.signals:
-            try:
-                with ckpt.resumable_on_failure(run.run_dir):
-                    train_epochs(run, progress, on_epoch)
-            except StopRequested as stop:
-                save_state(run)
-                if isinstance(stop, SignalStop):
-                    stop.run_dir = run.run_dir
-                if run.stopped_early != "time limit":
-                    raise
+        with stoppable(run.run_dir, lambda: save_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
+            train_epochs(run, progress, on_epoch)
         result = finish(run)
         run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
     return result

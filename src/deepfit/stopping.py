@@ -1,0 +1,30 @@
+"""The stop handling the regression and node loops share: signals read at step boundaries, a
+file-system failure that names the way back, and on a stop a checkpoint written and the run
+folder attached to a signal's SignalStop; a time limit ends training without an error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from deepfit.checkpoint import resumable_on_failure
+from deepfit.errors import StopRequested
+from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+
+
+@contextlib.contextmanager
+def stoppable(run_dir: Path, save: Callable[[], None], *, finished: Callable[[], bool]) -> Iterator[StopFlag]:
+    """Train inside: yields the signal flag the loop checks. A StopRequested from the body saves
+    (`save`) and propagates, unless `finished()` says the stop ends training as planned (the time
+    limit), in which case the block simply ends."""
+    with stop_on_signals() as flag:
+        try:
+            with resumable_on_failure(run_dir):
+                yield flag
+        except StopRequested as stop:
+            save()
+            if isinstance(stop, SignalStop):
+                stop.run_dir = run_dir
+            if not finished():
+                raise
