@@ -25,6 +25,7 @@ from deepfit.serve.uploads import ApiError, Limits, parse_topk, parse_upload, re
 
 API_KEY_ENV = "DEEPFIT_API_KEY"
 STATIC_FILES = {
+    "common.js": "text/javascript; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "table.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",

@@ -2,19 +2,7 @@
 // No external scripts or fonts: it works offline.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const TOPK = 5;
-
-function headers(extra) {
-  const key = localStorage.getItem("deepfit-api-key") || "";
-  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
-}
-
-function setStatus(text, isError) {
-  const status = $("status");
-  status.textContent = text;
-  status.className = isError ? "error" : "muted";
-}
 
 async function loadModel() {
   try {
@@ -125,13 +113,7 @@ function setUpCanvas() {
   });
 }
 
-function setUpKey() {
-  const input = $("api-key");
-  input.value = localStorage.getItem("deepfit-api-key") || "";
-  input.addEventListener("change", () => { localStorage.setItem("deepfit-api-key", input.value); loadModel(); });
-}
-
-setUpKey();
+setUpKey(loadModel);
 setUpDrop();
 setUpCanvas();
 loadModel();

@@ -3,19 +3,7 @@
 // No external scripts or fonts: it works offline.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 let model = null;
-
-function headers(extra) {
-  const key = localStorage.getItem("deepfit-api-key") || "";
-  return key ? { ...extra, Authorization: "Bearer " + key } : extra;
-}
-
-function setStatus(text, isError) {
-  const status = $("status");
-  status.textContent = text;
-  status.className = isError ? "error" : "muted";
-}
 
 function field(column) {
   const label = document.createElement("label");
@@ -112,9 +100,7 @@ function setUp() {
     const text = $("csv").value;
     predict(text, "text/csv", parseCsv(text), "the pasted rows");
   });
-  const input = $("api-key");
-  input.value = localStorage.getItem("deepfit-api-key") || "";
-  input.addEventListener("change", () => { localStorage.setItem("deepfit-api-key", input.value); loadModel(); });
+  setUpKey(loadModel);
 }
 
 setUp();
