@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -122,3 +123,12 @@ def save_json(payload: dict[str, Any], name: str) -> Path:
 
 def as_dicts(results: list[Result]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
+
+
+def doc_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring's first line as the description, the rest (usage,
+    what it measures) shown verbatim after the options."""
+    lines = (doc or "").splitlines()
+    return argparse.ArgumentParser(
+        description=lines[0] if lines else None, epilog="\n".join(lines[1:]), formatter_class=argparse.RawDescriptionHelpFormatter
+    )

@@ -30,16 +30,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import DATASETS, machine, save_json
+from bench.common import DATASETS, doc_parser, machine, save_json
 from bench.serve_load import Load, agreement, deepfit_server, format_loads, litserve_server, run_load, write_pngs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="Fashion-MNIST run folder or checkpoint (cnn_bn for the issue's figures)")
     parser.add_argument(
         "--data-dir", default=str(DATASETS / "fashion-mnist"), help="folder of the Fashion-MNIST IDX files (test split used)"

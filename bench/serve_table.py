@@ -25,16 +25,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, save_json
+from bench.common import doc_parser, machine, save_json
 from bench.serve_load import deepfit_server, free_port, server_process
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="\n".join(__doc__.splitlines()[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="regression run folder or checkpoint")
     parser.add_argument("--rows", default="1,100,10000", help="rows per request, comma-separated (default 1,100,10000)")
     parser.add_argument("--repeats", type=int, default=30, help="requests per size and server (default 30)")
