@@ -189,10 +189,9 @@ def resume_lines(run_dir: Path, config: Config) -> list[str]:
 def refuse_ranks(task: str, devices: int | None) -> None:
     """Regression and node runs train in one process (a table or a graph is a few full batches);
     N ranks (--devices N, or torchrun) would each write the same run folder."""
-    import os
+    from deepfit.distributed import env_world
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    ranks = int(world) if world.isdigit() else 1
+    ranks = env_world().size
     if (devices or 1) > 1:
         raise UsageError(f"--devices {devices}: {task} runs train in one process; train without --devices")
     if ranks > 1:
@@ -647,7 +646,9 @@ def tqdm_files(items: Iterable[Any], description: str, total: int) -> Iterable[A
 
 def add_data_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "action", choices=["info", "show"], help="info: splits, classes, shape, stats; show: a PNG grid of samples (a graph: its A and X)"
+        "action",
+        choices=["info", "show"],
+        help="info: splits, classes, shape, stats; show: a PNG grid of samples (a graph: its A and X; a table: each feature against the target)",
     )
     parser.add_argument("source", metavar="SOURCE", help="dataset name (digits, mnist, cifar10, ...) or a folder, .zip, .csv or .csv.gz")
     parser.add_argument("--data-dir", help="folder holding the dataset files")
