@@ -130,3 +130,23 @@ def test_the_cli_prints_how_to_resume_and_exits_with_a_distinct_code(tiny_idx: P
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(last)["epoch"] == state["epoch"] + 1
+
+
+def test_presses_during_any_tasks_stop_save_do_not_abandon_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """stoppable() is the stop every task's loop goes through (image, regression, node): the
+    checkpoint it writes on a stop finishes through further presses, which would otherwise be the
+    second and third and abandon the run."""
+    from deepfit.stopping import stoppable
+
+    saved: list[int] = []
+
+    def save() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        saved.append(1)
+
+    with pytest.raises(SignalStop) as stop, stoppable(tmp_path, save, finished=lambda: False) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        flag.check()
+    assert saved == [1] and flag.count == 3 and stop.value.run_dir == tmp_path
+    assert capsys.readouterr().err.count("still writing the checkpoint; it finishes first") == 2

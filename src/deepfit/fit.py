@@ -39,13 +39,14 @@ from deepfit.fitparts import (
     warn_unsafe_tta,
 )
 from deepfit.history import LR_FILE, Row, early_stop_reason, write_lr_csv, write_metrics_csv
-from deepfit.interrupts import NothingTrained, SignalStop, stop_on_signals, take_early_interrupt
+from deepfit.interrupts import NothingTrained, take_early_interrupt
 from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
 from deepfit.optim import build_loss, step_epoch_schedule
 from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
+from deepfit.stopping import stoppable
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
 from deepfit.trained import InitReport, place_model
 
@@ -111,17 +112,10 @@ def fit(
     if on_start is not None:
         on_start(run.data)
     with open_trackers(run, resumed=resume is not None):
-        with stop_on_signals() as run.signals:
-            try:
-                with ckpt.resumable_on_failure(run.run_dir):
-                    train_epochs(run, progress, on_epoch)
-            except StopRequested as stop:
-                with run.signals.protect():  # a second Ctrl-C must not cost the checkpoint
-                    save_state(run, mid_epoch=True)
-                if isinstance(stop, SignalStop):
-                    stop.run_dir = run.run_dir
-                if run.stopped_early != "time limit":
-                    raise
+        with stoppable(
+            run.run_dir, lambda: save_state(run, mid_epoch=True), finished=lambda: run.stopped_early == "time limit"
+        ) as run.signals:
+            train_epochs(run, progress, on_epoch)
         return finish(run)
 
 

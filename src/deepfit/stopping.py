@@ -1,4 +1,4 @@
-"""The stop handling the regression and node loops share: signals read at step boundaries, a
+"""The stop handling every task's loop shares: signals read at step boundaries, a
 file-system failure that names the way back, and on a stop a checkpoint written and the run
 folder attached to a signal's SignalStop; a time limit ends training without an error."""
 
@@ -16,14 +16,15 @@ from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
 @contextlib.contextmanager
 def stoppable(run_dir: Path, save: Callable[[], None], *, finished: Callable[[], bool]) -> Iterator[StopFlag]:
     """Train inside: yields the signal flag the loop checks. A StopRequested from the body saves
-    (`save`) and propagates, unless `finished()` says the stop ends training as planned (the time
-    limit), in which case the block simply ends."""
+    (`save`, which a second Ctrl-C does not interrupt) and propagates, unless `finished()` says the
+    stop ends training as planned (the time limit), in which case the block simply ends."""
     with stop_on_signals() as flag:
         try:
             with resumable_on_failure(run_dir):
                 yield flag
         except StopRequested as stop:
-            save()
+            with flag.protect():  # a second Ctrl-C must not cost the checkpoint
+                save()
             if isinstance(stop, SignalStop):
                 stop.run_dir = run_dir
             if not finished():
