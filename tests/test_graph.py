@@ -289,3 +289,19 @@ def test_cora_processed_into_a_fresh_cache_prints_no_pyg_chatter(tmp_path: Path)
     assert done.returncode == 0 and "2708 nodes" in done.stdout, done.stderr
     assert "Processing" not in done.stderr and "Done!" not in done.stderr, done.stderr
     assert any((tmp_path / "cache").rglob("*.pt"))  # it did process into the fresh cache
+
+
+def test_a_press_after_training_ended_names_evaluate(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C while the test nodes are scored and the figures drawn: the final checkpoints are
+    already written (inside the signal handling), and the one line names deepfit evaluate."""
+
+    def pressed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepfit.graph.figures.save_run_figures", pressed)
+    stopped = cli("train", "--data", "karate", "--epochs", "30", "--train.checkpoint-every", "0", "--out", "run")
+    assert stopped.code == 130, stopped.err
+    assert stopped.err.strip().endswith("deepfit evaluate run measures the test split")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 30
+    monkeypatch.undo()
+    assert cli("evaluate", str(tmp_path / "run")).code == 0

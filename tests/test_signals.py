@@ -150,3 +150,30 @@ def test_presses_during_any_tasks_stop_save_do_not_abandon_it(tmp_path: Path, ca
         flag.check()
     assert saved == [1] and flag.count == 3 and stop.value.run_dir == tmp_path
     assert capsys.readouterr().err.count("still writing the checkpoint; it finishes first") == 2
+
+
+@pytest.mark.parametrize("task", ["image", "regression"])
+def test_a_press_after_training_ended_names_evaluate(cli, tmp_path: Path, tiny_idx: Path, task: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C while the test split is measured and the figures drawn (Python's own handler is back):
+    one line saying the checkpoints are complete and naming the command that measures the rest."""
+    from tests.test_regression_cli import write_table
+
+    def pressed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepfit.plots.plot_curves" if task == "image" else "deepfit.regression.views.save_run_figures", pressed)
+    data = (
+        ["--data", "mnist", "--data-dir", str(tiny_idx)]
+        if task == "image"
+        else ["--data", str(write_table(tmp_path / "t.csv")), "--target", "y"]
+    )
+    stopped = cli("train", *data, "--epochs", "2", "--no-progress", "--out", "run")
+    assert stopped.code == 130, stopped.err
+    run = tmp_path / "run"
+    assert (
+        stopped.err.strip()
+        == "deepfit: stopped: interrupted after training ended; its checkpoints are complete: deepfit evaluate run measures the test split"
+    )
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    monkeypatch.undo()
+    assert cli("evaluate", str(run)).code == 0

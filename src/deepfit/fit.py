@@ -46,7 +46,7 @@ from deepfit.optim import build_loss, step_epoch_schedule
 from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
-from deepfit.stopping import stoppable
+from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
 from deepfit.trained import InitReport, place_model
 
@@ -116,7 +116,8 @@ def fit(
             run.run_dir, lambda: save_state(run, mid_epoch=True), finished=lambda: run.stopped_early == "time limit"
         ) as run.signals:
             train_epochs(run, progress, on_epoch)
-        return finish(run)
+        with after_training(run.run_dir):
+            return finish(run)
 
 
 def open_trackers(run: Run, *, resumed: bool) -> Trackers:

@@ -40,6 +40,16 @@ class NothingTrained(StopRequested):
         super().__init__("interrupted before training started: nothing was trained; start the run again")
 
 
+class AfterTraining(StopRequested):
+    """Interrupted once training had ended, while the test split was measured and the figures
+    drawn: the checkpoints are complete; evaluate measures what was cut short."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(
+            f"interrupted after training ended; its checkpoints are complete: deepfit evaluate {run_dir} measures the test split"
+        )
+
+
 class Abandoned(KeyboardInterrupt):
     """The user signalled ABANDON_AT times: stopped at once, without a new checkpoint. A
     KeyboardInterrupt, so no `except Exception` on the way swallows it."""

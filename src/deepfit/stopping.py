@@ -1,6 +1,7 @@
 """The stop handling every task's loop shares: signals read at step boundaries, a
 file-system failure that names the way back, and on a stop a checkpoint written and the run
-folder attached to a signal's SignalStop; a time limit ends training without an error."""
+folder attached to a signal's SignalStop; a time limit ends training without an error. Once
+training has ended, a Ctrl-C names the command that measures what it cut short."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from deepfit.checkpoint import resumable_on_failure
 from deepfit.errors import StopRequested
-from deepfit.interrupts import SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import AfterTraining, SignalStop, StopFlag, stop_on_signals
 
 
 @contextlib.contextmanager
@@ -29,3 +30,13 @@ def stoppable(run_dir: Path, save: Callable[[], None], *, finished: Callable[[],
                 stop.run_dir = run_dir
             if not finished():
                 raise
+
+
+@contextlib.contextmanager
+def after_training(run_dir: Path) -> Iterator[None]:
+    """Measure and draw inside: a Ctrl-C there (Python's own handler is back) stops with one line
+    saying the checkpoints are complete and `deepfit evaluate` measures the test split."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise AfterTraining(run_dir) from None

@@ -26,7 +26,7 @@ from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import StopFlag
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, step_epoch_schedule
 from deepfit.runtime import seed_everything, select_device, set_threads
-from deepfit.stopping import stoppable
+from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 EpochFn = Callable[[Row], None]
@@ -102,8 +102,10 @@ def fit_node(
     with start_trackers(run.config.train.log, info) as run.tracker:  # step = epoch: one optimizer step each
         with stoppable(run.run_dir, lambda: save_node_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
             train_node_epochs(run, on_epoch)
-        result = finish_node(run)
-        run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
+            save_node_state(run)  # the final checkpoints, written with a Ctrl-C held off as a stop's are
+        with after_training(run.run_dir):
+            result = finish_node(run)
+            run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
     return result
 
 
@@ -269,8 +271,7 @@ def restore_node(run: NodeRun, folder: Path) -> None:
 
 
 def finish_node(run: NodeRun) -> NodeFitResult:
-    """Save the final state, restore the best weights if asked, score the test nodes once, draw."""
-    save_node_state(run)
+    """Restore the best weights if asked, score the test nodes once, draw."""
     if run.config.train.restore_best and run.best_weights:
         run.model.load_state_dict(run.best_weights)
     metrics: dict[str, float] = {}

@@ -27,7 +27,7 @@ from deepfit.regression.models import build_regression_loss, build_regression_mo
 from deepfit.regression.sources import anchored, load_regression_data
 from deepfit.regression.split import RegressionData, Split
 from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
-from deepfit.stopping import stoppable
+from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]
@@ -89,8 +89,9 @@ def fit_regression(
     with start_trackers(run.config.train.log, info) as run.tracker:
         with stoppable(run.run_dir, lambda: save_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
             train_epochs(run, progress, on_epoch)
-        result = finish(run)
-        run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
+        with after_training(run.run_dir):
+            result = finish(run)
+            run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
     return result
 
 
