@@ -38,10 +38,11 @@ def test_bad_values_name_the_key(key: str, value: str, needle: str) -> None:
         set_value(Config(), key, value)
 
 
-def test_unknown_key_lists_the_valid_ones() -> None:
+@pytest.mark.parametrize(("key", "meant"), [("optim.learning_rate", "optim.lr"), ("model.pretrained", "model.weights")])
+def test_unknown_key_lists_the_valid_ones(key: str, meant: str) -> None:
     with pytest.raises(ConfigError) as err:
-        set_value(Config(), "optim.learning_rate", "1")
-    assert "optim.lr" in str(err.value)
+        set_value(Config(), key, "1")
+    assert f"did you mean {meant}?" in str(err.value)
 
 
 def test_yaml_overrides_defaults_and_unknown_keys_fail(tmp_path: Path) -> None:

@@ -241,6 +241,7 @@ SYNONYMS = {
     "dataset": "name",
     "workers": "num_workers",
     "lr_max": "max_lr",
+    "pretrained": "weights",  # torchvision's old pretrained=True
 }
 
 
