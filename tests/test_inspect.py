@@ -158,3 +158,22 @@ def test_show_with_a_wrong_layer_lists_the_layers(cli, tiny_run: Path) -> None: 
 def test_show_an_unknown_kind_lists_the_kinds(cli, tiny_run: Path) -> None:  # type: ignore[no-untyped-def]
     result = cli("show", "histogram", str(tiny_run))
     assert result.code == 2 and "gradcam" in result.err
+
+
+def test_show_finds_the_runs_data_through_data_dir(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A run trained on $DEEPFIT_DATASETS's mnist, shown from a shell without it: the message names
+    --data-dir, and show takes it (the folder itself or the one above it), as evaluate does."""
+    from tests.conftest import write_tiny_idx
+
+    datasets = tmp_path / "datasets"
+    write_tiny_idx(datasets / "mnist", train=60, test=20, side=8)
+    monkeypatch.setenv("DEEPFIT_DATASETS", str(datasets))
+    assert cli("train", "--data", "mnist", "--epochs", "1", "--no-progress", "--out", "run").code == 0
+    monkeypatch.delenv("DEEPFIT_DATASETS")
+    lost = cli("show", "samples", "run")
+    assert lost.code == 2 and "pass --data-dir DIR" in lost.err
+    for folder in (datasets / "mnist", datasets):
+        shown = cli("show", "samples", "run", "--data-dir", str(folder))
+        assert shown.code == 0, shown.err
+        assert shown.out.strip() == "run/plots/samples.png" and (tmp_path / "run" / "plots" / "samples.png").is_file()
+    assert cli("show", "samples", "run", "--data-dir", str(tmp_path / "nowhere")).code == 2

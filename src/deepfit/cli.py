@@ -17,6 +17,7 @@ from deepfit.interrupts import early_interrupts
 
 if TYPE_CHECKING:
     from deepfit.data import DataBundle
+    from deepfit.inspect import LoadedRun, ShowOptions
     from deepfit.regression.split import RegressionData
     from deepfit.regression.table import Table
     from deepfit.trained import InitReport
@@ -477,10 +478,11 @@ def add_show_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="an image file for features and gradcam (default: test images)")
     parser.add_argument("--layer", help="layer name for filters, features and gradcam (a wrong name lists them)")
     parser.add_argument("--count", type=int, help="how many images (or feature maps) to draw")
+    parser.add_argument("--data-dir", help="folder holding the run's dataset files, as in train (figures of its test images)")
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from deepfit.inspect import FIGURE_KINDS, ShowOptions, load_run, make_figure
+    from deepfit.inspect import ShowOptions, load_run, make_figure
     from deepfit.plots import save_figure
 
     if Path(args.kind).exists() and not Path(args.run).exists():  # `show RUN KIND`: the two swapped
@@ -492,11 +494,22 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.kind == "curves":  # needs metrics.csv only, not the model (a run of your own nn.Module too)
         return show_curves(Path(args.run))
     run = load_run(args.run)  # once: `show all` draws every figure from one loaded model
+    if args.data_dir is not None:
+        run.config.data.dir = str(Path(args.data_dir).expanduser().resolve())
     options = ShowOptions(image=args.image, layer=args.layer, count=args.count)
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
     if args.kind != "all":
         print(save_figure(make_figure(run, args.kind, options), run.run_dir / "plots" / f"{args.kind}{variant}.png"))
         return 0
+    return show_all(run, options, variant)
+
+
+def show_all(run: LoadedRun, options: ShowOptions, variant: str) -> int:
+    """Every figure of an image run from one loaded model; one that cannot be drawn is a line on
+    stderr (exit 1) and the others still come."""
+    from deepfit.inspect import FIGURE_KINDS, make_figure
+    from deepfit.plots import save_figure
+
     failed, need_model = 0, []
     for kind in FIGURE_KINDS:
         try:
@@ -892,8 +905,10 @@ def show_regression(args: argparse.Namespace) -> int:
     from deepfit.plots import save_figure
     from deepfit.regression.views import load_regression_run, make_regression_figure
 
-    if args.image or args.layer or args.count:
-        raise UsageError("--image, --layer and --count are for image runs; regression figures: curves, predicted, residuals, feature")
+    if args.image or args.layer or args.count or args.data_dir:
+        raise UsageError(
+            "--image, --layer, --count and --data-dir are for image runs; regression figures: curves, predicted, residuals, feature"
+        )
     trained, data, run_dir = load_regression_run(args.run)
     if args.kind == "all":  # every figure the run can draw, as for an image run
         from deepfit.regression.views import save_run_figures
@@ -983,8 +998,10 @@ def show_node(args: argparse.Namespace) -> int:
     from deepfit.graph.trained import run_folder
     from deepfit.plots import save_figure
 
-    if args.image or args.layer or args.count:
-        raise UsageError("--image, --layer and --count are for image runs; a node run shows curves, embeddings, graph or inputs")
+    if args.image or args.layer or args.count or args.data_dir:
+        raise UsageError(
+            "--image, --layer, --count and --data-dir are for image runs; a node run shows curves, embeddings, graph or inputs"
+        )
     trained = load_node_model(args.run)
     history = list(trained.state["history"])
     folder = run_folder(Path(args.run)) or trained.path.parent
