@@ -1,4 +1,4 @@
-"""data.augment crop: a random translation (2 px on 28-px images, 4 from 32 px), never a mirror;
+"""data.augment crop: a random translation (2 px on 28-px images, 4 from 32 px, or data.crop_pad's), never a mirror;
 flip-crop: a mirror of half the batch, then the same translation. Drawn from the loader's
 generator (the same seed gives the same batch)."""
 
@@ -10,28 +10,29 @@ import torch
 from deepfit.data.loader import BatchPrep
 
 
-def prep(seed: int, augment: str = "crop") -> BatchPrep:
+def prep(seed: int, augment: str = "crop", crop_pad: int | None = None) -> BatchPrep:
     generator = torch.Generator().manual_seed(seed)
-    return BatchPrep(mean=(0.0,), std=(1 / 255,), device=torch.device("cpu"), generator=generator, augment=augment)
+    return BatchPrep(mean=(0.0,), std=(1 / 255,), device=torch.device("cpu"), generator=generator, augment=augment, crop_pad=crop_pad)
 
 
-@pytest.mark.parametrize(("side", "pad"), [(28, 2), (32, 4)])
-def test_crop_only_translates_within_its_pad(side: int, pad: int) -> None:
+@pytest.mark.parametrize(("side", "pad", "asked"), [(28, 2, None), (32, 4, None), (32, 2, 2), (28, 3, 3)])
+def test_crop_only_translates_within_its_pad(side: int, pad: int, asked: int | None) -> None:
+    """The default pad by image size, or data.crop_pad's; every shift up to it is drawn, none beyond."""
     image = torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side) % 251 + 1  # no zeros, no symmetry
-    batch = image.expand(64, 1, side, side).to(torch.uint8)
-    out = prep(0)(batch)  # std 1/255, mean 0: the pixel values come back unchanged
+    batch = image.expand(256, 1, side, side).to(torch.uint8)
+    out = prep(0, crop_pad=asked)(batch)  # std 1/255, mean 0: the pixel values come back unchanged
     shifts = set()
     for row in out:
         found = [
             (dy, dx)
-            for dy in range(-pad, pad + 1)
-            for dx in range(-pad, pad + 1)
+            for dy in range(-5, 6)  # wider than any pad here: a move beyond it would be found and fail
+            for dx in range(-5, 6)
             if torch.equal(row[0], shifted(batch[0, 0].float(), dy, dx))
         ]
         assert len(found) == 1, "each image is exactly one translation of the original (no mirror)"
         shifts.add(found[0])
-    assert len(shifts) > 5  # the shifts vary across the batch
-    assert torch.equal(out, prep(0)(batch)) and not torch.equal(out, prep(1)(batch))
+    assert {max(abs(dy), abs(dx)) for dy, dx in shifts} == set(range(pad + 1))  # every distance up to the pad, none beyond
+    assert torch.equal(out, prep(0, crop_pad=asked)(batch)) and not torch.equal(out, prep(1, crop_pad=asked)(batch))
 
 
 @pytest.mark.parametrize(("side", "pad"), [(28, 2), (32, 4)])

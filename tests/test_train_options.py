@@ -283,3 +283,56 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: 
         assert runtime.autocast_dtype("auto", torch.device("cpu")) is None
         monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
         assert runtime.autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16
+
+
+def test_bias_lr_scale_steps_1d_parameters_faster_with_the_same_decay_per_step() -> None:
+    """optim.bias_lr_scale 64 (airbench's bias_scaler): biases and norm parameters in a group of
+    their own at 64x the lr and 1/64 the weight decay, so one SGD step moves them 64x as far along
+    the gradient while the decay per step (lr * decay) is the weights' own."""
+    from torch import nn
+
+    from deepfit.fitparts import make_optimizer
+
+    config = Config()
+    for key, value in {
+        "optim.name": "sgd",
+        "optim.lr": "0.1",
+        "optim.momentum": "0",
+        "optim.weight-decay": "0.01",
+        "optim.bias-lr-scale": "64",
+    }.items():
+        set_value(config, key, value)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    optimizer = make_optimizer(config, net, torch.device("cpu"))
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [("all", 0.1, 0.01), ("all-bias", 6.4, 0.01 / 64)]
+    assert [p.ndim for p in optimizer.param_groups[0]["params"]] == [2, 2] and len(optimizer.param_groups[1]["params"]) == 4
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for name, p in net.named_parameters():
+        lr, decay = (0.1, 0.01) if p.ndim > 1 else (6.4, 0.01 / 64)
+        torch.testing.assert_close(p.detach(), before[name] - lr * (1 + decay * before[name]), msg=name)
+    set_value(config, "optim.bias-lr-scale", "1")
+    assert len(make_optimizer(config, net, torch.device("cpu")).param_groups) == 1  # the default: one group, as before
+
+
+def test_a_run_with_bias_lr_scale_resumes_to_the_same_weights(tmp_path: Path, tiny_idx: Path) -> None:
+    """Two optimizer groups and their momentum buffers come back from the checkpoint (a constant lr:
+    a one-epoch run's one-cycle would differ from a two-epoch run's)."""
+    config = Config()
+    values = {
+        "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn", "optim.name": "sgd",
+        "optim.lr": "0.05", "optim.weight-decay": "5e-4", "optim.bias-lr-scale": "8", "sched.name": "none", "train.epochs": "2", "train.progress": "false",
+        "train.deterministic": "true",
+    }  # fmt: skip
+    for key, value in values.items():
+        set_value(config, key, value)
+    straight = fit(config, out=str(tmp_path / "straight"))
+    first = fit(config, epochs=1, out=str(tmp_path / "resumed"))
+    resumed = fit(config, resume=first.run_dir)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    groups = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["all", "all-bias"]

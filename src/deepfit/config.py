@@ -27,6 +27,7 @@ class DataConfig:
     batch_size: int = 128  # training images per optimizer step
     eval_batch_size: int = 1024  # images per forward pass in evaluation (no gradients kept)
     augment: Literal["none", "crop", "flip-crop", "random-resized-crop"] = "none"  # per-batch; crop: shift only
+    crop_pad: int | None = None  # pixels crop and flip-crop translate by, at most (default: 2 below 32 px, 4 from 32 px up)
     image_size: int | None = None  # resize image folders to this side in pixels (default: most common)
     image_shape: str | None = None  # CxHxW of CSV pixel rows, e.g. 1x28x28 (default: square guess)
     channels: int | None = None  # convert images to this many channels, 1 or 3 (default: as found)
@@ -75,6 +76,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd and rmsprop momentum
     nesterov: bool = False  # sgd: Nesterov momentum
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
+    bias_lr_scale: float = 1.0  # lr multiplier for biases and norm parameters (1-D); their decay per step kept (airbench: 64)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decay
 
 
@@ -360,6 +362,8 @@ def validate(config: Config) -> None:
         (config.data.batch_size > 0, "data.batch_size must be positive"),
         (config.data.eval_batch_size > 0, "data.eval_batch_size must be positive"),
         (config.optim.lr > 0, "optim.lr must be positive"),
+        (config.optim.bias_lr_scale > 0, "optim.bias_lr_scale must be positive"),
+        (config.data.crop_pad is None or config.data.crop_pad >= 0, "data.crop_pad must be 0 or more pixels"),
         (config.train.epochs > 0, "train.epochs must be positive"),
         (config.train.accumulate > 0, "train.accumulate must be positive"),
         (config.train.checkpoint_every >= 0, "train.checkpoint_every must be 0 or positive"),
@@ -389,7 +393,7 @@ def validate(config: Config) -> None:
 
 
 IMAGE_ONLY = (
-    "data.augment", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
+    "data.augment", "data.crop_pad", "optim.bias_lr_scale", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
     "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
     "train.topk", "train.tta", "train.ema", "train.sync_bn", "train.keep_last", "train.log_every",

@@ -40,6 +40,7 @@ class BatchPrep:
         generator: torch.Generator,
         augment: str = "none",
         channels_last: bool = False,
+        crop_pad: int | None = None,
     ) -> None:
         stats = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         # x_norm = (x / 255 - mean) / std = x * scale - shift
@@ -49,15 +50,17 @@ class BatchPrep:
         self.generator = generator
         self.augment = augment
         self.channels_last = channels_last
+        self.crop_pad = crop_pad  # pixels crop and flip-crop translate by; None: crop_pad(side)
 
     def __call__(self, batch: torch.Tensor, share: Share | None = None) -> torch.Tensor:
         """share: `batch` is these rows of a larger global batch; the random draws are made for the
         whole global batch and this share's rows used, so N ranks augment as one process does."""
         x = batch.to(self.device, non_blocking=True).float()
+        pad = self.crop_pad if self.crop_pad is not None else crop_pad(x.shape[-1])
         if self.augment == "crop":
-            x = random_crop(x, pad=crop_pad(x.shape[-1]), generator=self.generator, share=share)
+            x = random_crop(x, pad=pad, generator=self.generator, share=share)
         elif self.augment == "flip-crop":
-            x = random_crop(random_flip(x, self.generator, share), pad=crop_pad(x.shape[-1]), generator=self.generator, share=share)
+            x = random_crop(random_flip(x, self.generator, share), pad=pad, generator=self.generator, share=share)
         elif self.augment == "random-resized-crop":
             x = random_resized_crop(random_flip(x, self.generator, share), generator=self.generator, share=share)
         x = x.mul_(self.scale).sub_(self.shift)
@@ -156,6 +159,7 @@ class BatchLoader(EpochOrder):
         augment: str = "none",
         seed: int = 0,
         channels_last: bool = False,
+        crop_pad: int | None = None,
     ) -> None:
         super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=device)
         self.images = data.images.to(device)
@@ -163,7 +167,9 @@ class BatchLoader(EpochOrder):
         self.device = device
         self.augment = augment
         self.channels_last = channels_last
-        self.prepare = BatchPrep(mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last)
+        self.prepare = BatchPrep(
+            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last, crop_pad=crop_pad
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.start_epoch()
@@ -211,6 +217,7 @@ class StreamLoader(EpochOrder):
         augment: str = "none",
         seed: int = 0,
         channels_last: bool = False,
+        crop_pad: int | None = None,
         num_workers: int = 2,
         skip_bad: bool = False,
     ) -> None:
@@ -220,7 +227,9 @@ class StreamLoader(EpochOrder):
         self.augment = augment
         self.channels_last = channels_last
         self.skip_bad = skip_bad
-        self.prepare = BatchPrep(mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last)
+        self.prepare = BatchPrep(
+            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last, crop_pad=crop_pad
+        )
         self.loader = DataLoader(
             data.items, batch_sampler=BatchPlan(self), num_workers=num_workers, collate_fn=collate_items,
             pin_memory=device.type == "cuda", generator=own_generator(),
@@ -267,6 +276,7 @@ def build_loader(
     augment: str = "none",
     seed: int = 0,
     channels_last: bool = False,
+    crop_pad: int | None = None,
     num_workers: int = 2,
     skip_bad: bool = False,
 ) -> BatchLoader | StreamLoader:
@@ -274,7 +284,7 @@ def build_loader(
     if augment not in AUGMENT_PRESETS:
         raise DataError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENT_PRESETS)}")
     common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
-    common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last}
+    common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last, "crop_pad": crop_pad}
     if isinstance(data, StreamSet):
         return StreamLoader(data, num_workers=num_workers, skip_bad=skip_bad, **common)
     return BatchLoader(data, **common)
