@@ -285,10 +285,11 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch: 
         assert runtime.autocast_dtype("auto", torch.device("cpu")) is torch.bfloat16
 
 
-def test_bias_lr_scale_steps_1d_parameters_faster_with_the_same_decay_per_step() -> None:
-    """optim.bias_lr_scale 64 (airbench's bias_scaler): biases and norm parameters in a group of
+def test_norm_lr_scale_steps_norm_parameters_faster_with_the_same_decay_per_step() -> None:
+    """optim.norm_lr_scale 64 (airbench's bias_scaler): the norm layers' parameters in a group of
     their own at 64x the lr and 1/64 the weight decay, so one SGD step moves them 64x as far along
-    the gradient while the decay per step (lr * decay) is the weights' own."""
+    the gradient while the decay per step (lr * decay) is the other weights' own; a Linear's bias
+    is not a norm parameter and stays with the weights."""
     from torch import nn
 
     from deepfit.fitparts import make_optimizer
@@ -299,32 +300,33 @@ def test_bias_lr_scale_steps_1d_parameters_faster_with_the_same_decay_per_step()
         "optim.lr": "0.1",
         "optim.momentum": "0",
         "optim.weight-decay": "0.01",
-        "optim.bias-lr-scale": "64",
+        "optim.norm-lr-scale": "64",
     }.items():
         set_value(config, key, value)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    norms = {id(p) for index in (1, 3) for p in net[index].parameters()}
     optimizer = make_optimizer(config, net, torch.device("cpu"))
-    assert [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [("all", 0.1, 0.01), ("all-bias", 6.4, 0.01 / 64)]
-    assert [p.ndim for p in optimizer.param_groups[0]["params"]] == [2, 2] and len(optimizer.param_groups[1]["params"]) == 4
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [("all", 0.1, 0.01), ("all-norm", 6.4, 0.01 / 64)]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == norms and len(optimizer.param_groups[0]["params"]) == 4
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     for p in net.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
     for name, p in net.named_parameters():
-        lr, decay = (0.1, 0.01) if p.ndim > 1 else (6.4, 0.01 / 64)
+        lr, decay = (6.4, 0.01 / 64) if id(p) in norms else (0.1, 0.01)
         torch.testing.assert_close(p.detach(), before[name] - lr * (1 + decay * before[name]), msg=name)
-    set_value(config, "optim.bias-lr-scale", "1")
+    set_value(config, "optim.norm-lr-scale", "1")
     assert len(make_optimizer(config, net, torch.device("cpu")).param_groups) == 1  # the default: one group, as before
 
 
-def test_a_run_with_bias_lr_scale_resumes_to_the_same_weights(tmp_path: Path, tiny_idx: Path) -> None:
+def test_a_run_with_norm_lr_scale_resumes_to_the_same_weights(tmp_path: Path, tiny_idx: Path) -> None:
     """Two optimizer groups and their momentum buffers come back from the checkpoint (a constant lr:
     a one-epoch run's one-cycle would differ from a two-epoch run's)."""
     config = Config()
     values = {
         "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn", "optim.name": "sgd",
-        "optim.lr": "0.05", "optim.weight-decay": "5e-4", "optim.bias-lr-scale": "8", "sched.name": "none", "train.epochs": "2", "train.progress": "false",
+        "optim.lr": "0.05", "optim.weight-decay": "5e-4", "optim.norm-lr-scale": "8", "sched.name": "none", "train.epochs": "2", "train.progress": "false",
         "train.deterministic": "true",
     }  # fmt: skip
     for key, value in values.items():
@@ -335,4 +337,4 @@ def test_a_run_with_bias_lr_scale_resumes_to_the_same_weights(tmp_path: Path, ti
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     groups = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
-    assert [g["name"] for g in groups] == ["all", "all-bias"]
+    assert [g["name"] for g in groups] == ["all", "all-norm"]

@@ -76,7 +76,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd and rmsprop momentum
     nesterov: bool = False  # sgd: Nesterov momentum
     weight_decay: float = 0.0  # L2 penalty (decoupled for adamw)
-    bias_lr_scale: float = 1.0  # lr multiplier for biases and norm parameters (1-D); their decay per step kept (airbench: 64)
+    norm_lr_scale: float = 1.0  # lr multiplier for normalisation layers' parameters; their decay per step kept (airbench: 64)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decay
 
 
@@ -362,7 +362,7 @@ def validate(config: Config) -> None:
         (config.data.batch_size > 0, "data.batch_size must be positive"),
         (config.data.eval_batch_size > 0, "data.eval_batch_size must be positive"),
         (config.optim.lr > 0, "optim.lr must be positive"),
-        (config.optim.bias_lr_scale > 0, "optim.bias_lr_scale must be positive"),
+        (config.optim.norm_lr_scale > 0, "optim.norm_lr_scale must be positive"),
         (config.data.crop_pad is None or config.data.crop_pad >= 0, "data.crop_pad must be 0 or more pixels"),
         (config.train.epochs > 0, "train.epochs must be positive"),
         (config.train.accumulate > 0, "train.accumulate must be positive"),
@@ -393,7 +393,7 @@ def validate(config: Config) -> None:
 
 
 IMAGE_ONLY = (
-    "data.augment", "data.crop_pad", "optim.bias_lr_scale", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
+    "data.augment", "data.crop_pad", "optim.norm_lr_scale", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
     "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
     "train.topk", "train.tta", "train.ema", "train.sync_bn", "train.keep_last", "train.log_every",

@@ -76,7 +76,7 @@ def require_training_memory(config: Config, bundle: DataBundle, device: torch.de
 def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """config.optim over the model's parameter groups (head only when frozen; backbone at a lower lr when fine-tuning)."""
     o = config.optim
-    groups = scale_bias_lr(parameter_groups(net, lr=o.lr, config=config.model), o.bias_lr_scale, o.weight_decay)
+    groups = scale_norm_lr(parameter_groups(net, lr=o.lr, config=config.model), net, o.norm_lr_scale, o.weight_decay)
     with config_choice(f"optim.name {o.name}"):
         return build_optimizer(
             o.name, groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
@@ -84,24 +84,26 @@ def make_optimizer(config: Config, net: nn.Module, device: torch.device) -> torc
         )  # fmt: skip
 
 
-def scale_bias_lr(groups: list[dict[str, Any]], scale: float, weight_decay: float) -> list[dict[str, Any]]:
-    """optim.bias_lr_scale: each group's 1-D parameters (biases, norm shifts and scales) in a group
-    of their own at lr * scale and weight_decay / scale, so the decay per step (lr * decay) is the
-    same as the weights' (airbench's bias_scaler). The weights' groups come first (the logged lr)."""
+NORM_LAYERS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+)  # fmt: skip
+
+
+def scale_norm_lr(groups: list[dict[str, Any]], net: nn.Module, scale: float, weight_decay: float) -> list[dict[str, Any]]:
+    """optim.norm_lr_scale: the parameters of normalisation layers (BatchNorm shifts and scales,
+    LayerNorm's, ...) in groups of their own at lr * scale and weight_decay / scale, so their decay
+    per step (lr * decay) is the other weights' (airbench's bias_scaler, which it gives BatchNorm
+    biases). The other weights' groups come first (the logged lr)."""
     if scale == 1.0:
         return groups
-    weights = [{**g, "params": [p for p in g["params"] if p.ndim > 1]} for g in groups]
-    biases = [
-        {
-            **g,
-            "params": [p for p in g["params"] if p.ndim <= 1],
-            "lr": g["lr"] * scale,
-            "weight_decay": weight_decay / scale,
-            "name": f"{g['name']}-bias",
-        }
+    norms = {id(p) for m in net.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    others = [{**g, "params": [p for p in g["params"] if id(p) not in norms]} for g in groups]
+    scaled = [
+        {**g, "params": [p for p in g["params"] if id(p) in norms], "lr": g["lr"] * scale, "weight_decay": weight_decay / scale, "name": f"{g['name']}-norm"}
         for g in groups
-    ]
-    return [g for g in weights + biases if g["params"]]
+    ]  # fmt: skip
+    return [g for g in others + scaled if g["params"]]
 
 
 @contextlib.contextmanager
