@@ -122,6 +122,7 @@ class TrainConfig:
     tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
+    lookahead: int = 0  # every N optimizer steps pull the weights to a slow copy, airbench94's lookahead (it uses 5; 0: off)
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
     log_every: int = 50  # tensorboard: train loss every this many steps
     mlflow_uri: str | None = None  # MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
@@ -372,6 +373,7 @@ def validate(config: Config) -> None:
         (0.0 <= config.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (config.train.topk >= 1, "train.topk must be at least 1"),
         (0.0 <= config.train.ema < 1.0, "train.ema must be in [0, 1): the decay per step, e.g. 0.999 (0: off)"),
+        (config.train.lookahead >= 0, "train.lookahead must be 0 (off) or a number of optimizer steps, e.g. 5"),
         (config.train.log_every >= 1, "train.log_every must be at least 1"),
         (config.data.mix_alpha > 0, "data.mix_alpha must be positive"),
         (
@@ -396,7 +398,7 @@ IMAGE_ONLY = (
     "data.augment", "data.crop_pad", "optim.norm_lr_scale", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
     "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
-    "train.topk", "train.tta", "train.ema", "train.sync_bn", "train.keep_last", "train.log_every",
+    "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every",
 )  # fmt: skip
 # The options that only some tasks read. One set away from its default for another task stops the
 # run in one line rather than being silently ignored (`--train.ema` on a regression run, say).

@@ -40,6 +40,7 @@ from deepfit.fitparts import (
 )
 from deepfit.history import LR_FILE, Row, early_stop_reason, write_lr_csv, write_metrics_csv
 from deepfit.interrupts import NothingTrained, take_early_interrupt
+from deepfit.lookahead import Lookahead
 from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
 from deepfit.optim import build_loss, step_epoch_schedule
@@ -170,6 +171,8 @@ def prepare_run(
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
     run.ema = WeightAverage(unwrap(net), config.train.ema) if config.train.ema else None
+    if config.train.lookahead:
+        run.lookahead = Lookahead(unwrap(net), config.train.lookahead, total_steps=config.train.epochs * loader.batches_per_epoch)
     if resume is not None:
         ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
         restore(run, Path(resume) / "checkpoints" / "last.pt")
@@ -219,8 +222,11 @@ def after_step(run: Run, deadline: float) -> None:
     run.lrs.append((run.epoch + run.loader.position / run.loader.batches_per_epoch, float(run.optimizer.param_groups[0]["lr"])))
     every = run.config.train.checkpoint_every
     aligned = run.loader.position % run.config.train.accumulate == 0
-    if run.ema is not None and (aligned or run.loader.position == run.loader.batches_per_epoch):  # an optimizer step was taken
-        run.ema.update(unwrap(run.model))
+    if aligned or run.loader.position == run.loader.batches_per_epoch:  # an optimizer step was taken
+        if run.lookahead is not None:
+            run.lookahead.update(unwrap(run.model), run.step)
+        if run.ema is not None:
+            run.ema.update(unwrap(run.model))
     if run.loss_tap is not None and run.loss_tap.last is not None and run.step % run.config.train.log_every == 0:
         run.tracker.log_step(run.step, {"train_loss_step": float(run.loss_tap.last)})
     if every and run.step % every == 0 and aligned and run.loader.position < run.loader.batches_per_epoch:

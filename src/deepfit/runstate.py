@@ -20,6 +20,7 @@ from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard
 from deepfit.history import LrPoint, Row
 from deepfit.interrupts import StopFlag
+from deepfit.lookahead import Lookahead, floating
 from deepfit.optim import LossFn
 from deepfit.tracking import LossTap, Trackers
 from deepfit.trained import InitReport
@@ -51,6 +52,7 @@ class Run:
     init: InitReport | None = None
     guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
     ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
+    lookahead: Lookahead | None = None  # train.lookahead: the slow weights the trained ones are pulled to
     tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
     loss_tap: LossTap | None = None  # the training loss, read every train.log_every steps for TensorBoard
     lrs: list[LrPoint] = field(default_factory=list)  # (fractional epoch, lr) after every batch -> lr.csv
@@ -82,6 +84,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "flip_ok": run.data.flip_ok,
         "model": weights_of(evaluated(run)),
         "ema": {"raw": weights_of(run.model), **run.ema.state_dict()} if run.ema is not None else None,  # the trained weights
+        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -145,6 +148,8 @@ def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
         run.ema.load_state_dict(averaged)
     elif run.ema is not None:
         run.ema.module.load_state_dict(unwrap(run.model).state_dict())
+    if run.lookahead is not None:  # turned on when resumed: the slow copy starts from the trained weights
+        run.lookahead.load_state_dict(state.get("lookahead") or {"slow": [t.detach() for t in floating(unwrap(run.model))]})
 
 
 def schedule_rebuilt(run: Run, state: dict[str, Any]) -> bool:
