@@ -149,7 +149,9 @@ def restore_weights(run: Run, state: dict[str, Any], path: Path) -> None:
     elif run.ema is not None:
         run.ema.module.load_state_dict(unwrap(run.model).state_dict())
     if run.lookahead is not None:  # turned on when resumed: the slow copy starts from the trained weights
-        run.lookahead.load_state_dict(state.get("lookahead") or {"slow": [t.detach() for t in floating(unwrap(run.model))]})
+        run.lookahead.load_state_dict(
+            state.get("lookahead") or {"updates": int(state["step"]), "slow": [t.detach() for t in floating(unwrap(run.model))]}
+        )
 
 
 def schedule_rebuilt(run: Run, state: dict[str, Any]) -> bool:
