@@ -88,3 +88,17 @@ def test_a_negative_lookahead_is_refused() -> None:
     set_value(config, "train.lookahead", "-1")
     with pytest.raises(ConfigError, match=r"train\.lookahead must be 0"):
         validate(config)
+
+
+def test_the_pull_counts_optimizer_steps_not_batches() -> None:
+    """With train.accumulate 2 the optimizer steps after batches 2, 4, 6, 8: lookahead 2 pulls after
+    the 2nd and 4th of them (batches 4 and 8), not after every batch count divisible by 2."""
+    model = nn.Linear(1, 1, bias=False)
+    lookahead = Lookahead(model, every=2, total_steps=100)
+    pulled = []
+    for batches in (2, 4, 6, 8):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        lookahead.update(model, batches)
+        pulled.append(torch.equal(model.weight, lookahead.slow[0]))
+    assert pulled == [False, True, False, True] and lookahead.state_dict()["updates"] == 4
