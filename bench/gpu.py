@@ -2,8 +2,9 @@
 pytest-xdist; no pip, no network). It reports
   1. the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds;
   2. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
-     seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device)
-     and whole-process seconds;
+     seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device;
+     the whitening init and the final test pass with the recipe's TTA are outside them, while
+     airbench's total_time_seconds includes both) and whole-process seconds;
   3. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
   4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.

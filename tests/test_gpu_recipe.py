@@ -55,7 +55,7 @@ def test_bias_only_batchnorm_keeps_its_scale() -> None:
 def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp_path: Path, recipe: Path) -> None:
     config = load_config(recipe)
     config.train.epochs, config.train.out, config.data.batch_size = 1, str(tmp_path / "run"), 16
-    assert config.model.name.startswith("airbench_whiten") and config.train.tta == "flip" and config.loss.label_smoothing == 0.2
+    assert config.model.name.startswith("airbench_whiten") and config.train.tta.startswith("flip") and config.loss.label_smoothing == 0.2
     config.train.precision = "32"  # the recipe's bf16 runs slower on CPUs without bf16 units; tests/test_configs.py covers bf16
     bundle = tiny_colour_bundle()
     result = fit(config, data=bundle)
@@ -68,6 +68,18 @@ def test_fit_whitens_the_stem_from_the_training_images_and_the_recipe_trains(tmp
     features = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
     covariance = features.T @ features / len(features)
     torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), atol=0.02, rtol=0)
+
+
+def test_the_gpu_recipe_takes_airbench_step_sizes() -> None:
+    """lr and weight decay on the mean loss from airbench94's decoupled 11.5 and 0.0153 per 1024
+    examples at momentum 0.85 (divided by 1 + 1 / (1 - 0.85), and by the lr for the decay); its
+    BatchNorm biases at 64x; translation by 2 pixels."""
+    config = load_config(RECIPE)
+    scale = 1 + 1 / (1 - 0.85)
+    assert config.data.batch_size == 1024 and config.optim.nesterov
+    assert config.optim.lr == pytest.approx(11.5 / scale, rel=0.01)
+    assert config.optim.weight_decay == pytest.approx(0.0153 / scale / config.optim.lr, rel=0.01)
+    assert config.optim.norm_lr_scale == 64 and config.data.crop_pad == 2 and config.data.augment == "flip-crop"
 
 
 def test_resume_does_not_init_from_data_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
