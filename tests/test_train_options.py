@@ -10,6 +10,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torchvision
@@ -67,6 +68,7 @@ def expected_lr_after_epoch_one(name: str) -> float | None:
         "exponential": LR * 0.5,  # gamma 0.5 per epoch
         "cosine": LR / 2,  # half way down to min_lr 0
         "plateau": LR,  # patience 2: no decay yet
+        "linear": LR * 2 / 3,  # peaked at a quarter of the steps, a third of the way down to 0
     }.get(name)
 
 
@@ -130,6 +132,31 @@ def test_onecycle_max_lr_keeps_the_ratio_of_parameter_groups() -> None:
     scheduler = build_scheduler("onecycle", optimizer, span=ScheduleSpan(10, 1), max_lr=0.5, pct_start=0.3)
     assert [g["max_lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.05])
     assert scheduler is not None
+
+
+def test_linear_schedule_is_airbenchs_piecewise_line_per_group_and_leaves_momentum_alone() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.5}], lr=1.0, momentum=0.85)
+    span = ScheduleSpan(20, 5)  # 100 steps, peak at step 23
+    scheduler = build_scheduler("linear", optimizer, span=span, pct_start=0.23, start_factor=0.2, end_factor=0.07)
+    assert scheduler is not None
+    seen = [[g["lr"] for g in optimizer.param_groups]]
+    for _ in range(span.total):
+        optimizer.step()
+        scheduler.step()
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        assert [g["momentum"] for g in optimizer.param_groups] == [0.85, 0.85]
+    expected = numpy.interp(numpy.arange(span.total + 1), [0, 23, 100], [0.2, 1.0, 0.07])
+    assert [lr for lr, _ in seen] == pytest.approx(expected.tolist())
+    assert [lr for _, lr in seen] == pytest.approx((0.5 * expected).tolist())
+
+
+def test_linear_schedule_from_the_command_line_ends_at_its_end_factor(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    flags = ("--sched.name", "linear", "--sched.start-factor", "0.5", "--sched.end-factor", "0.25", "--sched.pct-start", "0.5")
+    assert cli("train", *DIGITS, "--epochs", "2", "--out", "run", "--optim.lr", "0.04", *flags).code == 0
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.04 * 0.25)
+    assert rows(tmp_path / "run")[0]["lr"] == pytest.approx(0.04)  # the peak, half way
 
 
 # --- the Python API: scheduler objects, classes, lambdas -----------------------------------

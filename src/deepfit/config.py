@@ -82,14 +82,16 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "onecycle"  # none, step, multistep, exponential, cosine, plateau, onecycle
+    name: str = "onecycle"  # none, step, multistep, exponential, cosine, plateau, onecycle, linear
     warmup_epochs: float = 0.0  # linear warm-up from lr/10 over this many epochs (0: off)
     step_size: int = 10  # step: epochs between decays
     milestones: list[int] = field(default_factory=lambda: [30, 60])  # multistep: decay epochs
     gamma: float = 0.1  # step/multistep/exponential: decay factor per decay
     min_lr: float = 0.0  # cosine: final learning rate
     max_lr: float | None = None  # onecycle: peak learning rate (default: optim.lr)
-    pct_start: float = 0.25  # onecycle: share of steps spent rising
+    pct_start: float = 0.25  # onecycle, linear: share of steps spent rising
+    start_factor: float = 0.1  # linear: first lr as a share of the peak
+    end_factor: float = 0.0  # linear: last lr as a share of the peak
     patience: int = 2  # plateau: epochs without improvement before decay
     factor: float = 0.1  # plateau: decay factor
 

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
 from deepfit.errors import ConfigError
 from deepfit.models import build_model, freeze_backbone, parameter_groups, training_bytes
-from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, resolve_schedule
+from deepfit.optim import ScheduleSpan, build_optimizer, resolve_schedule, schedule_from_config
 from deepfit.runtime import device_memory
 from deepfit.trained import InitReport, init_from_data, init_weights
 
@@ -150,10 +150,6 @@ def choose_schedule(config: Config, optimizer: torch.optim.Optimizer, given: Any
 
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     s = config.sched
-    mode = "min" if config.train.monitor.endswith("loss") else "max"
+    mode: Literal["min", "max"] = "min" if config.train.monitor.endswith("loss") else "max"
     with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
-        return build_scheduler(
-            s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
-            step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
-            pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode=mode,
-        )  # fmt: skip
+        return schedule_from_config(s, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), mode=mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
+from deepfit.config import SchedConfig
 from deepfit.errors import ConfigError
 from deepfit.registry import Registry
 
@@ -129,6 +131,24 @@ def build_onecycle(optimizer: Optimizer, *, span: ScheduleSpan, max_lr: float | 
     return lrs.OneCycleLR(optimizer, max_lr=peak, total_steps=total, pct_start=pct, cycle_momentum=has_momentum(optimizer))
 
 
+@SCHEDULERS.register("linear")
+def build_linear(
+    optimizer: Optimizer, *, span: ScheduleSpan, pct_start: float, start_factor: float = 0.1, end_factor: float = 0.0, **_: Any
+) -> lrs.LRScheduler:
+    """One-cycle's shape in straight lines (airbench's schedule): each group's lr rises from
+    start_factor x its lr to its lr over pct_start of the steps, then falls to end_factor x its lr
+    at the last step. Momentum stays as the optimizer sets it (one-cycle cycles it)."""
+    total = max(1, span.total)
+    peak = min(max(pct_start, 0.0), 1.0) * total
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return start_factor + (1.0 - start_factor) * step / peak
+        return end_factor + (1.0 - end_factor) * max(total - step, 0) / max(total - peak, 1.0)
+
+    return lrs.LambdaLR(optimizer, factor)
+
+
 def has_momentum(optimizer: Optimizer) -> bool:
     """Whether one-cycle may cycle the momentum: Adam-style betas, or a momentum the user turned on.
     Adagrad and Adadelta have neither (torch raises), and cycling an SGD or RMSprop momentum of 0
@@ -157,6 +177,14 @@ def build_scheduler(
     if main is None:
         return warmup
     return lrs.SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
+
+
+def schedule_from_config(
+    sched: SchedConfig, optimizer: Optimizer, *, span: ScheduleSpan, mode: Literal["min", "max"]
+) -> lrs.LRScheduler | lrs.ReduceLROnPlateau | None:
+    """config.sched's schedule; `mode` says whether the monitored metric (for plateau) falls or rises."""
+    options = dataclasses.asdict(sched)
+    return build_scheduler(options.pop("name"), optimizer, span=span, mode=mode, **options)
 
 
 # --- schedules given through the Python API: fit(config, scheduler=...) -----------------------

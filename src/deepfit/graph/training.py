@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from deepfit.graph.sources import Graph, build_graph
 from deepfit.graph.trained import build_model_for, graph_state
 from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import StopFlag
-from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, build_scheduler, step_epoch_schedule
+from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, schedule_from_config, step_epoch_schedule
 from deepfit.runtime import seed_everything, select_device, set_threads
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
@@ -146,12 +146,8 @@ def model_features(features: torch.Tensor) -> torch.Tensor:
 def make_node_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
     """config.sched with one optimizer step per epoch (the whole graph is one batch)."""
     s = config.sched
-    mode = "min" if config.train.monitor.endswith("loss") else "max"
-    return build_scheduler(
-        s.name, optimizer, span=ScheduleSpan(1, config.train.epochs), warmup_epochs=s.warmup_epochs, step_size=s.step_size,
-        milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr, pct_start=s.pct_start,
-        patience=s.patience, factor=s.factor, mode=mode,
-    )  # fmt: skip
+    mode: Literal["min", "max"] = "min" if config.train.monitor.endswith("loss") else "max"
+    return schedule_from_config(s, optimizer, span=ScheduleSpan(1, config.train.epochs), mode=mode)
 
 
 def train_node_epochs(run: NodeRun, on_epoch: EpochFn | None) -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import StopFlag
-from deepfit.optim import ScheduleSpan, build_optimizer, build_scheduler, step_epoch_schedule
+from deepfit.optim import ScheduleSpan, build_optimizer, schedule_from_config, step_epoch_schedule
 from deepfit.regression.batches import RowBatches, predict_values
 from deepfit.regression.models import build_regression_loss, build_regression_model, regression_metrics
 from deepfit.regression.sources import anchored, load_regression_data
@@ -119,11 +119,8 @@ def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
 
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     s = config.sched
-    return build_scheduler(
-        s.name, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), warmup_epochs=s.warmup_epochs,
-        step_size=s.step_size, milestones=s.milestones, gamma=s.gamma, min_lr=s.min_lr, max_lr=s.max_lr,
-        pct_start=s.pct_start, patience=s.patience, factor=s.factor, mode="max" if monitor_higher(config.train.monitor) else "min",
-    )  # fmt: skip
+    mode: Literal["min", "max"] = "max" if monitor_higher(config.train.monitor) else "min"
+    return schedule_from_config(s, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), mode=mode)
 
 
 METRICS = ("loss", "mse", "rmse", "mae", "r2")  # per split in metrics.csv; r2: higher is better, the others lower
