@@ -1,12 +1,16 @@
-"""data.augment crop: a random translation (2 px on 28-px images, 4 from 32 px, or data.crop_pad's), never a mirror;
-flip-crop: a mirror of half the batch, then the same translation. Drawn from the loader's
-generator (the same seed gives the same batch)."""
+"""data.augment crop: a random translation (2 px on 28-px images, 4 from 32 px, or data.crop_pad's), never a mirror,
+the uncovered border filled as data.pad_mode says; flip-crop: a mirror of half the batch, then the
+same translation, the mirror drawn per batch (data.flip random) or alternating per image each
+epoch (alternate). Drawn from the loader's generator (the same seed gives the same batch)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
+from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import BatchPrep
 
 
@@ -60,3 +64,68 @@ def shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     out = torch.zeros_like(image)
     out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
     return out
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+def test_crop_fills_the_uncovered_border_as_pad_mode_says(mode: str) -> None:
+    side, pad = 32, 2
+    image = torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side) % 251 + 1  # no zeros
+    batch = image.expand(128, 1, side, side).to(torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    out = BatchPrep(
+        mean=(0.0,), std=(1 / 255,), device=torch.device("cpu"), generator=generator, augment="crop", crop_pad=pad, pad_mode=mode
+    )(batch)
+    padded = torch.nn.functional.pad(image, (pad,) * 4, mode=mode)[0, 0]
+    windows = {
+        (dy, dx): padded[pad - dy : pad - dy + side, pad - dx : pad - dx + side]
+        for dy in range(-pad, pad + 1)
+        for dx in range(-pad, pad + 1)
+    }
+    moved = 0
+    for row in out:
+        found = [shift for shift, window in windows.items() if torch.equal(row[0], window)]
+        assert len(found) == 1
+        moved += found[0] != (0, 0)
+    assert moved > 64 and bool((out > 0).all())  # moved images, yet no black border anywhere (constant's zeros)
+
+
+def mirrored_each_epoch(seed: int, epochs: int, state_after: int | None = None) -> list[list[bool]]:
+    """Per epoch, whether each of 40 distinct asymmetric images came out mirrored (flip alternate, no shift)."""
+    images = (torch.arange(40 * 6 * 6).view(40, 1, 6, 6) % 251 + 1).to(torch.uint8)
+    options = {"batch_size": 8, "mean": (0.0,), "std": (1 / 255,), "device": torch.device("cpu"), "shuffle": True, "seed": seed}
+    loader = BatchLoader(ImageSet(images, torch.arange(40)), augment="flip-crop", crop_pad=0, flip="alternate", **options)
+    seen = []
+    for epoch in range(epochs):
+        if epoch == state_after:  # a new loader resumed from the state the old one saved at this epoch's start
+            state = loader.state_dict()
+            loader = BatchLoader(ImageSet(images, torch.arange(40)), augment="flip-crop", crop_pad=0, flip="alternate", **options)
+            loader.load_state_dict(state)
+        flips = [False] * 40
+        for x, y in loader:
+            for row, i in zip(x, y.tolist(), strict=True):
+                assert torch.equal(row, images[i].float()) or torch.equal(row, images[i].float().flip(2))
+                flips[i] = torch.equal(row, images[i].float().flip(2))
+        seen.append(flips)
+    return seen
+
+
+def test_alternate_flip_mirrors_a_random_half_then_each_image_the_other_way_every_epoch() -> None:
+    seen = mirrored_each_epoch(seed=0, epochs=4)
+    assert 10 <= sum(seen[0]) <= 30  # a coin per image in the first epoch
+    for before, after in itertools.pairwise(seen):
+        assert after == [not flipped for flipped in before]  # every image the other way round next epoch
+    assert mirrored_each_epoch(seed=0, epochs=4, state_after=3) == seen  # a resumed run keeps the parity
+    assert mirrored_each_epoch(seed=1, epochs=1)[0] != seen[0]  # the coins come from the seed
+
+
+def test_random_flips_do_not_alternate() -> None:
+    images = (torch.arange(40 * 6 * 6).view(40, 1, 6, 6) % 251 + 1).to(torch.uint8)
+    loader = BatchLoader(
+        ImageSet(images, torch.arange(40)), batch_size=40, mean=(0.0,), std=(1 / 255,), device=torch.device("cpu"),
+        augment="flip-crop", crop_pad=0, seed=0,
+    )  # fmt: skip
+    epochs = [
+        [torch.equal(row, images[i].float().flip(2)) for row, i in zip(x, y.tolist(), strict=True)]
+        for x, y in (next(iter(list(loader))) for _ in range(4))
+    ]
+    assert any(after != [not f for f in before] for before, after in itertools.pairwise(epochs))

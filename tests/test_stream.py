@@ -58,8 +58,11 @@ def epoch_batches(loader: BatchLoader | StreamLoader) -> list[tuple[torch.Tensor
     return [(x.clone(), y.clone()) for x, y in loader]
 
 
-@pytest.mark.parametrize("augment", ["none", "flip-crop"])
-def test_stream_batches_equal_memory_batches(tmp_path: Path, augment: str) -> None:
+@pytest.mark.parametrize(
+    ("augment", "flip", "pad_mode"),
+    [("none", "random", "constant"), ("flip-crop", "random", "constant"), ("flip-crop", "alternate", "reflect")],
+)
+def test_stream_batches_equal_memory_batches(tmp_path: Path, augment: str, flip: str, pad_mode: str) -> None:
     folder = write_folder(tmp_path / "photos")
     memory = build_data(data_config(folder, pipeline="memory"), seed=5)
     stream = build_data(data_config(folder, pipeline="stream"), seed=5)
@@ -67,7 +70,7 @@ def test_stream_batches_equal_memory_batches(tmp_path: Path, augment: str) -> No
     assert (stream.mean, stream.std, stream.classes, stream.input_shape) == (memory.mean, memory.std, memory.classes, memory.input_shape)
     assert isinstance(stream.val, ImageSet) and torch.equal(stream.val.images, memory.val.images)  # type: ignore[union-attr]
     options: dict[str, Any] = {"batch_size": 8, "mean": memory.mean, "std": memory.std, "device": CPU, "shuffle": True, "seed": 3}
-    options["augment"] = augment
+    options |= {"augment": augment, "flip": flip, "pad_mode": pad_mode}
     ours = build_loader(stream.train, num_workers=2, **options)
     theirs = build_loader(memory.train, **options)
     assert isinstance(ours, StreamLoader) and isinstance(theirs, BatchLoader)

@@ -28,6 +28,8 @@ class DataConfig:
     eval_batch_size: int = 1024  # images per forward pass in evaluation (no gradients kept)
     augment: Literal["none", "crop", "flip-crop", "random-resized-crop"] = "none"  # per-batch; crop: shift only
     crop_pad: int | None = None  # pixels crop and flip-crop translate by, at most (default: 2 below 32 px, 4 from 32 px up)
+    pad_mode: Literal["constant", "reflect", "replicate"] = "constant"  # fill of the border a crop uncovers (constant: black)
+    flip: Literal["random", "alternate"] = "random"  # mirror by a coin per image each time, or alternate: one coin, then flipped each epoch
     image_size: int | None = None  # resize image folders to this side in pixels (default: most common)
     image_shape: str | None = None  # CxHxW of CSV pixel rows, e.g. 1x28x28 (default: square guess)
     channels: int | None = None  # convert images to this many channels, 1 or 3 (default: as found)
@@ -397,8 +399,8 @@ def validate(config: Config) -> None:
 
 
 IMAGE_ONLY = (
-    "data.augment", "data.crop_pad", "optim.norm_lr_scale", "data.image_size", "data.image_shape", "data.channels", "data.skip_bad", "data.pipeline",
-    "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
+    "data.augment", "data.crop_pad", "data.pad_mode", "data.flip", "optim.norm_lr_scale", "data.image_size", "data.image_shape",
+    "data.channels", "data.skip_bad", "data.pipeline", "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
     "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every",
 )  # fmt: skip

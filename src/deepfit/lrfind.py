@@ -105,7 +105,7 @@ def sweep(config: Config, bundle: DataBundle, net: nn.Module, *, start_lr: float
     loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=config.data.augment, seed=config.train.seed, channels_last=channels_last, crop_pad=config.data.crop_pad,
-        num_workers=config.data.num_workers, skip_bad=config.data.skip_bad,
+        pad_mode=config.data.pad_mode, flip=config.data.flip, num_workers=config.data.num_workers, skip_bad=config.data.skip_bad,
     )  # fmt: skip
     o = config.optim
     optimizer = build_optimizer(

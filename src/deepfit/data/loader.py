@@ -16,7 +16,10 @@ from deepfit.data.stream import StreamSet, collate_items, own_generator, raise_f
 from deepfit.errors import DataError
 
 AUGMENT_PRESETS = ("none", "crop", "flip-crop", "random-resized-crop")
+FLIP_MODES = ("random", "alternate")
+PAD_MODES = ("constant", "reflect", "replicate")  # torch.nn.functional.pad's modes that crop may fill with
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
+FLIP_SEED_OFFSET = 0x5EED  # alternate flips' coins come from seed + this, apart from the order's stream
 Share = tuple[Any, int]  # the rows (a slice, or an index tensor) of a global batch one rank holds, and that batch's size
 
 
@@ -41,6 +44,8 @@ class BatchPrep:
         augment: str = "none",
         channels_last: bool = False,
         crop_pad: int | None = None,
+        pad_mode: str = "constant",
+        flip_coins: torch.Tensor | None = None,
     ) -> None:
         stats = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         # x_norm = (x / 255 - mean) / std = x * scale - shift
@@ -51,22 +56,34 @@ class BatchPrep:
         self.augment = augment
         self.channels_last = channels_last
         self.crop_pad = crop_pad  # pixels crop and flip-crop translate by; None: crop_pad(side)
+        self.pad_mode = pad_mode  # how crop fills the border a translation uncovers
+        self.flip_coins = flip_coins  # (N,) bool per image of the split: alternate flips; None: random flips
 
-    def __call__(self, batch: torch.Tensor, share: Share | None = None) -> torch.Tensor:
+    def __call__(
+        self, batch: torch.Tensor, share: Share | None = None, *, index: torch.Tensor | None = None, epoch: int = 0
+    ) -> torch.Tensor:
         """share: `batch` is these rows of a larger global batch; the random draws are made for the
-        whole global batch and this share's rows used, so N ranks augment as one process does."""
+        whole global batch and this share's rows used, so N ranks augment as one process does.
+        index, epoch: the batch's rows in the split and the epochs already done (alternate flips)."""
         x = batch.to(self.device, non_blocking=True).float()
-        pad = self.crop_pad if self.crop_pad is not None else crop_pad(x.shape[-1])
-        if self.augment == "crop":
-            x = random_crop(x, pad=pad, generator=self.generator, share=share)
-        elif self.augment == "flip-crop":
-            x = random_crop(random_flip(x, self.generator, share), pad=pad, generator=self.generator, share=share)
+        if self.augment in ("flip-crop", "random-resized-crop"):
+            x = self.mirror(x, share, index, epoch)
+        if self.augment in ("crop", "flip-crop"):
+            pad = self.crop_pad if self.crop_pad is not None else crop_pad(x.shape[-1])
+            x = random_crop(x, pad=pad, generator=self.generator, share=share, mode=self.pad_mode)
         elif self.augment == "random-resized-crop":
-            x = random_resized_crop(random_flip(x, self.generator, share), generator=self.generator, share=share)
+            x = random_resized_crop(x, generator=self.generator, share=share)
         x = x.mul_(self.scale).sub_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def mirror(self, x: torch.Tensor, share: Share | None, index: torch.Tensor | None, epoch: int) -> torch.Tensor:
+        if self.flip_coins is None:
+            return random_flip(x, self.generator, share)
+        if index is None:
+            raise ValueError("alternate flips need the batch's image indices")
+        return alternate_flip(x, self.flip_coins[index], epoch)
 
 
 class EpochOrder:
@@ -82,6 +99,7 @@ class EpochOrder:
         self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
         self.sample_weights: torch.Tensor | None = None  # (N,) set for data.sampler balanced: draw by weight, with replacement
         self.position = 0  # batches of this epoch already handed out
+        self.epochs_done = 0  # epochs handed out to the end (alternate flips mirror by its parity)
         self.shard = (0, 1)  # (rank, world size): each global batch is split by share_rows
         self.rows_this_epoch = 0  # images this rank was handed in the current (or last) epoch
         self.batch_weight = 1.0  # this rank's share of the current global batch (rows / global rows)
@@ -103,6 +121,7 @@ class EpochOrder:
 
     def end_epoch(self) -> None:
         self.order, self.position = None, 0
+        self.epochs_done += 1
 
     def draw_order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -132,12 +151,14 @@ class EpochOrder:
             "generator": self.generator.get_state(),
             "order": self.order.cpu() if self.order is not None else None,
             "position": self.position,
+            "epochs_done": self.epochs_done,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.order = state["order"].to(self.order_device) if state["order"] is not None else None
         self.position = int(state["position"])
+        self.epochs_done = int(state.get("epochs_done", 0))  # absent before alternate flips existed
 
 
 class BatchLoader(EpochOrder):
@@ -160,6 +181,8 @@ class BatchLoader(EpochOrder):
         seed: int = 0,
         channels_last: bool = False,
         crop_pad: int | None = None,
+        pad_mode: str = "constant",
+        flip: str = "random",
     ) -> None:
         super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=device)
         self.images = data.images.to(device)
@@ -168,8 +191,9 @@ class BatchLoader(EpochOrder):
         self.augment = augment
         self.channels_last = channels_last
         self.prepare = BatchPrep(
-            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last, crop_pad=crop_pad
-        )
+            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last,
+            crop_pad=crop_pad, pad_mode=pad_mode, flip_coins=flip_coins(flip, len(data), seed, device),
+        )  # fmt: skip
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.start_epoch()
@@ -177,7 +201,7 @@ class BatchLoader(EpochOrder):
             share = self.batch_share(self.position)
             index = self.batch_index(order, self.position)[share[0]]
             self.hand_out(share)
-            yield self.prepare(self.images[index], share), self.labels[index]
+            yield self.prepare(self.images[index], share, index=index, epoch=self.epochs_done), self.labels[index]
         self.end_epoch()
 
 
@@ -218,6 +242,8 @@ class StreamLoader(EpochOrder):
         seed: int = 0,
         channels_last: bool = False,
         crop_pad: int | None = None,
+        pad_mode: str = "constant",
+        flip: str = "random",
         num_workers: int = 2,
         skip_bad: bool = False,
     ) -> None:
@@ -228,26 +254,28 @@ class StreamLoader(EpochOrder):
         self.channels_last = channels_last
         self.skip_bad = skip_bad
         self.prepare = BatchPrep(
-            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last, crop_pad=crop_pad
-        )
+            mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last,
+            crop_pad=crop_pad, pad_mode=pad_mode, flip_coins=flip_coins(flip, len(data), seed, torch.device("cpu")),
+        )  # fmt: skip
         self.loader = DataLoader(
             data.items, batch_sampler=BatchPlan(self), num_workers=num_workers, collate_fn=collate_items,
             pin_memory=device.type == "cuda", generator=own_generator(),
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[Batch]:
-        self.start_epoch()  # before the DataLoader asks BatchPlan for indices
+        order = self.start_epoch()  # before the DataLoader asks BatchPlan for indices
         batches, finished = iter(self.loader), False
         try:
             for images, labels, failures in batches:
                 share = self.batch_share(self.position)
+                index = self.batch_index(order, self.position)[share[0]]
                 keep = raise_failures(failures, len(labels), skip_bad=self.skip_bad)
                 if keep is not None:  # skipped files: their random draws are made and left unused
-                    images, labels = images[keep], labels[keep]
+                    images, labels, index = images[keep], labels[keep], index[keep]
                     share = (torch.arange(share[0].start, share[0].stop)[keep], share[1])
                 self.hand_out(share)
                 if len(labels):
-                    yield self.prepare(images, share), labels.to(self.device, non_blocking=True)
+                    yield self.prepare(images, share, index=index, epoch=self.epochs_done), labels.to(self.device, non_blocking=True)
             finished = True
         finally:
             if not finished:
@@ -277,14 +305,22 @@ def build_loader(
     seed: int = 0,
     channels_last: bool = False,
     crop_pad: int | None = None,
+    pad_mode: str = "constant",
+    flip: str = "random",
     num_workers: int = 2,
     skip_bad: bool = False,
 ) -> BatchLoader | StreamLoader:
     """A StreamLoader for a streamed split, a BatchLoader for one in memory."""
-    if augment not in AUGMENT_PRESETS:
-        raise DataError(f"unknown augmentation {augment!r}; valid: {', '.join(AUGMENT_PRESETS)}")
+    for what, value, valid in (
+        ("augmentation", augment, AUGMENT_PRESETS),
+        ("pad mode", pad_mode, PAD_MODES),
+        ("flip mode", flip, FLIP_MODES),
+    ):
+        if value not in valid:
+            raise DataError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
     common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
     common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last, "crop_pad": crop_pad}
+    common |= {"pad_mode": pad_mode, "flip": flip}
     if isinstance(data, StreamSet):
         return StreamLoader(data, num_workers=num_workers, skip_bad=skip_bad, **common)
     return BatchLoader(data, **common)
@@ -307,16 +343,36 @@ def random_flip(x: torch.Tensor, generator: torch.Generator, share: Share | None
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
+def alternate_flip(x: torch.Tensor, coins: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip: an image is mirrored in the epochs where its coin differs from
+    the epoch's parity, so a random half in the first epoch, then each image the other way round
+    in every next one: both views of every image every two epochs, none seen twice running."""
+    flip = (coins != bool(epoch % 2)).to(x.device, non_blocking=True)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def flip_coins(flip: str, count: int, seed: int, device: torch.device) -> torch.Tensor | None:
+    """One coin per image of the split for alternate flips (None for random ones), drawn from the
+    seed alone, so a resumed run redraws the same coins without saving them."""
+    if flip != "alternate":
+        return None
+    generator = torch.Generator().manual_seed(seed + FLIP_SEED_OFFSET)
+    return (torch.rand(count, generator=generator) < 0.5).to(device)
+
+
 def crop_pad(side: int) -> int:
     """How far `crop` and `flip-crop` translate: 2 pixels on MNIST-sized (28 px) images, 4 from 32 px up."""
     return 2 if side < 32 else 4
 
 
-def random_crop(x: torch.Tensor, *, pad: int, generator: torch.Generator, share: Share | None = None) -> torch.Tensor:
-    """Zero-pad by `pad` pixels, then take a random HxW window per image (a translation)."""
+def random_crop(
+    x: torch.Tensor, *, pad: int, generator: torch.Generator, share: Share | None = None, mode: str = "constant"
+) -> torch.Tensor:
+    """Pad by `pad` pixels (constant: zeros, i.e. black; reflect: mirrored inner pixels; replicate:
+    the edge repeated), then take a random HxW window per image (a translation)."""
     b, c, h, w = x.shape
     n = draw_count(x, share)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
     dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
     dx = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
     rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
