@@ -12,6 +12,7 @@ import torch
 
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import BatchPrep
+from deepfit.errors import DataError
 
 
 def prep(seed: int, augment: str = "crop", crop_pad: int | None = None) -> BatchPrep:
@@ -87,6 +88,16 @@ def test_crop_fills_the_uncovered_border_as_pad_mode_says(mode: str) -> None:
         assert len(found) == 1
         moved += found[0] != (0, 0)
     assert moved > 64 and bool((out > 0).all())  # moved images, yet no black border anywhere (constant's zeros)
+
+
+def test_a_reflected_border_wider_than_the_image_is_refused_in_one_line() -> None:
+    generator = torch.Generator().manual_seed(0)
+    prepare = BatchPrep(
+        mean=(0.0,), std=(1.0,), device=torch.device("cpu"), generator=generator, augment="crop", crop_pad=8, pad_mode="reflect"
+    )
+    with pytest.raises(DataError, match=r"reflect needs data\.crop_pad below the image side \(8 px\); got 8"):
+        prepare(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    assert prepare(torch.zeros(2, 1, 9, 9, dtype=torch.uint8)).shape == (2, 1, 9, 9)
 
 
 def mirrored_each_epoch(seed: int, epochs: int, state_after: int | None = None) -> list[list[bool]]:

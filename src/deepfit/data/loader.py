@@ -371,6 +371,8 @@ def random_crop(
     """Pad by `pad` pixels (constant: zeros, i.e. black; reflect: mirrored inner pixels; replicate:
     the edge repeated), then take a random HxW window per image (a translation)."""
     b, c, h, w = x.shape
+    if mode == "reflect" and pad >= min(h, w):
+        raise DataError(f"data.pad_mode reflect needs data.crop_pad below the image side ({min(h, w)} px); got {pad}")
     n = draw_count(x, share)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
     dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
