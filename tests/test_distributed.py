@@ -30,9 +30,11 @@ def test_share_rows_cover_every_row_once() -> None:
             assert max(p.stop - p.start for p in rows) - min(p.stop - p.start for p in rows) <= 1
 
 
-def test_shards_of_augmented_batches_equal_the_single_process_batch() -> None:
+@pytest.mark.parametrize(("flip", "pad_mode"), [("random", "constant"), ("alternate", "reflect")])
+def test_shards_of_augmented_batches_equal_the_single_process_batch(flip: str, pad_mode: str) -> None:
     """Two ranks' shards of every global batch, augmented with flips and crops, are the rows of
-    the batch one process gets: same order, same random draws, the odd last batch included."""
+    the batch one process gets: same order, same random draws, the odd last batch included, over
+    two epochs (alternate flips change sides between them)."""
     generator = torch.Generator().manual_seed(1)
     data = ImageSet(torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=generator), torch.arange(37))
     common = {
@@ -43,14 +45,17 @@ def test_shards_of_augmented_batches_equal_the_single_process_batch() -> None:
         "shuffle": True,
         "augment": "flip-crop",
         "seed": 3,
+        "flip": flip,
+        "pad_mode": pad_mode,
     }
-    single = list(BatchLoader(data, **common))
+    one = BatchLoader(data, **common)
+    single = [batch for _ in range(2) for batch in one]
     ranks = []
     for rank in range(2):
         loader = BatchLoader(data, **common)
         loader.shard = (rank, 2)
-        ranks.append(list(loader))
-    assert len(single) == len(ranks[0]) == len(ranks[1]) == 4
+        ranks.append([batch for _ in range(2) for batch in loader])
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 8
     for whole, first, second in zip(single, ranks[0], ranks[1], strict=True):
         assert torch.equal(whole[0], torch.cat([first[0], second[0]]))
         assert torch.equal(whole[1], torch.cat([first[1], second[1]]))
