@@ -1,6 +1,7 @@
 """Training benchmark: the lessons' plain-PyTorch loop (torchvision dataset, ToTensor + Normalize,
 DataLoader(batch_size=128, shuffle=True, num_workers=2)) against deepfit.fit on the same model
-class, data, optimizer, epochs and seed, in one process. Run: python bench/train.py [--help]."""
+class, data, optimizer, epochs and seed, in one process (on the CPU both under the allocator
+setting fit() makes, runtime.keep_freed_memory, so the ratio measures the loops). Run: python bench/train.py [--help]."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from deepfit.config import Config, ModelConfig
 from deepfit.errors import DeepfitError
 from deepfit.fit import fit
 from deepfit.models import build_model
-from deepfit.runtime import select_device
+from deepfit.runtime import keep_freed_memory, select_device
 
 # The lessons' Normalize constants: the usual published per-channel training-set mean and std.
 LESSON_STATS = {
@@ -159,6 +160,8 @@ def skip_reason(case: Case, datasets: Path) -> str | None:
 def run_cases(names: Sequence[str], datasets: Path, *, epochs: int | None = None) -> tuple[list[Result], dict[str, str]]:
     """Every named case that can run; returns the rows and why the others were skipped."""
     device = select_device("auto")
+    if device.type == "cpu":  # fit() would switch it on for every later baseline: both loops get it from the start
+        keep_freed_memory()
     results: list[Result] = []
     skipped: dict[str, str] = {}
     for name in names:

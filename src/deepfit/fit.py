@@ -45,7 +45,7 @@ from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
 from deepfit.optim import build_loss, step_epoch_schedule
 from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
-from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
+from deepfit.runtime import autocast_dtype, keep_freed_memory, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.scorecard import draw_test_figures
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
@@ -142,6 +142,8 @@ def prepare_run(
     if optimizer is not None and model is None:
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
     device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
+    if device.type == "cpu":
+        keep_freed_memory()  # glibc: reuse each step's freed activations instead of page-faulting them back in
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     require_classes(bundle)
     if model is None:  # a registered model: built on the meta device first when the images are large

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import platform
 import random
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -15,6 +19,7 @@ from deepfit.errors import ConfigError
 
 DEVICE_ENV = "DEEPFIT_DEVICE"  # what "auto" means in this process (the test suite sets it from DEEPFIT_TEST_DEVICE)
 CUBLAS_WORKSPACE = ":4096:8"  # the cuBLAS workspace setting that makes its kernels deterministic
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # glibc mallopt() parameters (<malloc.h>)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -54,6 +59,27 @@ def set_deterministic(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.backends.cudnn.deterministic = enabled
     torch.use_deterministic_algorithms(enabled, warn_only=True)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of handing it back to
+    the system: the CPU's counterpart of CUDA's caching allocator. A training step frees and
+    re-allocates hundreds of MB of activations and gradients; glibc serves blocks above 32 MB
+    with mmap and unmaps them on free, and trims its heap's top, so every step page-faults the
+    same memory back in. With no mmap (M_MMAP_MAX 0) and no trimming (M_TRIM_THRESHOLD -1) the
+    blocks are reused: the CIFAR-10 recipe's epochs on 2 cores, 68 -> 49 s (README). The process
+    keeps its peak memory until it exits. fit() calls it when training on the CPU. Linux with
+    glibc only: False elsewhere."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 64 << 20))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def set_threads(threads: int) -> None:
