@@ -1,4 +1,4 @@
-"""Process-wide knobs of deepfit.runtime that fit() sets: the CPU allocator."""
+"""Process-wide knobs of deepfit.runtime that fit() sets: the CPU allocator, cuDNN's autotuner."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import deepfit
 from deepfit.config import Config, set_value
+from deepfit.errors import ConfigError
 
 # A training step's pattern: tensors of 48, 24 and 12 MB (glibc maps blocks above 32 MB afresh,
 # and trims its heap's top), their doubles, all freed; minor page faults per step, before and
@@ -71,3 +73,18 @@ def test_fit_on_the_cpu_keeps_freed_memory(tiny_idx: Path, tmp_path: Path, monke
     monkeypatch.setattr(importlib.import_module("deepfit.fit"), "keep_freed_memory", lambda: calls.append(True) or True)
     deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"train.device": "cpu"}))
     assert calls == [True]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fit_sets_cudnn_benchmark(enabled: bool, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not enabled)  # restored after the test
+    config = tiny_config(tiny_idx, tmp_path, **{"train.cudnn_benchmark": str(enabled).lower()})
+    deepfit.fit(config)
+    assert torch.backends.cudnn.benchmark is enabled
+
+
+def test_cudnn_benchmark_and_deterministic_are_refused_together(tiny_idx: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_idx, tmp_path, **{"train.cudnn_benchmark": "true", "train.deterministic": "true"})
+    with pytest.raises(ConfigError, match=r"train\.cudnn_benchmark .* train\.deterministic"):
+        deepfit.fit(config)
+    assert not (tmp_path / "run").exists()

@@ -125,6 +125,9 @@ class TrainConfig:
     progress: bool = True  # draw a progress bar per epoch
     tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
+    cudnn_benchmark: bool = (
+        False  # CUDA: time cuDNN's convolution kernels on each new input shape and keep the fastest (not with deterministic)
+    )
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     lookahead: int = 0  # every N optimizer steps pull the weights to a slow copy, airbench94's lookahead (it uses 5; 0: off)
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
@@ -389,6 +392,10 @@ def validate(config: Config) -> None:
             f"train.log takes tensorboard, mlflow or both; got {','.join(config.train.log)}",
         ),
         (0.05 <= config.data.test_fraction <= 0.5, "data.test_fraction must be in 0.05..0.5"),
+        (
+            not (config.train.cudnn_benchmark and config.train.deterministic),
+            "train.cudnn_benchmark picks cuDNN kernels by timing them, which train.deterministic rules out; turn one off",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -402,7 +409,7 @@ IMAGE_ONLY = (
     "data.augment", "data.crop_pad", "data.pad_mode", "data.flip", "optim.norm_lr_scale", "data.image_size", "data.image_shape",
     "data.channels", "data.skip_bad", "data.pipeline", "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
-    "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every",
+    "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every", "train.cudnn_benchmark",
 )  # fmt: skip
 # The options that only some tasks read. One set away from its default for another task stops the
 # run in one line rather than being silently ignored (`--train.ema` on a regression run, say).

@@ -45,7 +45,15 @@ from deepfit.metrics import classification_metrics
 from deepfit.models import class_path_of
 from deepfit.optim import build_loss, step_epoch_schedule
 from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
-from deepfit.runtime import autocast_dtype, keep_freed_memory, seed_everything, select_device, set_deterministic, set_threads
+from deepfit.runtime import (
+    autocast_dtype,
+    keep_freed_memory,
+    seed_everything,
+    select_device,
+    set_cudnn_benchmark,
+    set_deterministic,
+    set_threads,
+)
 from deepfit.scorecard import draw_test_figures
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
@@ -103,6 +111,7 @@ def fit(
     set_threads(config.train.threads)
     set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)
+    set_cudnn_benchmark(config.train.cudnn_benchmark)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     try:
         run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)

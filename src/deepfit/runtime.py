@@ -82,6 +82,13 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+def set_cudnn_benchmark(enabled: bool) -> None:
+    """train.cudnn_benchmark: cuDNN times its convolution algorithms for each new input shape and
+    keeps the fastest (airbench94 runs with it). The first batch of each shape pays the timing,
+    and the choice may differ between runs, so train.deterministic excludes it. No effect on the CPU."""
+    torch.backends.cudnn.benchmark = enabled
+
+
 def set_threads(threads: int) -> None:
     """0 leaves torch's default (one thread per core, which measured fastest on 2 cores)."""
     if threads > 0:
