@@ -4,7 +4,9 @@ pytest-xdist; no pip, no network). It reports
   2. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
      seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device;
      the whitening init and the final test pass with the recipe's TTA are outside them, while
-     airbench's total_time_seconds includes both) and whole-process seconds;
+     airbench's total_time_seconds includes both), timed after one untimed warm-up epoch in the same
+     process as airbench94 times its runs after a warm-up run (--no-warmup: cold), the warm-up's
+     seconds, and whole-process seconds (warm-up included);
   3. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
   4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.
@@ -89,11 +91,11 @@ def has_module(name: str) -> bool:
 # --- 2. the recipe, one process per seed ------------------------------------------------------
 
 
-def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float) -> Row:
+def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float, *, warmup: bool = True) -> Row:
     """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe)."""
     with tempfile.TemporaryDirectory(prefix="deepfit-gpu-") as tmp:
         command = [sys.executable, str(Path(__file__).resolve()), "--one-recipe", "--cifar", str(cifar), "--seed", str(seed)]
-        command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides]]
+        command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides], *([] if warmup else ["--no-warmup"])]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=tmp, env=device_env(device), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - started
@@ -104,8 +106,13 @@ def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], ti
     return Row("recipe", f"seed {seed}", {**figures, "process_s": wall})
 
 
-def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str]) -> None:
-    """In the child process: train the recipe, print one JSON line (accuracy, training seconds)."""
+def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str], *, warmup: bool = True) -> None:
+    """In the child process: train the recipe, print one JSON line (accuracy, training seconds).
+    With `warmup`, one untimed epoch first in the same process, as airbench94 times its runs after
+    a warm-up run: the device's start-up, cuDNN's kernel choice for each shape and the decoded-image
+    cache are then not on the training clock. warmup_s says what it cost; process_s includes it."""
+    import dataclasses
+
     from deepfit.config import load_config, set_value
     from deepfit.fit import fit
 
@@ -115,9 +122,15 @@ def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequenc
     for item in overrides:
         key, _, value = item.partition("=")
         set_value(config, key, value)
+    warmup_s = 0.0
+    if warmup:
+        started = time.perf_counter()
+        fit(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=1, tta="none", out=f"{out}-warmup")))
+        warmup_s = time.perf_counter() - started
     result = fit(config)
     seconds = [row["seconds"] for row in result.history]
-    print(json.dumps({"test_acc": result.metrics.get("test_acc", float("nan")), "train_s": sum(seconds), "epochs": len(seconds)}))
+    figures = {"test_acc": result.metrics.get("test_acc", float("nan")), "train_s": sum(seconds), "epochs": len(seconds)}
+    print(json.dumps({**figures, "warmup_s": warmup_s} if warmup else figures))
 
 
 # --- 3. airbench94, given by path ---------------------------------------------------------------
@@ -263,6 +276,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lesson-epochs", type=int, default=2, help="epochs of the cnn_bn comparison")
     parser.add_argument("--suite", nargs="*", default=["tests"], help="test paths to run ('--suite' alone: skip the suite)")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the suite")
+    parser.add_argument("--no-warmup", action="store_true", help="time each recipe run cold: no untimed epoch before it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe config override, e.g. train.epochs=1")
     parser.add_argument("--timeout", type=float, default=240, help="seconds allowed to the suite (and to each other process)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
@@ -279,12 +293,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one_recipe:
-        one_recipe(args.cifar, args.seed, args.device, args.out, args.set)
+        one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup)
         return 0
     rows: list[Row] = []
     if args.suite:
         rows.append(run_suite(args.suite, args.device, workers=args.workers, timeout=args.timeout))
-    rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout) for seed in range(args.seeds)]
+    rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup) for seed in range(args.seeds)]
     if args.airbench is not None:
         rows += run_airbench(args.airbench, args.cifar, args.device, args.airbench_seconds)
     rows += [r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None]

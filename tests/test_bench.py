@@ -129,7 +129,7 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert gpu.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"suite\s+pytest on cpu\s+passed 2, failed 1, errors 0, skipped 0, seconds", out), out
-    assert re.search(r"recipe\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, process_s", out), out
+    assert re.search(r"recipe\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, warmup_s \d+\.\d\d, process_s", out), out
     assert re.search(r"airbench94\s+run 1\s+test_acc 90\.60%, train_s 2\.19", out), out
     assert re.search(r"airbench94\s+mean of 2\s+test_acc 90\.50%, train_s 2\.20", out), out
     assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
@@ -145,6 +145,22 @@ def test_gpu_bench_takes_the_zip_relative_to_where_it_is_run(tmp_path: Path, mon
     with pytest.raises(SystemExit):
         gpu.parse_args(["--cifar", "missing.zip"])
     assert "--cifar missing.zip is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_a_recipe_run_is_timed_after_an_untimed_warmup_epoch(warmup: bool, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """As airbench94 times its runs after a warm-up run: one epoch in the same process, in its own
+    folder, its seconds reported apart; --no-warmup times the run cold."""
+    from bench import gpu
+
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=4)
+    overrides = ["train.epochs=2", "data.batch_size=8", "train.precision=32", "train.tta=none"]
+    gpu.one_recipe(cifar, 0, "cpu", str(tmp_path / "run"), overrides, warmup=warmup)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["epochs"] == 2 and figures["train_s"] > 0  # the timed run is the whole recipe, not the warm-up
+    assert ("warmup_s" in figures and figures["warmup_s"] > 0) is warmup
+    assert (tmp_path / "run-warmup" / "metrics.csv").is_file() is warmup
+    assert not warmup or len((tmp_path / "run-warmup" / "metrics.csv").read_text().splitlines()) == 2  # header + 1 epoch
 
 
 def test_airbench_gets_the_same_images_in_its_own_file_layout(tmp_path: Path) -> None:
