@@ -6,10 +6,13 @@ epoch (alternate). Drawn from the loader's generator (the same seed gives the sa
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 
+import deepfit
+from deepfit.config import Config, set_value
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import BatchPrep
 from deepfit.errors import DataError
@@ -98,6 +101,21 @@ def test_a_reflected_border_wider_than_the_image_is_refused_in_one_line() -> Non
     with pytest.raises(DataError, match=r"reflect needs data\.crop_pad below the image side \(8 px\); got 8"):
         prepare(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     assert prepare(torch.zeros(2, 1, 9, 9, dtype=torch.uint8)).shape == (2, 1, 9, 9)
+
+
+def test_a_run_with_a_reflected_border_too_wide_stops_before_its_run_folder(tiny_idx: Path, tmp_path: Path) -> None:
+    """The tiny images are 12 px: the loader refuses the border when it is built, not at the first batch."""
+    config = Config()
+    for key, value in {
+        "data.name": "mnist", "data.dir": str(tiny_idx), "data.augment": "flip-crop", "data.crop_pad": "12",
+        "data.pad_mode": "reflect", "train.epochs": "1", "train.out": str(tmp_path / "runs"), "train.progress": "false",
+    }.items():  # fmt: skip
+        set_value(config, key, value)
+    with pytest.raises(DataError, match=r"reflect needs data\.crop_pad below the image side \(12 px\); got 12"):
+        deepfit.fit(config)
+    assert not (tmp_path / "runs").exists()
+    set_value(config, "data.crop_pad", "11")
+    assert deepfit.fit(config).history[0]["epoch"] == 1.0
 
 
 def mirrored_each_epoch(seed: int, epochs: int, state_after: int | None = None) -> list[list[bool]]:

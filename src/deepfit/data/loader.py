@@ -55,7 +55,7 @@ class BatchPrep:
         self.generator = generator
         self.augment = augment
         self.channels_last = channels_last
-        self.crop_pad = crop_pad  # pixels crop and flip-crop translate by; None: crop_pad(side)
+        self.crop_pad = crop_pad  # pixels crop and flip-crop translate by; None: default_crop_pad(side)
         self.pad_mode = pad_mode  # how crop fills the border a translation uncovers
         self.flip_coins = flip_coins  # (N,) bool per image of the split: alternate flips; None: random flips
 
@@ -69,7 +69,7 @@ class BatchPrep:
         if self.augment in ("flip-crop", "random-resized-crop"):
             x = self.mirror(x, share, index, epoch)
         if self.augment in ("crop", "flip-crop"):
-            pad = self.crop_pad if self.crop_pad is not None else crop_pad(x.shape[-1])
+            pad = self.crop_pad if self.crop_pad is not None else default_crop_pad(x.shape[-1])
             x = random_crop(x, pad=pad, generator=self.generator, share=share, mode=self.pad_mode)
         elif self.augment == "random-resized-crop":
             x = random_resized_crop(x, generator=self.generator, share=share)
@@ -318,6 +318,9 @@ def build_loader(
     ):
         if value not in valid:
             raise DataError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    if augment in ("crop", "flip-crop"):  # a bad border stops here, before a run folder exists, not at the first batch
+        shape = data.images.shape
+        require_reflectable(shape, default_crop_pad(shape[-1]) if crop_pad is None else crop_pad, pad_mode)
     common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
     common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last, "crop_pad": crop_pad}
     common |= {"pad_mode": pad_mode, "flip": flip}
@@ -360,9 +363,15 @@ def flip_coins(flip: str, count: int, seed: int, device: torch.device) -> torch.
     return (torch.rand(count, generator=generator) < 0.5).to(device)
 
 
-def crop_pad(side: int) -> int:
+def default_crop_pad(side: int) -> int:
     """How far `crop` and `flip-crop` translate: 2 pixels on MNIST-sized (28 px) images, 4 from 32 px up."""
     return 2 if side < 32 else 4
+
+
+def require_reflectable(shape: torch.Size, pad: int, mode: str) -> None:
+    """A reflected border mirrors inner pixels, so it must be narrower than the image."""
+    if mode == "reflect" and pad >= min(shape[-2:]):
+        raise DataError(f"data.pad_mode reflect needs data.crop_pad below the image side ({min(shape[-2:])} px); got {pad}")
 
 
 def random_crop(
@@ -371,8 +380,7 @@ def random_crop(
     """Pad by `pad` pixels (constant: zeros, i.e. black; reflect: mirrored inner pixels; replicate:
     the edge repeated), then take a random HxW window per image (a translation)."""
     b, c, h, w = x.shape
-    if mode == "reflect" and pad >= min(h, w):
-        raise DataError(f"data.pad_mode reflect needs data.crop_pad below the image side ({min(h, w)} px); got {pad}")
+    require_reflectable(x.shape, pad, mode)
     n = draw_count(x, share)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
     dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
