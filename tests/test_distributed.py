@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import share_rows
@@ -76,6 +77,41 @@ def test_two_ranks_train_the_weights_of_one_process(tmp_path: Path) -> None:
     saved = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["world_size"] == 2 and saved["step"] == 3 * -(-images // 100)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+class StemStops(nn.Module):
+    """A model whose own per-epoch hook stops its first layer's bias learning after epoch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(64, 32)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x.flatten(1)))
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        self.stem.bias.requires_grad_(epoch < 1)
+
+
+def stem_stops() -> nn.Module:
+    torch.manual_seed(0)
+    return StemStops()
+
+
+def test_two_ranks_follow_a_model_hook_that_stops_a_parameter(tmp_path: Path) -> None:
+    """A parameter that stops learning mid-run is unused to DDP from then on: the ranks neither hang
+    nor fail waiting for its gradient, and end with the weights of one process (bias included)."""
+    model = stem_stops()
+    biases: list[torch.Tensor] = []
+    fit(
+        digits_config(tmp_path / "one", data__batch_size=100),
+        model=model,
+        on_epoch=lambda row: biases.append(model.stem.bias.detach().clone()),
+    )
+    assert run_ranks(2, digits_config(tmp_path / "two", data__batch_size=100), build=stem_stops, timeout=300) == [0, 0]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    assert torch.equal(biases[0], biases[2]) and not torch.equal(biases[0], stem_stops().stem.bias)  # learned in epoch 1 only
 
 
 def test_a_killed_rank_does_not_hang_the_other(tmp_path: Path) -> None:

@@ -99,6 +99,27 @@ def test_resume_does_not_init_from_data_again(tmp_path: Path, monkeypatch: pytes
     assert calls == []
 
 
+def test_the_stem_bias_learns_for_three_epochs_then_stays(tmp_path: Path) -> None:
+    """airbench's schedule for the whitened stem's bias: trained in epochs 1-3, fixed from epoch 4
+    on (in a resumed run too), while the other weights keep learning. Without lookahead, which
+    would move it toward its slow copy."""
+    config = load_config(RECIPE)
+    config.train.epochs, config.train.out, config.data.batch_size = 3, str(tmp_path / "run"), 32
+    config.train.precision, config.train.tta, config.train.lookahead, config.train.restore_best = "32", "none", 0, False
+    three = fit(config, data=tiny_colour_bundle()).model
+    bias, block = three.whiten.bias.detach().clone(), three.blocks[0].conv1.weight.detach().clone()  # type: ignore[union-attr, index]
+    assert bias.abs().sum() > 0  # init_from_data starts it at zero: it learned
+    config.train.epochs = 5
+    five = fit(config, data=tiny_colour_bundle(), resume=tmp_path / "run").model
+    assert torch.equal(five.whiten.bias, bias) and not five.whiten.bias.requires_grad  # type: ignore[union-attr]
+    assert not torch.equal(five.blocks[0].conv1.weight, block)  # type: ignore[union-attr, index]
+    five.on_train_epoch_start(2)  # type: ignore[operator]
+    assert five.whiten.bias.requires_grad  # type: ignore[union-attr]
+    small = build_model(ModelConfig(name="airbench_whiten_small"), input_shape=(3, 32, 32), num_classes=10)
+    small.on_train_epoch_start(5)  # type: ignore[operator]
+    assert small.whiten.bias.requires_grad  # type: ignore[union-attr]  # the CPU recipe's net: measured with it learning throughout
+
+
 @pytest.mark.parametrize(("name", "widths"), [("airbench_whiten", (64, 256, 256)), ("airbench_whiten_small", (32, 128, 256))])
 def test_airbench_whiten_maps_cifar_images_to_logits(name: str, widths: tuple[int, int, int]) -> None:
     model = build_model(ModelConfig(name=name), input_shape=(3, 32, 32), num_classes=10)

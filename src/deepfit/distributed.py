@@ -7,6 +7,7 @@ sharded evaluation, stop decisions). In a single process every function here is 
 
 import atexit
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -131,7 +132,12 @@ def wrap_model(model: nn.Module, device: torch.device, loader: BatchLoader | Str
     if sync_bn:
         model = convert_sync_batchnorm(model, device, share=lambda: loader.batch_weight)
     ids = [device.index] if device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # a model's per-epoch hook may stop some parameters learning (airbench_whiten's stem bias): DDP
+    # must then find them unused rather than wait for their gradients
+    hooked = hasattr(model, "on_train_epoch_start")
+    if hooked:  # until the hook stops a parameter, DDP notes once that none is unused: expected here
+        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified in DDP constructor, but did not find")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=hooked)
     ddp.register_comm_hook(loader, weighted_mean_hook)
     return ddp
 

@@ -57,7 +57,7 @@ from deepfit.runtime import (
 from deepfit.scorecard import draw_test_figures
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import LossTap, Trackers, final_record, require_trackers, run_info, start_trackers
-from deepfit.trained import InitReport, place_model
+from deepfit.trained import InitReport, on_train_epoch_start, place_model
 
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (batches, description, total) -> batches
 EpochFn = Callable[[Row], None]
@@ -215,6 +215,7 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
         if mix is not None:
             batches = MixedBatches(batches, mix, run.loader.generator)
         loss_fn = run.loss_tap or run.loss_fn
+        on_train_epoch_start(unwrap(run.model), run.epoch)
         train = train_one_epoch(run.model, batches, run.optimizer, loss_fn, options=options, on_step=lambda: after_step(run, deadline))
         run.epoch += 1
         row = epoch_row(run, train, time.monotonic() - started)

@@ -147,6 +147,18 @@ def init_from_data(model: nn.Module, bundle: DataBundle) -> bool:
     return True
 
 
+def on_train_epoch_start(model: nn.Module, epoch: int) -> bool:
+    """Call `model.on_train_epoch_start(epoch)` (0-based) when the model defines it: a model's own
+    per-epoch change, such as airbench_whiten's stem bias that stops learning after 3 epochs.
+    A hook that turns parameters' requires_grad off runs under DDP too: with the hook defined,
+    distributed.wrap_model lets DDP find unused parameters. Returns whether it ran."""
+    method = getattr(model, "on_train_epoch_start", None)
+    if method is None:
+        return False
+    method(epoch)
+    return True
+
+
 def use_channels_last(setting: str, model: nn.Module) -> bool:
     """'auto': on for convolutional models (measured 1.1-1.5x faster on CPU), off otherwise."""
     if setting != "auto":

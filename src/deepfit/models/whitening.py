@@ -83,10 +83,15 @@ class WhitenedBlock(nn.Module):
 class AirbenchWhiten(nn.Module):
     """airbench94's net: whitened 2x2 stem, three blocks (64, 256, 256), a global max over the
     map (amax: its backward is deterministic on CUDA, AdaptiveMaxPool2d's is not), a bias-free
-    head scaled by 1/9."""
+    head scaled by 1/9. With `stem_bias_epochs` (airbench's 3) the stem's bias learns for that
+    many epochs only: then nothing before the first block needs a gradient, and the backward pass
+    skips the first block's input gradient, the largest of them. None: it learns throughout."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: tuple[int, int, int] = (64, 256, 256), stem_bias_epochs: int | None = None
+    ) -> None:
         super().__init__()
+        self.stem_bias_epochs = stem_bias_epochs
         self.whiten = Whiten(in_channels)  # (B, 8C, H-1, W-1)
         self.activation = nn.GELU()
         stem = 8 * in_channels
@@ -99,6 +104,11 @@ class AirbenchWhiten(nn.Module):
     def init_from_data(self, x: torch.Tensor) -> None:
         self.whiten.init_from_data(x)
 
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """fit() calls it before each training epoch (0-based), a resumed run too."""
+        if self.whiten.bias is not None:
+            self.whiten.bias.requires_grad_(self.stem_bias_epochs is None or epoch < self.stem_bias_epochs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.activation(self.whiten(x))).amax(dim=(2, 3))  # (B, C, H, W) -> (B, widths[2])
         return self.head(x) * self.scale
@@ -106,11 +116,11 @@ class AirbenchWhiten(nn.Module):
 
 @MODELS.register("airbench_whiten")
 def build_airbench_whiten(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """airbench94's CIFAR-10 net: data-whitened 2x2 stem, BN bias-only, identity-started convs (configs/cifar10-jpg-gpu.yaml)."""
-    return AirbenchWhiten(input_shape[0], num_classes)
+    """airbench94's CIFAR-10 net: data-whitened 2x2 stem (its bias learning for 3 epochs), BN bias-only, identity-started convs (configs/cifar10-jpg-gpu.yaml)."""
+    return AirbenchWhiten(input_shape[0], num_classes, stem_bias_epochs=3)
 
 
 @MODELS.register("airbench_whiten_small")
 def build_airbench_whiten_small(*, config: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """airbench_whiten with blocks 32-128-256: 1/3 of the work, for CIFAR-10 on the CPU (configs/cifar10-jpg-85-cpu.yaml)."""
+    """airbench_whiten with blocks 32-128-256 and the stem's bias learning throughout: 1/3 of the work, for CIFAR-10 on the CPU (configs/cifar10-jpg-85-cpu.yaml)."""
     return AirbenchWhiten(input_shape[0], num_classes, widths=(32, 128, 256))
