@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import deepfit
-from deepfit.config import Config, set_value
 from deepfit.errors import ConfigError
+from tests.test_fit_api import tiny_config
 
 # A training step's pattern: tensors of 48, 24 and 12 MB (glibc maps blocks above 32 MB afresh,
 # and trims its heap's top), their doubles, all freed; minor page faults per step, before and
@@ -54,31 +54,17 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert after < default / 5  # the freed blocks come back from the heap, mostly without a fault
 
 
-def tiny_config(tiny_idx: Path, tmp_path: Path, **overrides: str) -> Config:
-    config = Config()
-    for key, value in {
-        "data.name": "mnist",
-        "data.dir": str(tiny_idx),
-        "train.epochs": "1",
-        "train.out": str(tmp_path / "run"),
-        "train.progress": "false",
-        **overrides,
-    }.items():
-        set_value(config, key, value)
-    return config
-
-
 def test_fit_on_the_cpu_keeps_freed_memory(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(importlib.import_module("deepfit.fit"), "keep_freed_memory", lambda: calls.append(True) or True)
-    deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"train.device": "cpu"}))
+    deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"train.device": "cpu", "train.epochs": "1"}))
     assert calls == [True]
 
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_fit_sets_cudnn_benchmark(enabled: bool, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not enabled)  # restored after the test
-    config = tiny_config(tiny_idx, tmp_path, **{"train.cudnn_benchmark": str(enabled).lower()})
+    config = tiny_config(tiny_idx, tmp_path, **{"train.cudnn_benchmark": str(enabled).lower(), "train.epochs": "1"})
     deepfit.fit(config)
     assert torch.backends.cudnn.benchmark is enabled
 
