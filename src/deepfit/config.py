@@ -125,9 +125,7 @@ class TrainConfig:
     progress: bool = True  # draw a progress bar per epoch
     tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
-    cudnn_benchmark: bool = (
-        False  # CUDA: time cuDNN's convolution kernels on each new input shape and keep the fastest (not with deterministic)
-    )
+    cudnn_benchmark: bool = False  # CUDA: cuDNN times its conv kernels per input shape, keeps the fastest (not with deterministic)
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     lookahead: int = 0  # every N optimizer steps pull the weights to a slow copy, airbench94's lookahead (it uses 5; 0: off)
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow

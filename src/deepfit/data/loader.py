@@ -16,6 +16,7 @@ from deepfit.data.stream import StreamSet, collate_items, own_generator, raise_f
 from deepfit.errors import DataError
 
 AUGMENT_PRESETS = ("none", "crop", "flip-crop", "random-resized-crop")
+TRANSLATING = ("crop", "flip-crop")  # the presets that translate by crop_pad into a pad_mode border
 FLIP_MODES = ("random", "alternate")
 PAD_MODES = ("constant", "reflect", "replicate")  # torch.nn.functional.pad's modes that crop may fill with
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float (B, C, H, W) normalised, y int64 (B,)
@@ -68,7 +69,7 @@ class BatchPrep:
         x = batch.to(self.device, non_blocking=True).float()
         if self.augment in ("flip-crop", "random-resized-crop"):
             x = self.mirror(x, share, index, epoch)
-        if self.augment in ("crop", "flip-crop"):
+        if self.augment in TRANSLATING:
             pad = self.crop_pad if self.crop_pad is not None else default_crop_pad(x.shape[-1])
             x = random_crop(x, pad=pad, generator=self.generator, share=share, mode=self.pad_mode)
         elif self.augment == "random-resized-crop":
@@ -318,7 +319,7 @@ def build_loader(
     ):
         if value not in valid:
             raise DataError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    if augment in ("crop", "flip-crop"):  # a bad border stops here, before a run folder exists, not at the first batch
+    if augment in TRANSLATING:  # a bad border stops here, before a run folder exists, not at the first batch
         shape = data.images.shape
         require_reflectable(shape, default_crop_pad(shape[-1]) if crop_pad is None else crop_pad, pad_mode)
     common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
