@@ -25,6 +25,7 @@ class DataConfig:
     download: bool = False  # let torchvision download the dataset when it is not found locally
     val_fraction: float = 0.1  # share of the training split held out for validation, 0..0.9
     batch_size: int = 128  # training images per optimizer step
+    drop_last: bool = False  # train on full batches only: each epoch leaves out its last partial batch (reshuffled, so not the same images)
     eval_batch_size: int = 1024  # images per forward pass in evaluation (no gradients kept)
     augment: Literal["none", "crop", "flip-crop", "random-resized-crop"] = "none"  # per-batch; crop: shift only
     crop_pad: int | None = None  # pixels crop and flip-crop translate by, at most (default: 2 below 32 px, 4 from 32 px up)
@@ -404,7 +405,7 @@ def validate(config: Config) -> None:
 
 
 IMAGE_ONLY = (
-    "data.augment", "data.crop_pad", "data.pad_mode", "data.flip", "optim.norm_lr_scale", "data.image_size", "data.image_shape",
+    "data.augment", "data.drop_last", "data.crop_pad", "data.pad_mode", "data.flip", "optim.norm_lr_scale", "data.image_size", "data.image_shape",
     "data.channels", "data.skip_bad", "data.pipeline", "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
     "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every", "train.cudnn_benchmark",

@@ -163,7 +163,7 @@ def prepare_run(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,
         crop_pad=config.data.crop_pad, pad_mode=config.data.pad_mode, flip=config.data.flip, num_workers=config.data.num_workers,
-        skip_bad=config.data.skip_bad,
+        skip_bad=config.data.skip_bad, drop_last=config.data.drop_last,
     )  # fmt: skip
     warn_unsafe_tta(config.train.tta, bundle)
     optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)

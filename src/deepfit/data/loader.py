@@ -91,10 +91,13 @@ class EpochOrder:
     """The shuffle order of the current epoch and how many of its batches were handed out,
     drawn from a dedicated generator and saved by state_dict() for exact mid-epoch resume."""
 
-    def __init__(self, count: int, *, batch_size: int, shuffle: bool, seed: int, order_device: torch.device) -> None:
+    def __init__(
+        self, count: int, *, batch_size: int, shuffle: bool, seed: int, order_device: torch.device, drop_last: bool = False
+    ) -> None:
         self.count = count
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.drop_last = drop_last  # full batches only: an epoch leaves out the count % batch_size images drawn last
         self.order_device = order_device
         self.generator = torch.Generator().manual_seed(seed)
         self.order: torch.Tensor | None = None  # this epoch's permutation, drawn lazily
@@ -107,6 +110,8 @@ class EpochOrder:
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.count // self.batch_size
         return (self.count + self.batch_size - 1) // self.batch_size
 
     def __len__(self) -> int:
@@ -184,8 +189,9 @@ class BatchLoader(EpochOrder):
         crop_pad: int | None = None,
         pad_mode: str = "constant",
         flip: str = "random",
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=device)
+        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=device, drop_last=drop_last)
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.device = device
@@ -247,8 +253,10 @@ class StreamLoader(EpochOrder):
         flip: str = "random",
         num_workers: int = 2,
         skip_bad: bool = False,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=torch.device("cpu"))
+        cpu = torch.device("cpu")
+        super().__init__(len(data), batch_size=batch_size, shuffle=shuffle, seed=seed, order_device=cpu, drop_last=drop_last)
         self.data = data
         self.device = device
         self.augment = augment
@@ -256,7 +264,7 @@ class StreamLoader(EpochOrder):
         self.skip_bad = skip_bad
         self.prepare = BatchPrep(
             mean=mean, std=std, device=device, generator=self.generator, augment=augment, channels_last=channels_last,
-            crop_pad=crop_pad, pad_mode=pad_mode, flip_coins=flip_coins(flip, len(data), seed, torch.device("cpu")),
+            crop_pad=crop_pad, pad_mode=pad_mode, flip_coins=flip_coins(flip, len(data), seed, cpu),
         )  # fmt: skip
         self.loader = DataLoader(
             data.items, batch_sampler=BatchPlan(self), num_workers=num_workers, collate_fn=collate_items,
@@ -310,8 +318,9 @@ def build_loader(
     flip: str = "random",
     num_workers: int = 2,
     skip_bad: bool = False,
+    drop_last: bool = False,
 ) -> BatchLoader | StreamLoader:
-    """A StreamLoader for a streamed split, a BatchLoader for one in memory."""
+    """A StreamLoader for a streamed split, a BatchLoader for one in memory (drop_last: full batches only)."""
     for what, value, valid in (
         ("augmentation", augment, AUGMENT_PRESETS),
         ("pad mode", pad_mode, PAD_MODES),
@@ -324,7 +333,12 @@ def build_loader(
         require_reflectable(shape, default_crop_pad(shape[-1]) if crop_pad is None else crop_pad, pad_mode)
     common: dict[str, Any] = {"batch_size": batch_size, "mean": mean, "std": std, "device": device}
     common |= {"shuffle": shuffle, "augment": augment, "seed": seed, "channels_last": channels_last, "crop_pad": crop_pad}
-    common |= {"pad_mode": pad_mode, "flip": flip}
+    if drop_last and len(data) < batch_size:
+        raise DataError(
+            f"data.drop_last keeps full batches only, and {len(data)} training images fill none of "
+            f"data.batch_size {batch_size}; lower the batch size or turn drop_last off"
+        )
+    common |= {"pad_mode": pad_mode, "flip": flip, "drop_last": drop_last}
     if isinstance(data, StreamSet):
         return StreamLoader(data, num_workers=num_workers, skip_bad=skip_bad, **common)
     return BatchLoader(data, **common)
