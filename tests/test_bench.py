@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from bench import common, recipes, run, train
+import torch
+from bench import common, guard, recipes, run, train
 from bench import data as data_bench
 
 from tests.conftest import write_tiny_idx
@@ -67,6 +68,12 @@ def write_tiny_cifar_zip(path: Path, *, per_class: int = 6) -> Path:
                     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
                     archive.writestr(f"{split}/{label}/{i:04d}.jpg", buffer.getvalue())
     return path
+
+
+def test_guard_bench_times_the_loop_with_and_without_the_guard_and_its_own_work() -> None:
+    row = guard.measure("mlp", steps=3, rounds=2, batch=8, device=torch.device("cpu"))
+    assert row["ms_per_step_guard_on"] > 0 and row["ms_per_step_guard_off"] > 0 and row["ms_guard_alone"] > 0  # type: ignore[operator]
+    assert row["overhead_pct"] == pytest.approx(100 * (row["ms_per_step_guard_on"] / row["ms_per_step_guard_off"] - 1))  # type: ignore[operator]
 
 
 def test_data_bench_compares_the_lessons_loader_with_deepfits(tiny_datasets: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -3,8 +3,11 @@ exit code 3; the optimizer never takes that step and no checkpoint is written af
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from torch import nn
 
 from deepfit.checkpoint import load_checkpoint
 from deepfit.config import Config, set_value
+from deepfit.engine import FiniteGuard, StepOptions, train_one_epoch
 from deepfit.errors import NonFiniteError
 from deepfit.fit import fit
 
@@ -144,3 +148,67 @@ def test_without_a_per_step_sync_a_nan_never_reaches_the_weights(
     assert after.keys() == model.optimizer_before.keys()
     assert all(torch.equal(model.optimizer_before[i][k].cpu(), v.cpu()) for i, s in after.items() for k, v in s.items())
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()  # epoch 1 never ended: nothing saved
+
+
+# --- the guard itself, on train_one_epoch ---------------------------------------------------
+
+
+def batches_of(count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(count)]
+
+
+def loss_inf_at(bad: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy, plus an infinite constant on the `bad`-th batch: the loss is inf, its gradient finite."""
+    calls = [0]
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return nn.functional.cross_entropy(logits, y) + (math.inf if calls[0] == bad else 0.0)
+
+    return loss
+
+
+def trained(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], loss: Any, *, nan_gradient_at: int = 0, **options: Any
+) -> tuple[nn.Module, Exception | None]:
+    """A linear model trained on `batches` with fused SGD; nan_gradient_at: that batch's weight
+    gradient becomes NaN while its loss stays finite."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    seen = [0]
+    model.weight.register_hook(lambda grad: grad * math.nan if seen[0] == nan_gradient_at else grad)
+
+    def counted(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen[0] += 1
+        return loss(logits, y)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    try:
+        train_one_epoch(model, batches, optimizer, counted, options=StepOptions(**options))
+    except NonFiniteError as err:
+        return model, err
+    return model, None
+
+
+def test_an_infinite_loss_with_finite_gradients_still_stops_before_the_weights() -> None:
+    """The gradient check alone would let this step through: the loss's own check stops it."""
+    batches = batches_of(6)
+    model, err = trained(batches, loss_inf_at(3))
+    assert err is not None and "the loss became inf at batch 3;" in str(err)
+    before_bad, _ = trained(batches[:2], nn.functional.cross_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before_bad.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("accumulate", "bad", "reported"), [(1, 5, 5), (2, 5, 6), (3, 1, 3)])
+def test_a_gradient_fault_is_reported_at_the_step_that_checks_it(accumulate: int, bad: int, reported: int) -> None:
+    """With accumulation the gradients are checked at the optimizer step that would use them."""
+    model, err = trained(batches_of(9), nn.functional.cross_entropy, nan_gradient_at=bad, accumulate=accumulate)
+    assert err is not None and f"a gradient became non-finite at batch {reported};" in str(err)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checks_come_at_least_every_window_however_rare_asked() -> None:
+    """check_every beyond the guard's memory of batches is read as its WINDOW, so the batch is still named."""
+    _, err = trained(batches_of(FiniteGuard.WINDOW + 10), loss_inf_at(3), check_every=10**6)
+    assert err is not None and "at batch 3;" in str(err)

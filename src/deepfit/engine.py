@@ -5,6 +5,7 @@ waits on the host per batch."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -36,42 +37,70 @@ class StepOptions:
 
 
 class FiniteGuard:
-    """The non-finite guard, kept on the device so no step waits for the host. It records the first
-    batch whose loss or gradient norm was NaN/inf; from then on every optimizer step is skipped on
-    the device (fused optimizers take the flag as `found_inf` and leave weights and state, step
-    count included, untouched), so the weights stay those of the last good step. `check()` reads
-    the record (one host sync): the loop calls it every `check_every` batches and at the epoch's
-    end, and fit before every checkpoint it writes."""
+    """The non-finite guard, kept on the device so no step waits for the host. Each batch's loss and
+    each step's gradients are checked by torch's fused check (the one GradScaler uses), which sets
+    a sticky flag, `found`: once it is set, every optimizer step is skipped on the device (fused
+    optimizers take it as `found_inf` and leave weights and state, step count included,
+    untouched), so the weights stay those of the last good step. Per step that is a few kernels
+    and no gradient norm. Counters of the checks made since the flag went up, with the batch
+    numbers of the latest checks kept on the host, give the first bad batch and its kind when
+    `check()` reads them (one host sync): the loop calls it every `check_every` batches and at the
+    epoch's end, and fit before every checkpoint it writes."""
 
-    LOSS, GRADIENT = 1, 2  # kinds of fault
+    LOSS, GRADIENT = 0, 1  # kinds of fault
+    WINDOW = 64  # checks of each kind remembered: check() must come at least this often
 
     def __init__(self, device: torch.device) -> None:
-        self.batch = torch.zeros((), dtype=torch.long, device=device)  # first bad batch (1-based), 0: none
-        self.kind = torch.zeros((), dtype=torch.long, device=device)  # LOSS or GRADIENT
-        self.value = torch.zeros((), device=device)  # the bad loss, or the gradient norm
+        self.found = torch.zeros((), device=device)  # 1.0 once a checked value was NaN/inf
+        self.one = torch.ones((), device=device)  # the check's unscale factor: values are left as they are
+        self.since = torch.zeros(2, device=device)  # [LOSS, GRADIENT]: checks made while `found` was set
+        self.losses = torch.zeros(self.WINDOW, device=device)  # the latest losses, for the message
+        self.batches: tuple[deque[int], deque[int]] = (deque(maxlen=self.WINDOW), deque(maxlen=self.WINDOW))
+        self.loss_checks = 0
 
     @property
     def tripped(self) -> torch.Tensor:
         """bool () on the device: a fault was seen; every later update is skipped."""
-        return self.batch > 0
+        return self.found > 0
 
-    def record(self, batch: int, value: torch.Tensor, kind: int) -> None:
-        """Note whether `value` (a loss or gradient norm, shape ()) of `batch` is finite; no sync."""
-        first = ~torch.isfinite(value.detach()) & ~self.tripped
-        self.batch = torch.where(first, batch, self.batch)
-        self.kind = torch.where(first, kind, self.kind)
-        self.value = torch.where(first, value.detach().float(), self.value)
+    def record_loss(self, batch: int, loss: torch.Tensor) -> None:
+        """Check `batch`'s loss (shape ()); no sync."""
+        slot = self.loss_checks % self.WINDOW
+        value = self.losses[slot : slot + 1]
+        value.copy_(loss.detach().reshape(1))
+        self.flag([value], batch, self.LOSS)
+        self.loss_checks += 1
+
+    def record_gradients(self, batch: int, model: nn.Module) -> None:
+        """Check every gradient of `model` after `batch`'s backward pass; no sync."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if any(g.is_sparse or g.device != self.found.device for g in grads):  # one fused check needs one device
+            grads = [torch.nn.utils.get_total_norm(grads).to(self.found.device).reshape(1)]
+        self.flag(grads, batch, self.GRADIENT)
+
+    def flag(self, values: list[torch.Tensor], batch: int, kind: int) -> None:
+        if values:
+            torch._amp_foreach_non_finite_check_and_unscale_(values, self.found, self.one)
+        self.since[kind : kind + 1].add_(self.found)
+        self.batches[kind].append(batch)
 
     def check(self) -> None:
-        """Raise NonFiniteError if a fault was recorded (reads three device scalars)."""
-        batch, kind, value = int(self.batch), int(self.kind), float(self.value)
-        if batch == 0:
+        """Raise NonFiniteError if a fault was recorded (one read of three device values)."""
+        found, since_loss, since_grad = torch.cat([self.found.view(1), self.since]).tolist()
+        if not found:
             return
-        if kind == self.LOSS:
-            raise NonFiniteError(f"the loss became {value} at batch {batch}; lower the learning rate or enable --train.clip-grad")
-        raise NonFiniteError(
-            f"a gradient became non-finite (norm {value}) at batch {batch}; lower the learning rate or enable --train.clip-grad"
-        )
+        loss_at, grad_at = self.first_bad(self.LOSS, int(since_loss)), self.first_bad(self.GRADIENT, int(since_grad))
+        advice = "lower the learning rate or enable --train.clip-grad"
+        if loss_at is not None and (grad_at is None or loss_at <= grad_at):
+            value = float(self.losses[(self.loss_checks - int(since_loss)) % self.WINDOW])
+            raise NonFiniteError(f"the loss became {value} at batch {loss_at}; {advice}")
+        where = f"at batch {grad_at}" if grad_at is not None else f"within the last {self.WINDOW} batches"
+        raise NonFiniteError(f"a gradient became non-finite {where}; {advice}")
+
+    def first_bad(self, kind: int, since: int) -> int | None:
+        """The batch whose check of `kind` first saw the flag up, if remembered."""
+        seen = self.batches[kind]
+        return seen[-since] if 0 < since <= len(seen) else None
 
 
 def train_one_epoch(
@@ -96,14 +125,14 @@ def train_one_epoch(
             logits = model(x)
             loss = loss_fn(logits, y)
         if guard is not None:
-            guard.record(i + 1, loss, FiniteGuard.LOSS)
-        backward(loss / opts.accumulate, opts.scaler)
+            guard.record_loss(i + 1, loss)
+        backward(loss / opts.accumulate if opts.accumulate > 1 else loss, opts.scaler)  # no divide-by-1 kernels
         if (i + 1) % opts.accumulate == 0 or i + 1 == last:
             optimizer_step(model, optimizer, opts, guard, batch=i + 1)
-        loss_sum += loss.detach() * len(y)
+        loss_sum.add_(loss.detach(), alpha=len(y))
         correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()  # mixed targets (B, K): their larger share
         seen += len(y)
-        if guard is not None and (i + 1) % max(opts.check_every, 1) == 0:
+        if guard is not None and (i + 1) % max(min(opts.check_every, guard.WINDOW), 1) == 0:
             guard.check()
         if on_step is not None:
             on_step()
@@ -126,11 +155,10 @@ def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, gu
         if guard is not None:
             poison(model, guard.tripped)  # the scaler then skips the step as it skips an overflow
         opts.scaler.unscale_(optimizer)
-    watch = guard is not None and opts.scaler is None  # with a scaler an overflow is normal: it skips the step
-    if opts.clip_grad > 0 or watch:
-        norm = grad_norm(model, opts.clip_grad)
-        if watch and guard is not None:
-            guard.record(batch, norm, FiniteGuard.GRADIENT)
+    if opts.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
+    if guard is not None and opts.scaler is None:  # with a scaler an overflow is normal: it skips the step
+        guard.record_gradients(batch, model)
     if opts.scaler is not None:
         opts.scaler.step(optimizer)
         opts.scaler.update()
@@ -151,7 +179,7 @@ def step_unless(optimizer: Optimizer, guard: FiniteGuard) -> None:
         guard.check()
         optimizer.step()
         return
-    optimizer.found_inf = guard.tripped.float()  # type: ignore[attr-defined]
+    optimizer.found_inf = guard.found  # type: ignore[attr-defined]
     optimizer.grad_scale = None  # type: ignore[attr-defined]
     try:
         optimizer.step()
@@ -164,16 +192,6 @@ def poison(model: nn.Module, tripped: torch.Tensor) -> None:
     grad = next((p.grad for p in model.parameters() if p.grad is not None), None)
     if grad is not None:
         grad.masked_fill_(tripped, float("nan"))
-
-
-def grad_norm(model: nn.Module, clip: float) -> torch.Tensor:
-    """The total gradient norm, clipped to `clip` when > 0. Without clipping only the norm is
-    computed: clip_grad_norm_(inf) would also multiply every gradient by 1.0, which measured
-    half of the guard's cost on a small MLP (bench/guard.py)."""
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # (dx, dy) of the one-pixel translations 'shift' adds
