@@ -212,3 +212,38 @@ def test_checks_come_at_least_every_window_however_rare_asked() -> None:
     """check_every beyond the guard's memory of batches is read as its WINDOW, so the batch is still named."""
     _, err = trained(batches_of(FiniteGuard.WINDOW + 10), loss_inf_at(3), check_every=10**6)
     assert err is not None and "at batch 3;" in str(err)
+
+
+class TwoKinds(nn.Module):
+    """An fp32 and a bf16 parameter, or a sparse embedding: gradients one fused check cannot take together."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.dense = nn.Parameter(torch.zeros(3))
+        self.bf16 = nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+        self.embedding = nn.Embedding(5, 2, sparse=True)
+
+    def gradients(self, bad: bool) -> None:
+        self.zero_grad(set_to_none=True)
+        self.embedding(torch.tensor([1, 3])).sum().backward()
+        self.dense.grad, self.bf16.grad = torch.ones(3), torch.ones(2, dtype=torch.bfloat16)
+        if bad and self.case == "bf16":
+            self.bf16.grad[1] = math.nan
+        if bad and self.case == "sparse":
+            self.embedding.weight.grad._values()[0, 1] = math.inf  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused check", "plain ops (mps)"])
+@pytest.mark.parametrize("case", ["bf16", "sparse"])
+def test_the_gradient_check_sees_gradients_of_every_dtype_and_layout(case: str, fused: bool) -> None:
+    model, guard = TwoKinds(case), FiniteGuard(torch.device("cpu"))
+    guard.fused = fused
+    for batch in (1, 2):
+        model.gradients(bad=False)
+        guard.record_gradients(batch, model)
+    guard.check()
+    model.gradients(bad=True)
+    guard.record_gradients(3, model)
+    with pytest.raises(NonFiniteError, match="a gradient became non-finite at batch 3;"):
+        guard.check()

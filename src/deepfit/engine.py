@@ -57,6 +57,7 @@ class FiniteGuard:
         self.losses = torch.zeros(self.WINDOW, device=device)  # the latest losses, for the message
         self.batches: tuple[deque[int], deque[int]] = (deque(maxlen=self.WINDOW), deque(maxlen=self.WINDOW))
         self.loss_checks = 0
+        self.fused = device.type in ("cpu", "cuda")  # torch's fused check has kernels there; elsewhere (mps) plain ops
 
     @property
     def tripped(self) -> torch.Tensor:
@@ -79,8 +80,15 @@ class FiniteGuard:
         self.flag(grads, batch, self.GRADIENT)
 
     def flag(self, values: list[torch.Tensor], batch: int, kind: int) -> None:
-        if values:
-            torch._amp_foreach_non_finite_check_and_unscale_(values, self.found, self.one)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for value in values:  # one launch per dtype, as GradScaler groups them
+            by_dtype.setdefault(value.dtype, []).append(value)
+        for group in by_dtype.values():
+            if self.fused:
+                torch._amp_foreach_non_finite_check_and_unscale_(group, self.found, self.one)
+            else:
+                bad = torch.stack([~torch.isfinite(v).all() for v in group]).any()
+                self.found.copy_(torch.maximum(self.found, bad.float()))
         self.since[kind : kind + 1].add_(self.found)
         self.batches[kind].append(batch)
 
