@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import platform
 import subprocess
@@ -13,7 +12,10 @@ import pytest
 import torch
 
 import deepfit
+from deepfit import runtime
 from deepfit.errors import ConfigError
+from deepfit.evaluation import evaluate_checkpoint
+from deepfit.predict import Predictor
 from tests.test_fit_api import tiny_config
 
 # A training step's pattern: tensors of 48, 24 and 12 MB (glibc maps blocks above 32 MB afresh,
@@ -54,11 +56,15 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert after < default / 5  # the freed blocks come back from the heap, mostly without a fault
 
 
-def test_fit_on_the_cpu_keeps_freed_memory(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bool] = []
-    monkeypatch.setattr(importlib.import_module("deepfit.fit"), "keep_freed_memory", lambda: calls.append(True) or True)
-    deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"train.device": "cpu", "train.epochs": "1"}))
-    assert calls == [True]
+def test_fit_evaluate_and_predict_on_the_cpu_keep_freed_memory(tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append("kept") or True)
+    run = deepfit.fit(tiny_config(tiny_idx, tmp_path, **{"train.device": "cpu", "train.epochs": "1"})).run_dir
+    assert calls == ["kept"]
+    evaluate_checkpoint(run, device="cpu", write=False)
+    Predictor.from_checkpoint(run, device="cpu")
+    assert calls == ["kept"] * 3
+    assert runtime.keep_freed_memory_on(torch.device("meta")) is False and calls == ["kept"] * 3  # not for other devices
 
 
 @pytest.mark.parametrize("enabled", [True, False])

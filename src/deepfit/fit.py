@@ -47,7 +47,7 @@ from deepfit.optim import build_loss, step_epoch_schedule
 from deepfit.runstate import Run, checkpoint_state, evaluated, restore, save_state, unwrap
 from deepfit.runtime import (
     autocast_dtype,
-    keep_freed_memory,
+    keep_freed_memory_on,
     seed_everything,
     select_device,
     set_cudnn_benchmark,
@@ -151,8 +151,7 @@ def prepare_run(
     if optimizer is not None and model is None:
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
     device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
-    if device.type == "cpu":
-        keep_freed_memory()  # glibc: reuse each step's freed activations instead of page-faulting them back in
+    keep_freed_memory_on(device)  # CPU: reuse each step's freed activations instead of page-faulting them back in
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     require_classes(bundle)
     if model is None:  # a registered model: built on the meta device first when the images are large

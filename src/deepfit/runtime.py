@@ -69,8 +69,8 @@ def keep_freed_memory() -> bool:
     with mmap and unmaps them on free, and trims its heap's top, so every step page-faults the
     same memory back in. With no mmap (M_MMAP_MAX 0) and no trimming (M_TRIM_THRESHOLD -1) the
     blocks are reused: the CIFAR-10 recipe's epochs on 2 cores, 68 -> 49 s (README). The process
-    keeps its peak memory until it exits. fit() calls it when training on the CPU. Linux with
-    glibc only: False elsewhere."""
+    keeps its peak memory until it exits. See keep_freed_memory_on. Linux with glibc only: False
+    elsewhere."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -80,6 +80,12 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 64 << 20))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def keep_freed_memory_on(device: torch.device) -> bool:
+    """keep_freed_memory() when `device` is the CPU (a GPU has its own caching allocator). fit,
+    evaluate and predict call it: 10-view TTA on CIFAR-10's test split measured 99 -> 53 s."""
+    return device.type == "cpu" and keep_freed_memory()
 
 
 def set_cudnn_benchmark(enabled: bool) -> None:
