@@ -75,7 +75,7 @@ def test_the_gpu_recipe_takes_airbench_step_sizes() -> None:
     examples at momentum 0.85 (divided by 1 + 1 / (1 - 0.85), and by the lr for the decay); its
     BatchNorm biases at 64x; translation by 2 pixels into a reflected border; alternating flips;
     lookahead every 5 steps; its linear schedule 0.2 -> 1 (at 23% of the steps) -> 0.07; cuDNN's
-    autotuner on, as airbench94 runs (so not train.deterministic)."""
+    autotuner on, as airbench94 runs (so not train.deterministic); full batches only, as its loader."""
     config = load_config(RECIPE)
     scale = 1 + 1 / (1 - 0.85)
     assert config.data.batch_size == 1024 and config.optim.nesterov
@@ -83,7 +83,7 @@ def test_the_gpu_recipe_takes_airbench_step_sizes() -> None:
     assert config.optim.weight_decay == pytest.approx(0.0153 / scale / config.optim.lr, rel=0.01)
     assert config.optim.norm_lr_scale == 64 and config.data.crop_pad == 2 and config.data.augment == "flip-crop"
     assert config.train.lookahead == 5 and config.data.flip == "alternate" and config.data.pad_mode == "reflect"
-    assert config.train.cudnn_benchmark and not config.train.deterministic
+    assert config.train.cudnn_benchmark and not config.train.deterministic and config.data.drop_last
     assert (config.sched.name, config.sched.pct_start, config.sched.start_factor, config.sched.end_factor) == ("linear", 0.23, 0.2, 0.07)
 
 
