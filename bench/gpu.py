@@ -6,7 +6,10 @@ pytest-xdist; no pip, no network). It reports
      the whitening init and the final test pass with the recipe's TTA are outside them, while
      airbench's total_time_seconds includes both), timed after one untimed warm-up epoch in the same
      process as airbench94 times its runs after a warm-up run (--no-warmup: cold), the warm-up's
-     seconds, and whole-process seconds (warm-up included);
+     seconds, and whole-process seconds (warm-up included); steps and steps/s; and seed 0 once
+     more with the non-finite guard read on the host after every step ("recipe sync": the loop as
+     it was before the guard moved onto the device, which read two values a step), so steps/s
+     with and without a per-step sync stand side by side (--no-sync-row: not run);
   3. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
   4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.
@@ -91,30 +94,42 @@ def has_module(name: str) -> bool:
 # --- 2. the recipe, one process per seed ------------------------------------------------------
 
 
-def run_recipe(cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float, *, warmup: bool = True) -> Row:
-    """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe)."""
+def run_recipe(
+    cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float, *, warmup: bool = True, sync: bool = False
+) -> Row:
+    """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe);
+    sync: with a host read of the guard after every step."""
+    part = "recipe sync" if sync else "recipe"
     with tempfile.TemporaryDirectory(prefix="deepfit-gpu-") as tmp:
         command = [sys.executable, str(Path(__file__).resolve()), "--one-recipe", "--cifar", str(cifar), "--seed", str(seed)]
         command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides], *([] if warmup else ["--no-warmup"])]
+        command += ["--sync-every-step"] if sync else []
         started = time.perf_counter()
         done = subprocess.run(command, cwd=tmp, env=device_env(device), capture_output=True, text=True, timeout=timeout)
         wall = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return Row("recipe", f"seed {seed}", {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
+        return Row(part, f"seed {seed}", {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
     figures = json.loads(lines[-1])
-    return Row("recipe", f"seed {seed}", {**figures, "process_s": wall})
+    return Row(part, f"seed {seed}", {**figures, "process_s": wall})
 
 
-def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str], *, warmup: bool = True) -> None:
-    """In the child process: train the recipe, print one JSON line (accuracy, training seconds).
-    With `warmup`, one untimed epoch first in the same process, as airbench94 times its runs after
-    a warm-up run: the device's start-up, cuDNN's kernel choice for each shape and the decoded-image
-    cache are then not on the training clock. warmup_s says what it cost; process_s includes it."""
+def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str], *, warmup: bool = True, sync: bool = False) -> None:
+    """In the child process: train the recipe, print one JSON line (accuracy, training seconds,
+    steps and steps/s). With `warmup`, one untimed epoch first in the same process, as airbench94
+    times its runs after a warm-up run: the device's start-up, cuDNN's kernel choice for each shape
+    and the decoded-image cache are then not on the training clock. warmup_s says what it cost;
+    process_s includes it. `sync`: the guard is read on the host after every step (its window of
+    one batch), as the loop read its checks before they moved onto the device."""
     import dataclasses
 
+    from deepfit.checkpoint import load_checkpoint
     from deepfit.config import load_config, set_value
+    from deepfit.engine import FiniteGuard
     from deepfit.fit import fit
+
+    if sync:
+        FiniteGuard.WINDOW = 1  # the loop reads the guard every min(check_every, WINDOW) batches
 
     config = load_config(RECIPE)
     config.data.name, config.train.seed, config.train.device, config.train.out = str(cifar), seed, device, out
@@ -129,7 +144,9 @@ def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequenc
         warmup_s = time.perf_counter() - started
     result = fit(config)
     seconds = [row["seconds"] for row in result.history]
+    steps = int(load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["step"])
     figures = {"test_acc": result.metrics.get("test_acc", float("nan")), "train_s": sum(seconds), "epochs": len(seconds)}
+    figures |= {"steps": steps, "steps_per_s": steps / max(sum(seconds), 1e-9)}
     print(json.dumps({**figures, "warmup_s": warmup_s} if warmup else figures))
 
 
@@ -254,11 +271,11 @@ def format_value(key: str, value: float | str) -> str:
         return value
     if key == "test_acc":
         return f"{100 * value:.2f}%"
-    if key in ("passed", "failed", "errors", "skipped", "epochs", "runs"):
+    if key in ("passed", "failed", "errors", "skipped", "epochs", "runs", "steps"):
         return f"{value:.0f}"
     if key == "ratio":
         return f"{value:.2f}x"
-    return f"{value:.1f}" if key == "images_per_s" and value > 1000 else f"{value:.2f}"
+    return f"{value:.1f}" if key in ("images_per_s", "steps_per_s") and value > 1000 else f"{value:.2f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -277,6 +294,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite", nargs="*", default=["tests"], help="test paths to run ('--suite' alone: skip the suite)")
     parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the suite")
     parser.add_argument("--no-warmup", action="store_true", help="time each recipe run cold: no untimed epoch before it")
+    parser.add_argument("--no-sync-row", action="store_true", help="skip the recipe run with a host read of the guard after every step")
+    parser.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)  # the child process of that row
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe config override, e.g. train.epochs=1")
     parser.add_argument("--timeout", type=float, default=240, help="seconds allowed to the suite (and to each other process)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
@@ -293,12 +312,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one_recipe:
-        one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup)
+        one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup, sync=args.sync_every_step)
         return 0
     rows: list[Row] = []
     if args.suite:
         rows.append(run_suite(args.suite, args.device, workers=args.workers, timeout=args.timeout))
     rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup) for seed in range(args.seeds)]
+    if not args.no_sync_row:
+        rows.append(run_recipe(args.cifar, 0, args.device, args.set, args.timeout, warmup=not args.no_warmup, sync=True))
     if args.airbench is not None:
         rows += run_airbench(args.airbench, args.cifar, args.device, args.airbench_seconds)
     rows += [r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None]

@@ -136,7 +136,10 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert gpu.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"suite\s+pytest on cpu\s+passed 2, failed 1, errors 0, skipped 0, seconds", out), out
-    assert re.search(r"recipe\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, warmup_s \d+\.\d\d, process_s", out), out
+    assert re.search(
+        r"recipe\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, steps 1, steps_per_s \d+\.\d\d, warmup_s", out
+    ), out
+    assert re.search(r"recipe sync\s+seed 0\s+test_acc \d+\.\d\d%, train_s \d+\.\d\d, epochs 1, steps 1, steps_per_s", out), out
     assert re.search(r"airbench94\s+run 1\s+test_acc 90\.60%, train_s 2\.19", out), out
     assert re.search(r"airbench94\s+mean of 2\s+test_acc 90\.50%, train_s 2\.20", out), out
     assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
@@ -165,9 +168,31 @@ def test_a_recipe_run_is_timed_after_an_untimed_warmup_epoch(warmup: bool, tmp_p
     gpu.one_recipe(cifar, 0, "cpu", str(tmp_path / "run"), overrides, warmup=warmup)
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["epochs"] == 2 and figures["train_s"] > 0  # the timed run is the whole recipe, not the warm-up
+    assert figures["steps"] == 2 and figures["steps_per_s"] == pytest.approx(2 / figures["train_s"])  # 12 images: 1 full batch of 8
     assert ("warmup_s" in figures and figures["warmup_s"] > 0) is warmup
     assert (tmp_path / "run-warmup" / "metrics.csv").is_file() is warmup
     assert not warmup or len((tmp_path / "run-warmup" / "metrics.csv").read_text().splitlines()) == 2  # header + 1 epoch
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_the_sync_row_reads_the_guard_on_the_host_after_every_step(
+    sync: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from bench import gpu
+
+    from deepfit.engine import FiniteGuard
+    from tests.test_host_reads import HostReads, counting_host_copies
+
+    monkeypatch.setattr(FiniteGuard, "WINDOW", FiniteGuard.WINDOW)  # one_recipe(sync=True) narrows it: restored after
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=8)  # 24 images: 6 steps of 4 an epoch
+    overrides = ["train.epochs=2", "data.batch_size=4", "train.precision=32", "train.tta=none"]
+    counter = HostReads()
+    counting_host_copies(counter, monkeypatch)
+    with counter:
+        gpu.one_recipe(cifar, 0, "cpu", str(tmp_path / "run"), overrides, warmup=False, sync=sync)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 12
+    guard_reads = counter.reads["tolist"]
+    assert guard_reads >= 12 if sync else guard_reads < 12
 
 
 def test_airbench_gets_the_same_images_in_its_own_file_layout(tmp_path: Path) -> None:
