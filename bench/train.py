@@ -23,7 +23,7 @@ from deepfit.config import Config, ModelConfig
 from deepfit.errors import DeepfitError
 from deepfit.fit import fit
 from deepfit.models import build_model
-from deepfit.runtime import keep_freed_memory, select_device
+from deepfit.runtime import keep_freed_memory_on, select_device
 
 # The lessons' Normalize constants: the usual published per-channel training-set mean and std.
 LESSON_STATS = {
@@ -160,8 +160,7 @@ def skip_reason(case: Case, datasets: Path) -> str | None:
 def run_cases(names: Sequence[str], datasets: Path, *, epochs: int | None = None) -> tuple[list[Result], dict[str, str]]:
     """Every named case that can run; returns the rows and why the others were skipped."""
     device = select_device("auto")
-    if device.type == "cpu":  # fit() would switch it on for every later baseline: both loops get it from the start
-        keep_freed_memory()
+    keep_freed_memory_on(device)  # fit() would switch it on for every later baseline: both loops get it from the start
     results: list[Result] = []
     skipped: dict[str, str] = {}
     for name in names:

@@ -128,6 +128,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, last = 0, len(batches) if hasattr(batches, "__len__") else -1  # type: ignore[arg-type]
+    check_every = max(min(opts.check_every, guard.WINDOW), 1) if guard is not None else 0  # it remembers WINDOW checks
     for i, (x, y) in enumerate(batches):
         with autocast(device, opts.autocast_dtype):
             logits = model(x)
@@ -140,7 +141,7 @@ def train_one_epoch(
         loss_sum.add_(loss.detach(), alpha=len(y))
         correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()  # mixed targets (B, K): their larger share
         seen += len(y)
-        if guard is not None and (i + 1) % max(min(opts.check_every, guard.WINDOW), 1) == 0:
+        if guard is not None and (i + 1) % check_every == 0:
             guard.check()
         if on_step is not None:
             on_step()

@@ -22,7 +22,7 @@ from deepfit.data import DataBundle, ImageSet, build_data, load_images
 from deepfit.data.decode import resize
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
-from deepfit.runtime import keep_freed_memory_on, select_device
+from deepfit.runtime import select_device
 from deepfit.trained import TrainedModel, load_trained_model, run_folder
 
 SPLITS = ("test", "val", "all")
@@ -103,9 +103,7 @@ def evaluate_checkpoint(
     own data.skip_bad) leaves them out; the result lists them."""
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    target = select_device(device)
-    keep_freed_memory_on(target)
-    trained = load_trained_model(path, device=target)
+    trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
     images, source, skipped = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)

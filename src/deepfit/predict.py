@@ -19,7 +19,7 @@ import torch
 from deepfit.columns import display_width, pad
 from deepfit.engine import predict_logits
 from deepfit.errors import DeepfitError
-from deepfit.runtime import keep_freed_memory_on, select_device, set_threads
+from deepfit.runtime import select_device, set_threads
 from deepfit.trained import TrainedModel, load_trained_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm")
@@ -81,9 +81,7 @@ class Predictor:
         own nn.Module for a run trained with one (its weights are loaded into it). `tta`: none,
         flip, shift or flip-shift (default: the run's own train.tta)."""
         set_threads(threads)
-        target = select_device(device)
-        keep_freed_memory_on(target)
-        return cls(load_trained_model(path, device=target, model=model), batch_size=batch_size, tta=tta)
+        return cls(load_trained_model(path, device=select_device(device), model=model), batch_size=batch_size, tta=tta)
 
     @property
     def classes(self) -> list[str]:

@@ -15,6 +15,7 @@ from deepfit.config import TTA_MODES, Config, config_from_dict
 from deepfit.data import BatchLoader, DataBundle, ImageSet
 from deepfit.errors import CheckpointError, ConfigError
 from deepfit.models import build_model, copy_matching_weights
+from deepfit.runtime import keep_freed_memory_on
 
 
 @dataclass
@@ -96,6 +97,7 @@ def load_into(path: str | Path, *, device: torch.device | None, channels_last: b
         raise CheckpointError(f"{file}: cannot rebuild its model: {err}") from None
     load_model_state(model, state["model"], file)
     target = device if device is not None else torch.device("cpu")
+    keep_freed_memory_on(target)  # evaluate, predict and serve batch through it as training does
     model = model.to(target).eval()
     layout = use_channels_last(config.model.channels_last, model) if channels_last is None else channels_last
     if layout:
