@@ -38,17 +38,17 @@ test-slow: $(STAMP)
 
 # The GPU machines have torch, pytest and pytest-xdist but no network: no venv, the sources from src/.
 GPU_PYTHON ?= python3
-GPU_WORKERS ?= 8
+GPU_WORKERS ?= 14
 CIFAR ?= $(DATASETS)/cifar10-jpg.zip
 
 test-gpu:
-	DEEPFIT_TEST_DEVICE=cuda PYTHONPATH=$(CURDIR)/src DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} \
+	DEEPFIT_TEST_DEVICE=cuda OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PYTHONPATH=$(CURDIR)/src DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} \
 		$(GPU_PYTHON) -m pytest -m "not slow" -q -p no:cacheprovider \
 		$$($(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)")
 
 bench-gpu:
 	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} PYTHONPATH=$(CURDIR)/src \
-		$(GPU_PYTHON) bench/gpu.py --cifar $(CIFAR) $(if $(AIRBENCH),--airbench $(AIRBENCH))
+		$(GPU_PYTHON) bench/gpu.py --cifar $(CIFAR) $(if $(AIRBENCH),--airbench $(AIRBENCH)) --workers $(GPU_WORKERS) $(BENCH_GPU_ARGS)
 
 bench: $(STAMP)
 	DEEPFIT_DATASETS=$${DEEPFIT_DATASETS:-$(DATASETS)} $(BIN)/python bench/run.py

@@ -1,7 +1,7 @@
 """`make bench-gpu`: one command, one table, on a GPU machine (torch, torchvision, pytest,
-pytest-xdist; no pip, no network). It reports
-  1. the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds;
-  2. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
+pytest-xdist; no pip, no network). Each row is printed as soon as it is measured, then the whole
+table at the end. It reports
+  1. the GPU recipe (configs/cifar10-jpg-gpu.yaml), one process per seed: test accuracy, training
      seconds (the epochs' synchronised clocks: each epoch ends by reading its meters from the device;
      the whitening init and the final test pass with the recipe's TTA are outside them, while
      airbench's total_time_seconds includes both), timed after one untimed warm-up epoch in the same
@@ -10,13 +10,18 @@ pytest-xdist; no pip, no network). It reports
      more with the non-finite guard read on the host after every step ("recipe sync": the loop as
      it was before the guard moved onto the device, which read two values a step), so steps/s
      with and without a per-step sync stand side by side (--no-sync-row: not run);
-  3. airbench94 on the same data when its script is given by path (never vendored here): it
+  2. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
-  4. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s.
+  3. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s;
+  4. what train.deterministic costs: cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained
+     again with it, each in its own process, and the cost in % of step time (--no-determinism: not run);
+  5. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
+     in what is left of --budget (--suite-log keeps its whole output; '--suite' alone: not run).
 
     PYTHONPATH=src python3 bench/gpu.py --cifar PATH/cifar10-jpg.zip [--airbench PATH/airbench94.py]
 
-`--device cpu --tiny` runs every part at toy size (tests/test_bench.py does, on tiny data)."""
+`--device cpu` with small --set overrides runs every part at toy size (tests/test_bench.py does, on
+tiny data)."""
 
 from __future__ import annotations
 
@@ -56,25 +61,27 @@ def device_env(device: str) -> dict[str, str]:
     return child_env(DEEPFIT_TEST_DEVICE=device, DEEPFIT_DEVICE=device)
 
 
-# --- 1. the suite ----------------------------------------------------------------------------
+# --- 5. the suite ----------------------------------------------------------------------------
 
 
-def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: float) -> Row:
-    """pytest -m 'not slow' on `device`; pytest-xdist spreads it over `workers` when installed."""
-    command = [sys.executable, "-m", "pytest", *targets, "-m", "not slow", "-q", "-p", "no:cacheprovider"]
+def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: float, log: Path | None = None) -> Row:
+    """pytest -m 'not slow' on `device`; pytest-xdist spreads it over `workers` when installed,
+    each with an equal share of the cores for its CPU threads. `log`: the whole output goes there."""
+    command = [sys.executable, "-m", "pytest", *targets, "-m", "not slow", "-q", "-p", "no:cacheprovider", "--durations=10"]
+    env = device_env(device)
     if workers > 1 and has_module("xdist"):
         command += ["-n", str(workers)]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=device_env(device), capture_output=True, text=True, timeout=timeout)
-        tail, code = done.stdout[-3000:], str(done.returncode)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        output, code = done.stdout + done.stderr, str(done.returncode)
     except subprocess.TimeoutExpired as err:
-        tail, code = (
-            (err.stdout or b"")[-3000:].decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout or ""),
-            "timeout",
-        )
-    counts = pytest_counts(tail)
-    return Row("suite", f"pytest on {device}", {**counts, "seconds": time.perf_counter() - started, "exit": code})
+        output, code = as_text(err.stdout) + as_text(err.stderr), "timeout"
+    seconds = time.perf_counter() - started
+    if log is not None:
+        log.write_text(output)
+    return Row("suite", f"pytest on {device}", {**pytest_counts(output[-3000:]), "seconds": seconds, "exit": code})
 
 
 def pytest_counts(output: str) -> dict[str, float | str]:
@@ -91,27 +98,42 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-# --- 2. the recipe, one process per seed ------------------------------------------------------
+# --- 1. the recipe, one process per seed ------------------------------------------------------
 
 
 def run_recipe(
-    cifar: Path, seed: int, device: str, overrides: Sequence[str], timeout: float, *, warmup: bool = True, sync: bool = False
+    cifar: Path,
+    seed: int,
+    device: str,
+    overrides: Sequence[str],
+    timeout: float,
+    *,
+    warmup: bool = True,
+    sync: bool = False,
+    part: str = "recipe",
 ) -> Row:
     """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe);
     sync: with a host read of the guard after every step."""
-    part = "recipe sync" if sync else "recipe"
+    command = ["--one-recipe", "--cifar", str(cifar), "--seed", str(seed), "--device", device]
+    command += [*[f"--set={o}" for o in overrides], *([] if warmup else ["--no-warmup"]), *(["--sync-every-step"] if sync else [])]
+    return run_child(part, f"seed {seed}", command, device, timeout)
+
+
+def run_child(part: str, what: str, arguments: Sequence[str], device: str, timeout: float) -> Row:
+    """bench/gpu.py `arguments` in a process of its own, in a temporary folder (its run folders go
+    there as --out): the figures of the JSON line it prints last, and its whole-process seconds."""
     with tempfile.TemporaryDirectory(prefix="deepfit-gpu-") as tmp:
-        command = [sys.executable, str(Path(__file__).resolve()), "--one-recipe", "--cifar", str(cifar), "--seed", str(seed)]
-        command += ["--device", device, "--out", f"{tmp}/run", *[f"--set={o}" for o in overrides], *([] if warmup else ["--no-warmup"])]
-        command += ["--sync-every-step"] if sync else []
+        command = [sys.executable, str(Path(__file__).resolve()), *arguments, "--out", f"{tmp}/run"]
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=tmp, env=device_env(device), capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(command, cwd=tmp, env=device_env(device), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Row(part, what, {"error": f"not done within {timeout:.0f} s"})
         wall = time.perf_counter() - started
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
-        return Row(part, f"seed {seed}", {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
-    figures = json.loads(lines[-1])
-    return Row(part, f"seed {seed}", {**figures, "process_s": wall})
+        return Row(part, what, {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
+    return Row(part, what, {**json.loads(lines[-1]), "process_s": wall})
 
 
 def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str], *, warmup: bool = True, sync: bool = False) -> None:
@@ -150,7 +172,7 @@ def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequenc
     print(json.dumps({**figures, "warmup_s": warmup_s} if warmup else figures))
 
 
-# --- 3. airbench94, given by path ---------------------------------------------------------------
+# --- 2. airbench94, given by path ---------------------------------------------------------------
 
 
 def run_airbench(script: Path, cifar: Path, device: str, seconds: float) -> list[Row]:
@@ -218,7 +240,7 @@ def airbench_runs(output: str) -> list[tuple[float, float]]:
     return runs
 
 
-# --- 4. the lessons' loop vs deepfit --------------------------------------------------------------
+# --- 3. the lessons' loop vs deepfit --------------------------------------------------------------
 
 
 def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
@@ -242,6 +264,58 @@ def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
     ]
 
 
+# --- 4. what train.deterministic costs -------------------------------------------------------------
+
+
+DETERMINISTIC = ("train.deterministic=true", "train.cudnn_benchmark=false")  # the recipe's autotuner is ruled out with it
+
+
+def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, deterministic: bool) -> None:
+    """In the child process: deepfit's side of the cnn_bn comparison (bench/train.py's config),
+    with or without train.deterministic; prints images/s over its epochs as one JSON line."""
+    os.environ["DEEPFIT_DEVICE"] = device
+    import dataclasses
+
+    from bench import train
+    from deepfit.fit import fit
+
+    case = dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=epochs)
+    config = train.deepfit_config(case, cifar, Path(out).parent)
+    config.train.deterministic, config.train.out = deterministic, out
+    result = fit(config)
+    seconds = sum(row["seconds"] for row in result.history)
+    print(json.dumps({"images_per_s": len(result.data.train) * len(result.history) / seconds, "test_acc": result.metrics["test_acc"]}))
+
+
+def run_determinism(args: argparse.Namespace) -> list[Row]:
+    """The recipe (seed 0) and cnn_bn trained with train.deterministic, each beside the same run
+    without it, in processes of their own (cuBLAS reads its setting when CUDA starts)."""
+    common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
+    rows = [
+        run_child("cnn_bn", "deepfit, plain", ["--one-cnn-bn", *common], args.device, args.timeout),
+        run_child("cnn_bn", "deepfit, deterministic", ["--one-cnn-bn", "--deterministic", *common], args.device, args.timeout),
+    ]
+    overrides = [*args.set, *DETERMINISTIC]
+    rows.append(run_recipe(args.cifar, 0, args.device, overrides, args.timeout, warmup=not args.no_warmup, part="recipe determ"))
+    return rows
+
+
+def determinism_cost(rows: list[Row]) -> list[Row]:
+    """train.deterministic's cost in % of step time: rate without / rate with - 1, for the recipe
+    (its seed-0 run, cuDNN's autotuner on, against the deterministic one) and cnn_bn."""
+    pairs = (
+        ("recipe", ("recipe", "seed 0"), ("recipe determ", "seed 0"), "steps_per_s"),
+        ("cnn_bn", ("cnn_bn", "deepfit, plain"), ("cnn_bn", "deepfit, deterministic"), "images_per_s"),
+    )
+    found = {(r.part, r.what): r.figures for r in rows}
+    costs = []
+    for name, plain, exact, key in pairs:
+        if key in found.get(plain, {}) and key in found.get(exact, {}):
+            ratio = float(found[plain][key]) / float(found[exact][key])
+            costs.append(Row("determ", f"{name} cost", {"step_time_pct": 100 * (ratio - 1)}))
+    return costs
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 
@@ -258,12 +332,16 @@ def summary(rows: list[Row], part: str) -> Row | None:
     return Row(part, f"mean of {len(done)}", figures)
 
 
+HEADER = f"{'part':13s} {'what':22s} figures\n" + "-" * 78
+
+
 def format_rows(rows: list[Row]) -> str:
-    lines = [f"{'part':11s} {'what':22s} figures", "-" * 78]
-    for row in rows:
-        cells = [f"{key} {format_value(key, value)}" for key, value in row.figures.items()]
-        lines.append(f"{row.part:11s} {row.what:22s} " + ", ".join(cells))
-    return "\n".join(lines)
+    return "\n".join([HEADER, *map(format_row, rows)])
+
+
+def format_row(row: Row) -> str:
+    cells = [f"{key} {format_value(key, value)}" for key, value in row.figures.items()]
+    return f"{row.part:13s} {row.what:22s} " + ", ".join(cells)
 
 
 def format_value(key: str, value: float | str) -> str:
@@ -275,6 +353,8 @@ def format_value(key: str, value: float | str) -> str:
         return f"{value:.0f}"
     if key == "ratio":
         return f"{value:.2f}x"
+    if key.endswith("_pct"):
+        return f"{value:+.1f}%"
     return f"{value:.1f}" if key in ("images_per_s", "steps_per_s") and value > 1000 else f"{value:.2f}"
 
 
@@ -292,14 +372,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="recipe runs, seeds 0..N-1")
     parser.add_argument("--lesson-epochs", type=int, default=2, help="epochs of the cnn_bn comparison")
     parser.add_argument("--suite", nargs="*", default=["tests"], help="test paths to run ('--suite' alone: skip the suite)")
-    parser.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the suite")
+    parser.add_argument("--workers", type=int, default=14, help="pytest-xdist workers for the suite")
     parser.add_argument("--no-warmup", action="store_true", help="time each recipe run cold: no untimed epoch before it")
     parser.add_argument("--no-sync-row", action="store_true", help="skip the recipe run with a host read of the guard after every step")
     parser.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)  # the child process of that row
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe config override, e.g. train.epochs=1")
     parser.add_argument("--timeout", type=float, default=240, help="seconds allowed to the suite (and to each other process)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=450,
+        help="seconds the whole command aims to end within: the suite, run last, gets what is left (60 s at least)",
+    )
+    parser.add_argument("--suite-log", type=Path, help="write the suite's whole output to this file")
+    parser.add_argument("--no-determinism", action="store_true", help="skip the train.deterministic runs (recipe seed 0, cnn_bn)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
-    parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 2
+    parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 1
+    parser.add_argument("--one-cnn-bn", action="store_true", help=argparse.SUPPRESS)  # a child process of part 4
+    parser.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/gpu-recipe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -309,23 +399,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_as_child(args: argparse.Namespace) -> None:
+    """One recipe run (part 1) or one cnn_bn run (part 4), in the process the parent started."""
     if args.one_recipe:
         one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup, sync=args.sync_every_step)
+    else:
+        one_cnn_bn(args.cifar, args.device, args.out, args.lesson_epochs, args.deterministic)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one_recipe or args.one_cnn_bn:
+        run_as_child(args)
         return 0
-    rows: list[Row] = []
-    if args.suite:
-        rows.append(run_suite(args.suite, args.device, workers=args.workers, timeout=args.timeout))
-    rows += [run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup) for seed in range(args.seeds)]
-    if not args.no_sync_row:
-        rows.append(run_recipe(args.cifar, 0, args.device, args.set, args.timeout, warmup=not args.no_warmup, sync=True))
-    if args.airbench is not None:
-        rows += run_airbench(args.airbench, args.cifar, args.device, args.airbench_seconds)
-    rows += [r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None]
-    rows += run_lessons(args.cifar, args.device, args.lesson_epochs)
+    started = time.perf_counter()
     print(f"deepfit on {args.device} ({machine()['cuda'] or 'no CUDA'}, torch {machine()['torch']})")
-    print(format_rows(rows))
+    print(HEADER, flush=True)
+    rows: list[Row] = []
+
+    def add(*new: Row) -> None:  # each row printed as soon as it is measured: a cut-off run keeps them
+        rows.extend(new)
+        for row in new:
+            print(format_row(row), flush=True)
+
+    for seed in range(args.seeds):
+        add(run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup))
+    if not args.no_sync_row:
+        add(run_recipe(args.cifar, 0, args.device, args.set, args.timeout, warmup=not args.no_warmup, sync=True, part="recipe sync"))
+    if args.airbench is not None:
+        add(*run_airbench(args.airbench, args.cifar, args.device, args.airbench_seconds))
+    add(*[r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None])
+    add(*run_lessons(args.cifar, args.device, args.lesson_epochs))
+    if not args.no_determinism:
+        add(*run_determinism(args))
+        add(*determinism_cost(rows))
+    if args.suite:  # last: it gets what is left of --budget
+        left = args.budget - (time.perf_counter() - started)
+        add(run_suite(args.suite, args.device, workers=args.workers, timeout=min(args.timeout, max(left, 60.0)), log=args.suite_log))
+    print(f"\n{format_rows(rows)}\n{time.perf_counter() - started:.0f} s in all")
     if not args.no_save:
         print(save_json({"machine": machine(), "rows": [r.__dict__ for r in rows]}, f"gpu-{args.device}"))
     return 0

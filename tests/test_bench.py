@@ -143,6 +143,60 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"airbench94\s+run 1\s+test_acc 90\.60%, train_s 2\.19", out), out
     assert re.search(r"airbench94\s+mean of 2\s+test_acc 90\.50%, train_s 2\.20", out), out
     assert re.search(r"cnn_bn\s+lessons' loop\s+images_per_s \d", out) and re.search(r"cnn_bn\s+deepfit\s+.*ratio \d+\.\d\dx", out), out
+    assert re.search(r"cnn_bn\s+deepfit, deterministic\s+images_per_s \d", out), out
+    assert re.search(r"recipe determ\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
+    assert re.search(r"determ\s+recipe cost\s+step_time_pct [+-]\d+\.\d%", out), out
+    assert re.search(r"determ\s+cnn_bn cost\s+step_time_pct [+-]\d+\.\d%", out), out
+    first, table = out.split("\n\npart", 1)  # each row as it was measured, then the table: the same rows
+    assert [line for line in first.splitlines() if line.startswith("suite")] == [
+        line for line in table.splitlines() if line.startswith("suite")
+    ]
+
+
+def test_determinism_cost_is_the_step_time_it_adds() -> None:
+    from bench.gpu import Row, determinism_cost
+
+    rows = [
+        Row("recipe", "seed 0", {"steps_per_s": 240.0}),
+        Row("recipe", "seed 1", {"steps_per_s": 1.0}),  # only seed 0 has a deterministic twin
+        Row("recipe determ", "seed 0", {"steps_per_s": 200.0}),
+        Row("cnn_bn", "deepfit, plain", {"images_per_s": 30000.0}),
+        Row("cnn_bn", "deepfit, deterministic", {"error": "no result"}),
+    ]
+    (cost,) = determinism_cost(rows)  # the cnn_bn pair has no figure to compare
+    assert (cost.what, cost.figures["step_time_pct"]) == ("recipe cost", pytest.approx(20.0))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_cnn_bn_child_trains_deepfits_side_with_or_without_deterministic_kernels(
+    deterministic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    import importlib
+
+    from bench import gpu
+
+    from deepfit.runtime import set_deterministic
+
+    fit_module = importlib.import_module("deepfit.fit")
+    seen = []
+    real_fit = fit_module.fit
+
+    def recording_fit(config, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return real_fit(config, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit", recording_fit)
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=4)
+    try:
+        gpu.one_cnn_bn(cifar, "cpu", str(tmp_path / "run"), 1, deterministic)
+    finally:
+        set_deterministic(False)  # the child process's switch, not left on for later tests
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["images_per_s"] > 0 and 0 <= figures["test_acc"] <= 1
+    (config,) = seen
+    assert (config.model.name, config.optim.name, config.data.batch_size) == ("cnn_bn", "adam", 128)
+    assert config.train.deterministic is deterministic and config.train.out == str(tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
 def test_gpu_bench_takes_the_zip_relative_to_where_it_is_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -243,7 +297,7 @@ def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: P
     assert [r.figures.get("test_acc") for r in rows[:2]] == [0.904, 0.906]
     mean = gpu.summary(rows, "airbench94")
     assert mean is not None and mean.figures["test_acc"] == pytest.approx(0.905) and mean.figures["train_s"] == pytest.approx(2.2)
-    assert "airbench94  mean of 2" in gpu.format_rows([mean])
+    assert re.search(r"^airbench94\s+mean of 2\s+test_acc 90.50%", gpu.format_rows([mean]), re.M)
 
 
 def test_pytest_summary_counts() -> None:
