@@ -1,6 +1,7 @@
 """Helpers for tests that start process groups: N ranks forked from the test process (torch is
 already imported, so a rank starts in well under a second), free ports on 127.0.0.1, time limits,
-and every process killed in a `finally`."""
+and every process killed in a `finally`. A test process that has used CUDA cannot fork a rank that
+runs autograd (its device threads do not survive a fork): its ranks are spawned instead."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ import torch
 from deepfit.config import Config, set_value
 from deepfit.fit import fit
 
-FORK = multiprocessing.get_context("fork")
+
+def rank_context() -> Any:
+    """fork, quick, while this process has not started CUDA; else spawn (a fresh interpreter)."""
+    return multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
 
 
 def free_port() -> int:
@@ -69,7 +73,10 @@ def forked_ranks(
 ) -> Iterator[list[Any]]:
     """Start `size` ranks of fit(config); yields the processes; kills any still alive on exit."""
     port = free_port()
-    procs = [FORK.Process(target=rank_main, args=(rank, size, port, config, resume, stop_at, build), daemon=True) for rank in range(size)]
+    context = rank_context()
+    procs = [
+        context.Process(target=rank_main, args=(rank, size, port, config, resume, stop_at, build), daemon=True) for rank in range(size)
+    ]
     try:
         for proc in procs:
             proc.start()

@@ -56,6 +56,9 @@ def reads_of_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_size: 
     config = load_config(RECIPE)  # the GPU recipe: whitened net, fused SGD, lookahead, linear schedule, alternate flips
     config.train.epochs, config.train.out, config.data.batch_size = 2, str(tmp_path / f"run-{batch_size}"), batch_size
     config.train.precision, config.data.eval_batch_size = "32", 64
+    # batches of 2 with the recipe's step sizes went NaN at batch 2 on an H200 (on the CPU they train):
+    # a gentler lr and cuDNN's default kernels, neither of which reads anything on the host
+    config.optim.lr, config.train.cudnn_benchmark = 0.2, False
     for key, value in train.items():
         setattr(config.train, key, value)
     counter = HostReads()

@@ -332,7 +332,9 @@ def test_training_memory_estimate_matches_a_real_forward_pass(name: str) -> None
     assert training_bytes(config.model, shape, 5, batch_size=16) == 4 * 4 * summary.total + 16 * activations
 
 
-def test_training_that_cannot_fit_in_memory_stops_before_the_model_is_built(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_training_that_cannot_fit_in_memory_stops_before_the_model_is_built(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: torch.device
+) -> None:  # type: ignore[no-untyped-def]
     import deepfit.fitparts
 
     monkeypatch.setattr(deepfit.fitparts, "device_memory", lambda device: 50 * 2**20)  # a machine of 50 MiB
@@ -341,7 +343,8 @@ def test_training_that_cannot_fit_in_memory_stops_before_the_model_is_built(cli,
     args = ["train", "--data", "digits", "--data.image-size", "170", "--epochs", "1", "--no-progress", "--out", "run"]
     result = cli(*args)
     assert result.code == 2 and "cnn_bn on 1x170x170 images in batches of 128 needs about" in result.err
-    assert "more than the 0.1 GB this machine has: lower --data.image-size or --data.batch-size" in result.err
+    where = "the GPU has" if device.type == "cuda" else "this machine has"  # the memory of the device it would train on
+    assert f"more than the 0.1 GB {where}: lower --data.image-size or --data.batch-size" in result.err
     assert built == [] and not (tmp_path / "run").exists()
 
 

@@ -141,6 +141,17 @@ def replace(*keys: str) -> Callable[[dict[str, Any], dict[str, Any]], None]:
     return edit
 
 
+def replace_present(*paths: tuple[str, ...]) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    """replace() for each of `paths` that the checkpoint holds (rng.cuda: where CUDA is available)."""
+
+    def edit(state: dict[str, Any], fresh: dict[str, Any]) -> None:
+        for path in paths:
+            if path[-1] in state[path[0]]:
+                replace(*path)(state, fresh)
+
+    return edit
+
+
 LEFT_OUT = {
     "model": replace("model"),
     "optimizer": replace("optimizer"),
@@ -148,7 +159,7 @@ LEFT_OUT = {
     "scaler": replace("scaler"),
     "position in epoch": replace("loader", "position"),
     "shuffle order": replace("loader", "order"),
-    "torch RNG": replace("rng", "torch"),
+    "torch RNG": replace_present(("rng", "torch"), ("rng", "cuda")),  # dropout draws from the generator of the device it runs on
     "numpy RNG": replace("rng", "numpy"),
     "python RNG": replace("rng", "python"),
     "data generator": replace("loader", "generator"),

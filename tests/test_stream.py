@@ -204,7 +204,7 @@ def fit_config(tmp_path: Path, name: str, **overrides: str) -> Config:
 def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for value in model.state_dict().values():
-        digest.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

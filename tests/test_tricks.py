@@ -81,6 +81,7 @@ def tricks_config(tiny_idx: Path, out: Path) -> Config:
         "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "data.mix": "both", "data.mix-alpha": "0.5",
         "data.sampler": "balanced", "train.ema": "0.9", "train.epochs": "2", "train.progress": "false", "train.out": str(out),
         "train.seed": "3", "train.checkpoint-every": "3", "train.keep-last": "100", "model.name": "cnn_bn",
+        "train.deterministic": "true",  # resumed == straight: on CUDA only with deterministic kernels
     }  # fmt: skip
     for key, value in values.items():
         set_value(config, key, value)

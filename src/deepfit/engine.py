@@ -74,8 +74,10 @@ class FiniteGuard:
 
     def record_gradients(self, batch: int, model: nn.Module) -> None:
         """Check every gradient of `model` after `batch`'s backward pass; no sync."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if any(g.is_sparse or g.device != self.found.device for g in grads):  # one fused check needs one device
+        grads = [
+            p.grad._values() if p.grad.is_sparse else p.grad for p in model.parameters() if p.grad is not None
+        ]  # sparse: its stored values
+        if any(g.device != self.found.device for g in grads):  # one fused check needs one device
             grads = [torch.nn.utils.get_total_norm(grads).to(self.found.device).reshape(1)]
         self.flag(grads, batch, self.GRADIENT)
 

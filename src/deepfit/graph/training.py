@@ -25,7 +25,7 @@ from deepfit.graph.trained import build_model_for, graph_state
 from deepfit.history import Row, early_stop_reason, write_metrics_csv
 from deepfit.interrupts import StopFlag
 from deepfit.optim import LossFn, ScheduleSpan, build_loss, build_optimizer, schedule_from_config, step_epoch_schedule
-from deepfit.runtime import seed_everything, select_device, set_threads
+from deepfit.runtime import seed_everything, select_device, set_deterministic, set_threads
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
@@ -93,6 +93,7 @@ def fit_node(
     if config.train.monitor not in NODE_METRICS:
         raise ConfigError(f"train.monitor {config.train.monitor!r} is not a metric of a node run; valid: {', '.join(NODE_METRICS)}")
     set_threads(config.train.threads)
+    set_deterministic(config.train.deterministic)  # before any CUDA work, as fit does
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_node_run(config, resume)

@@ -26,7 +26,7 @@ from deepfit.regression.batches import RowBatches, predict_values
 from deepfit.regression.models import build_regression_loss, build_regression_model, regression_metrics
 from deepfit.regression.sources import anchored, load_regression_data
 from deepfit.regression.split import RegressionData, Split
-from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_threads
+from deepfit.runtime import autocast_dtype, seed_everything, select_device, set_deterministic, set_threads
 from deepfit.stopping import after_training, stoppable
 from deepfit.tracking import Trackers, final_record, require_trackers, run_info, start_trackers
 
@@ -80,6 +80,7 @@ def fit_regression(
     validate(config)
     config = anchored(config)
     set_threads(config.train.threads)
+    set_deterministic(config.train.deterministic)  # before any CUDA work, as fit does
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_run(config, resume)
