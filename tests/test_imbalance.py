@@ -60,7 +60,7 @@ def test_fit_trains_with_balanced_weights_and_sampler(tiny_idx: Path, tmp_path: 
     run = prepare_run(config, None, None, None)
     expected = compute_class_weight("balanced", classes=np.arange(10), y=run.data.train.labels.numpy())
     weight = run.loss_fn.weight  # on the device the run trains on
-    assert weight is not None and weight.device == run.device  # type: ignore[union-attr]
+    assert weight is not None and weight.device.type == run.device.type  # cuda:0 for the run's cuda
     torch.testing.assert_close(weight.cpu(), torch.tensor(expected, dtype=torch.float32))  # type: ignore[union-attr]
     labels = run.data.train.labels
     assert run.loader.sample_weights is not None
