@@ -75,13 +75,14 @@ def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: flo
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        output, code = done.stdout + done.stderr, str(done.returncode)
-    except subprocess.TimeoutExpired as err:
-        output, code = as_text(err.stdout) + as_text(err.stderr), "timeout"
+        out, err, code = done.stdout, done.stderr, str(done.returncode)
+    except subprocess.TimeoutExpired as stopped:
+        out, err, code = as_text(stopped.stdout), as_text(stopped.stderr), "timeout"
     seconds = time.perf_counter() - started
     if log is not None:
-        log.write_text(output)
-    return Row("suite", f"pytest on {device}", {**pytest_counts(output[-3000:]), "seconds": seconds, "exit": code})
+        log.write_text(out + err)
+    # the counts from the end of pytest's stdout: warnings printed on stderr (xdist's workers) must not push them out
+    return Row("suite", f"pytest on {device}", {**pytest_counts(out[-3000:]), "seconds": seconds, "exit": code})
 
 
 def pytest_counts(output: str) -> dict[str, float | str]:

@@ -290,8 +290,12 @@ def test_gpu_bench_reads_the_suite_and_airbench_from_their_processes(tmp_path: P
 
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "test_tiny.py").write_text(TINY_SUITE)
-    suite = gpu.run_suite([str(tmp_path / "suite")], "cpu", workers=1, timeout=300)
-    assert (suite.figures["passed"], suite.figures["failed"], suite.figures["exit"]) == (2.0, 1.0, "1")
+    plugin = "import os\ndef pytest_unconfigure(config):\n    os.write(2, b'a warning of a plugin\\n' * 400)\n"
+    (tmp_path / "suite" / "conftest.py").write_text(plugin)  # stderr after pytest's summary, as xdist's workers print
+    suite = gpu.run_suite([str(tmp_path / "suite")], "cpu", workers=1, timeout=300, log=tmp_path / "suite.log")
+    assert (suite.figures["passed"], suite.figures["failed"], suite.figures["exit"]) == (2.0, 1.0, "1")  # not hidden by stderr
+    log = (tmp_path / "suite.log").read_text()
+    assert "1 failed, 2 passed" in log and log.count("a warning of a plugin") == 400 and "assert 1 == 2" in log
     (tmp_path / "airbench94.py").write_text(FAKE_AIRBENCH)
     rows = gpu.run_airbench(tmp_path / "airbench94.py", write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip"), "cpu", seconds=300)
     assert [r.figures.get("test_acc") for r in rows[:2]] == [0.904, 0.906]
