@@ -158,3 +158,50 @@ def test_random_flips_do_not_alternate() -> None:
         for x, y in (next(iter(list(loader))) for _ in range(4))
     ]
     assert any(after != [not f for f in before] for before, after in itertools.pairwise(epochs))
+
+
+def windows_on_the_device(x: torch.Tensor, pad: int, generator: torch.Generator, mode: str) -> torch.Tensor:
+    """random_crop as it was before: two copies of the offsets and two aranges a batch."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+    rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_crop_offsets_travel_in_one_copy_with_the_same_pixels(mode: str, device: torch.device) -> None:
+    """A batch's row and column offsets go to the device in one copy, and the 0..n-1 positions
+    added to them are made once: six ops on the device a batch (one copy, two adds, the pad, two
+    gathers) where there were nine (a launch each on a GPU), and the same pixels from the same draws."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from deepfit.data.loader import random_crop
+
+    class DeviceOps(TorchDispatchMode):  # ops whose output lives on the meta device: a GPU's launches
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.device.type == "meta" and not func.is_view:
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    x = torch.rand(6, 3, 10, 10, device=device)
+    crops = [random_crop(x, pad=3, generator=torch.Generator().manual_seed(s), mode=mode) for s in range(4)]
+    before = [windows_on_the_device(x, 3, torch.Generator().manual_seed(s), mode) for s in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(crops, before, strict=True))
+    assert not torch.equal(crops[0], crops[1])  # the seeds do move the windows
+    on_meta = torch.empty(6, 3, 10, 10, device="meta")
+    random_crop(on_meta, pad=3, generator=torch.Generator().manual_seed(0), mode=mode)  # its positions are made once
+    now, then = DeviceOps(), DeviceOps()
+    with now:
+        random_crop(on_meta, pad=3, generator=torch.Generator().manual_seed(0), mode=mode)
+    with then:
+        windows_on_the_device(on_meta, 3, torch.Generator().manual_seed(0), mode)
+    assert len(now.names) == 6 and now.names.count("_to_copy") == 1 and now.names.count("add") == 2, now.names
+    assert len(then.names) == 9, then.names

@@ -4,6 +4,7 @@ to BatchPrep, which converts, normalises and augments them per batch on the trai
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -398,12 +399,19 @@ def random_crop(
     require_reflectable(x.shape, pad, mode)
     n = draw_count(x, share)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
-    dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
-    dx = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share).to(x.device, non_blocking=True)
-    rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    dy = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share)
+    dx = drawn(torch.randint(0, 2 * pad + 1, (n,), generator=generator), share)
+    dy, dx = torch.stack((dy, dx)).to(x.device, non_blocking=True)  # one small copy for both (a launch each on a GPU)
+    rows = (dy.view(b, 1) + positions(h, x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     padded = padded.gather(2, rows)  # (B, C, H, W+2p)
-    cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    cols = (dx.view(b, 1) + positions(w, x.device)).view(b, 1, 1, w).expand(b, c, h, w)
     return padded.gather(3, cols)  # (B, C, H, W)
+
+
+@functools.cache
+def positions(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 on `device`, made once: random_crop adds them to every batch's offsets."""
+    return torch.arange(n, device=device)
 
 
 def random_resized_crop(
