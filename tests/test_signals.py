@@ -177,3 +177,31 @@ def test_a_press_after_training_ended_names_evaluate(cli, tmp_path: Path, tiny_i
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     monkeypatch.undo()
     assert cli("evaluate", str(run)).code == 0
+
+
+def test_a_signal_that_lands_while_the_ranks_agree_is_kept_for_the_next_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks all-reduce the stop flag after every step. A SIGTERM whose handler runs while that
+    all-reduce is under way (this rank has already sent "no signal") was overwritten by the
+    answer: the signal was lost on every rank, training went on, and torchrun's agent killed the
+    ranks 5 s later with no checkpoint and no resume line (about 1 run in 4 of the slow launcher
+    test, 2 CPU ranks). It must stay in the flag, and the next agreement stops every rank."""
+    import importlib
+    from types import SimpleNamespace
+
+    from deepfit import distributed
+    from deepfit.interrupts import StopFlag
+
+    fit_module = importlib.import_module("deepfit.fit")
+    run = SimpleNamespace(signals=StopFlag())
+
+    def signalled_while_agreeing(signum: int | None, late: bool) -> tuple[int | None, bool]:
+        run.signals.signum = signal.SIGTERM  # the handler, run while the collective is in flight
+        return signum, late  # what every rank sent: no signal
+
+    with monkeypatch.context() as patches:
+        patches.setattr(distributed, "sync_stop", signalled_while_agreeing)
+        assert fit_module.check_stop(run) is False  # no rank had a signal when they agreed: no stop at this step
+    assert run.signals.signum == signal.SIGTERM  # kept for the next agreement
+    with pytest.raises(SignalStop) as stopped:
+        fit_module.check_stop(run)  # the next step: every rank stops
+    assert stopped.value.exit_code == 143

@@ -251,8 +251,10 @@ def after_step(run: Run, deadline: float) -> None:
 def check_stop(run: Run, *, late: bool = False) -> bool:
     """Raise SignalStop if a signal arrived (on any rank); whether any rank is past the time limit.
     Ranks decide together, so all stop after the same step."""
-    run.signals.signum, late = distributed.sync_stop(run.signals.signum, late)
-    run.signals.check()
+    agreed, late = distributed.sync_stop(run.signals.signum, late)
+    if agreed is not None:  # a signal that lands while the ranks agree stays in the flag for the next check
+        run.signals.signum = agreed  # every rank stops with the same one
+        run.signals.check()
     return late
 
 
