@@ -205,3 +205,52 @@ def test_a_signal_that_lands_while_the_ranks_agree_is_kept_for_the_next_check(mo
     with pytest.raises(SignalStop) as stopped:
         fit_module.check_stop(run)  # the next step: every rank stops
     assert stopped.value.exit_code == 143
+
+
+@pytest.mark.parametrize("task", ["image", "regression"])
+def test_a_sigterm_after_training_ended_names_evaluate(tmp_path: Path, tiny_idx: Path, task: str) -> None:
+    """SIGTERM while the test split is measured and the figures drawn (a scheduler's, or torchrun's
+    agent passing one on) ended the process without a word; now the same line as a Ctrl-C there,
+    exit code 143. In a child process: before, the signal's default action killed it."""
+    from tests.test_regression_cli import write_table
+
+    target = "deepfit.plots.plot_curves" if task == "image" else "deepfit.regression.views.save_run_figures"
+    module, name = target.rsplit(".", 1)
+    data = (
+        ["--data", "mnist", "--data-dir", str(tiny_idx)]
+        if task == "image"
+        else ["--data", str(write_table(tmp_path / "t.csv")), "--target", "y"]
+    )
+    args = ["train", *data, "--epochs", "2", "--no-progress", "--out", "run"]
+    code = (
+        "import importlib, os, signal, sys\n"
+        f"importlib.import_module({module!r}).{name} = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "from deepfit.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == (
+        "deepfit: stopped: interrupted after training ended; its checkpoints are complete: deepfit evaluate run measures the test split"
+    )
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_sigterm_is_an_interrupt_only_inside_and_the_handler_before_comes_back() -> None:
+    from deepfit.stopping import terminate_as_interrupt
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt), terminate_as_interrupt() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        assert received == [signal.SIGTERM] and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # the handler from before is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)

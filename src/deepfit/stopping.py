@@ -1,13 +1,17 @@
 """The stop handling every task's loop shares: signals read at step boundaries, a
 file-system failure that names the way back, and on a stop a checkpoint written and the run
 folder attached to a signal's SignalStop; a time limit ends training without an error. Once
-training has ended, a Ctrl-C names the command that measures what it cut short."""
+training has ended, a Ctrl-C or SIGTERM names the command that measures what it cut short."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from deepfit.checkpoint import resumable_on_failure
 from deepfit.errors import StopRequested
@@ -34,9 +38,34 @@ def stoppable(run_dir: Path, save: Callable[[], None], *, finished: Callable[[],
 
 @contextlib.contextmanager
 def after_training(run_dir: Path) -> Iterator[None]:
-    """Measure and draw inside: a Ctrl-C there (Python's own handler is back) stops with one line
-    saying the checkpoints are complete and `deepfit evaluate` measures the test split."""
+    """Measure and draw inside: a Ctrl-C there (Python's own handler is back), or a SIGTERM (a
+    scheduler's, or torchrun's agent passing one on), stops with one line saying the checkpoints
+    are complete and `deepfit evaluate` measures the test split; exit code 130 or 143. Without
+    it a SIGTERM there ended the process without a word."""
+    with terminate_as_interrupt() as received:
+        try:
+            yield
+        except KeyboardInterrupt:
+            stop = AfterTraining(run_dir)
+            stop.exit_code = 128 + (received[0] if received else signal.SIGINT)
+            raise stop from None
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM raises KeyboardInterrupt inside (main thread only; the handler before is put
+    back after); yields the list it notes the signal in."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> Any:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
     try:
-        yield
-    except KeyboardInterrupt:
-        raise AfterTraining(run_dir) from None
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
