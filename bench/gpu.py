@@ -274,7 +274,6 @@ DETERMINISTIC = ("train.deterministic=true", "train.cudnn_benchmark=false")  # t
 def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, deterministic: bool) -> None:
     """In the child process: deepfit's side of the cnn_bn comparison (bench/train.py's config),
     with or without train.deterministic; prints images/s over its epochs as one JSON line."""
-    os.environ["DEEPFIT_DEVICE"] = device
     import dataclasses
 
     from bench import train
@@ -282,7 +281,7 @@ def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, deterministic: b
 
     case = dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=epochs)
     config = train.deepfit_config(case, cifar, Path(out).parent)
-    config.train.deterministic, config.train.out = deterministic, out
+    config.train.device, config.train.deterministic, config.train.out = device, deterministic, out
     result = fit(config)
     seconds = sum(row["seconds"] for row in result.history)
     print(json.dumps({"images_per_s": len(result.data.train) * len(result.history) / seconds, "test_acc": result.metrics["test_acc"]}))

@@ -241,7 +241,7 @@ def test_a_sigterm_after_training_ended_names_evaluate(tmp_path: Path, tiny_idx:
 
 
 def test_sigterm_is_an_interrupt_only_inside_and_the_handler_before_comes_back() -> None:
-    from deepfit.stopping import terminate_as_interrupt
+    from deepfit.interrupts import terminate_as_interrupt
 
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))

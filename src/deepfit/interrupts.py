@@ -110,6 +110,26 @@ def early_interrupts() -> Iterator[None]:
         _early.clear()
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM raises KeyboardInterrupt inside (main thread only; the handler before is put
+    back after); yields the list it notes the signal in."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> Any:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def take_early_interrupt() -> int | None:
     """The first signal early_interrupts met since it was last asked, or None."""
     signum = _early[0] if _early else None

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 from deepfit.checkpoint import resumable_on_failure
 from deepfit.errors import StopRequested
-from deepfit.interrupts import AfterTraining, SignalStop, StopFlag, stop_on_signals
+from deepfit.interrupts import AfterTraining, SignalStop, StopFlag, stop_on_signals, terminate_as_interrupt
 
 
 @contextlib.contextmanager
@@ -49,23 +46,3 @@ def after_training(run_dir: Path) -> Iterator[None]:
             stop = AfterTraining(run_dir)
             stop.exit_code = 128 + (received[0] if received else signal.SIGINT)
             raise stop from None
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[list[int]]:
-    """SIGTERM raises KeyboardInterrupt inside (main thread only; the handler before is put
-    back after); yields the list it notes the signal in."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> Any:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
