@@ -127,6 +127,7 @@ class TrainConfig:
     tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its conv kernels per input shape, keeps the fastest (not with deterministic)
+    cuda_graphs: bool = False  # CUDA: the model's forward and backward replayed as CUDA graphs (small models); elsewhere: no effect
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     lookahead: int = 0  # every N optimizer steps pull the weights to a slow copy, airbench94's lookahead (it uses 5; 0: off)
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow
@@ -395,6 +396,14 @@ def validate(config: Config) -> None:
             not (config.train.cudnn_benchmark and config.train.deterministic),
             "train.cudnn_benchmark picks cuDNN kernels by timing them, which train.deterministic rules out; turn one off",
         ),
+        (
+            not (config.train.cuda_graphs and config.train.accumulate > 1),
+            "train.cuda_graphs replays into the same gradient buffers every batch, so it cannot accumulate them (train.accumulate > 1); turn one off",
+        ),
+        (
+            not (config.train.cuda_graphs and config.model.compile),
+            "train.cuda_graphs captures the model's own forward pass, which model.compile replaces; turn one off",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -409,6 +418,7 @@ IMAGE_ONLY = (
     "data.channels", "data.skip_bad", "data.pipeline", "data.memory_budget_mb", "data.num_workers", "data.cache", "data.mix", "data.mix_alpha", "data.sampler", "model.weights",
     "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.channels_last", "model.compile", "loss.class_weights",
     "train.topk", "train.tta", "train.ema", "train.lookahead", "train.sync_bn", "train.keep_last", "train.log_every", "train.cudnn_benchmark",
+    "train.cuda_graphs",
 )  # fmt: skip
 # The options that only some tasks read. One set away from its default for another task stops the
 # run in one line rather than being silently ignored (`--train.ema` on a regression run, say).

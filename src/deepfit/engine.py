@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from deepfit.config import TTA_MODES
+from deepfit.cudagraphs import GraphedForward
 from deepfit.errors import NonFiniteError
 from deepfit.runtime import autocast
 
@@ -34,6 +35,7 @@ class StepOptions:
     check_finite: bool = True  # stop on a NaN/inf loss or gradient
     check_every: int = 32  # batches between reads of the guard's device flag (one host sync each)
     guard: FiniteGuard | None = None  # the run's guard (default: a new one per call when check_finite)
+    graphs: GraphedForward | None = None  # the model's forward and backward as CUDA graphs (train.cuda_graphs); None: eager
 
 
 class FiniteGuard:
@@ -124,6 +126,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over `batches`; returns mean train loss and accuracy over the images seen."""
     opts = options or StepOptions()
+    forward = graphed_forward(model, opts)
     model.train()
     device = next(model.parameters()).device
     guard = opts.guard or (FiniteGuard(device) if opts.check_finite else None)
@@ -133,7 +136,7 @@ def train_one_epoch(
     check_every = max(min(opts.check_every, guard.WINDOW), 1) if guard is not None else 0  # it remembers WINDOW checks
     for i, (x, y) in enumerate(batches):
         with autocast(device, opts.autocast_dtype):
-            logits = model(x)
+            logits = forward(x)
             loss = loss_fn(logits, y)
         if guard is not None:
             guard.record_loss(i + 1, loss)
@@ -150,6 +153,17 @@ def train_one_epoch(
     if guard is not None:
         guard.check()
     return {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
+
+
+def graphed_forward(model: nn.Module, opts: StepOptions) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the loop calls for logits: the model, or its CUDA graphs when opts.graphs holds them."""
+    if opts.graphs is None:
+        return model
+    if opts.graphs.model is not model:
+        raise ValueError("StepOptions.graphs must wrap the model being trained")
+    if opts.accumulate > 1:
+        raise ValueError("CUDA graphs replay into the same gradient buffers: they cannot accumulate over batches (accumulate > 1)")
+    return opts.graphs
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

@@ -33,6 +33,7 @@ from deepfit.fitparts import (
     build_scaler,
     choose_schedule,
     class_weights,
+    cuda_graphs,
     make_optimizer,
     require_training_memory,
     save_skipped,
@@ -170,6 +171,7 @@ def prepare_run(
     if config.data.sampler == "balanced":
         loader.sample_weights = balanced_sample_weights(bundle.train.labels, bundle.num_classes)
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing, weight=class_weights(config, bundle, device))
+    graphs = cuda_graphs(config, net, device, ranks=distributed.env_world().size)
     distributed.start(device)  # joined after bad input had its chance to stop every rank alike
     distributed.shard_loader(loader)
     run_dir = (
@@ -181,6 +183,7 @@ def prepare_run(
     net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
+    run.graphs = graphs
     run.ema = WeightAverage(unwrap(net), config.train.ema) if config.train.ema else None
     if config.train.lookahead:
         run.lookahead = Lookahead(unwrap(net), config.train.lookahead, total_steps=config.train.epochs * loader.batches_per_epoch)
@@ -202,7 +205,7 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
     options = StepOptions(
         scheduler=None if per_epoch else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
         clip_grad=cfg.clip_grad, accumulate=cfg.accumulate,
-        scaler=run.scaler, guard=run.guard,
+        scaler=run.scaler, guard=run.guard, graphs=run.graphs,
     )  # fmt: skip
     deadline = run.started + parse_duration(cfg.time_limit) if cfg.time_limit else math.inf
     data = run.config.data

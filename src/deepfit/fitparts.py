@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from deepfit.config import Config
+from deepfit.cudagraphs import GraphedForward
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
 from deepfit.errors import ConfigError
 from deepfit.models import build_model, freeze_backbone, parameter_groups, training_bytes
 from deepfit.optim import ScheduleSpan, build_optimizer, resolve_schedule, schedule_from_config
-from deepfit.runtime import device_memory
+from deepfit.runtime import autocast_dtype, device_memory
 from deepfit.trained import InitReport, init_from_data, init_weights
 
 SKIPPED_FILE = "skipped_files.csv"  # the bad files data.skip_bad left out: path, reason
@@ -153,3 +154,14 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
     mode: Literal["min", "max"] = "min" if config.train.monitor.endswith("loss") else "max"
     with config_choice(f"sched.name {s.name} with optim.name {config.optim.name}"):
         return schedule_from_config(s, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), mode=mode)
+
+
+def cuda_graphs(config: Config, model: nn.Module, device: torch.device, *, ranks: int) -> GraphedForward | None:
+    """train.cuda_graphs: `model`'s forward and backward as CUDA graphs on a CUDA device; no effect elsewhere."""
+    if not config.train.cuda_graphs or device.type != "cuda":
+        return None
+    if ranks > 1:
+        raise ConfigError(
+            "train.cuda_graphs does not combine with several torchrun processes: DistributedDataParallel's gradient hooks run outside the graphs; turn it off"
+        )
+    return GraphedForward(model, autocast_dtype=autocast_dtype(config.train.precision, device))
