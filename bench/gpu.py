@@ -15,7 +15,11 @@ table at the end. It reports
   3. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s;
   4. what train.deterministic costs: cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained
      again with it, each in its own process, and the cost in % of step time (--no-determinism: not run);
-  5. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
+  5. what train.cuda_graphs gives (the model's forward and backward replayed as CUDA graphs):
+     cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained with it, each in its own process,
+     cnn_bn's images/s against the lessons' loop and both against their rows without graphs
+     (--no-graphs: not run);
+  6. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
      in what is left of --budget (--suite-log keeps its whole output; '--suite' alone: not run).
 
     PYTHONPATH=src python3 bench/gpu.py --cifar PATH/cifar10-jpg.zip [--airbench PATH/airbench94.py]
@@ -34,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +65,7 @@ def device_env(device: str) -> dict[str, str]:
     return child_env(DEEPFIT_TEST_DEVICE=device, DEEPFIT_DEVICE=device)
 
 
-# --- 5. the suite ----------------------------------------------------------------------------
+# --- 6. the suite ----------------------------------------------------------------------------
 
 
 def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: float, log: Path | None = None) -> Row:
@@ -271,17 +275,22 @@ def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
 DETERMINISTIC = ("train.deterministic=true", "train.cudnn_benchmark=false")  # the recipe's autotuner is ruled out with it
 
 
-def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, deterministic: bool) -> None:
+def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, overrides: Sequence[str] = ()) -> None:
     """In the child process: deepfit's side of the cnn_bn comparison (bench/train.py's config),
-    with or without train.deterministic; prints images/s over its epochs as one JSON line."""
+    with `overrides` (KEY=VALUE: train.deterministic=true, train.cuda_graphs=true); prints images/s
+    over its epochs as one JSON line."""
     import dataclasses
 
     from bench import train
+    from deepfit.config import set_value
     from deepfit.fit import fit
 
     case = dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=epochs)
     config = train.deepfit_config(case, cifar, Path(out).parent)
-    config.train.device, config.train.deterministic, config.train.out = device, deterministic, out
+    config.train.device, config.train.out = device, out
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_value(config, key, value)
     result = fit(config)
     seconds = sum(row["seconds"] for row in result.history)
     print(json.dumps({"images_per_s": len(result.data.train) * len(result.history) / seconds, "test_acc": result.metrics["test_acc"]}))
@@ -293,7 +302,9 @@ def run_determinism(args: argparse.Namespace) -> list[Row]:
     common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
     rows = [
         run_child("cnn_bn", "deepfit, plain", ["--one-cnn-bn", *common], args.device, args.timeout),
-        run_child("cnn_bn", "deepfit, deterministic", ["--one-cnn-bn", "--deterministic", *common], args.device, args.timeout),
+        run_child(
+            "cnn_bn", "deepfit, deterministic", ["--one-cnn-bn", "--set=train.deterministic=true", *common], args.device, args.timeout
+        ),
     ]
     overrides = [*args.set, *DETERMINISTIC]
     rows.append(run_recipe(args.cifar, 0, args.device, overrides, args.timeout, warmup=not args.no_warmup, part="recipe determ"))
@@ -314,6 +325,34 @@ def determinism_cost(rows: list[Row]) -> list[Row]:
             ratio = float(found[plain][key]) / float(found[exact][key])
             costs.append(Row("determ", f"{name} cost", {"step_time_pct": 100 * (ratio - 1)}))
     return costs
+
+
+# --- 5. what train.cuda_graphs gives --------------------------------------------------------------
+
+
+def run_graphs(args: argparse.Namespace) -> list[Row]:
+    """cnn_bn and the recipe (seed 0) trained with train.cuda_graphs, in processes of their own."""
+    common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
+    rows = [run_child("cnn_bn", "deepfit, graphs", ["--one-cnn-bn", "--set=train.cuda_graphs=true", *common], args.device, args.timeout)]
+    overrides = [*args.set, "train.cuda_graphs=true"]
+    rows.append(run_recipe(args.cifar, 0, args.device, overrides, args.timeout, warmup=not args.no_warmup, part="recipe graphs"))
+    return rows
+
+
+def graphs_gain(rows: list[Row]) -> list[Row]:
+    """What train.cuda_graphs gives: cnn_bn's images/s with it over the lessons' loop (the issue's
+    10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
+    pairs = (
+        ("cnn_bn vs lessons", ("cnn_bn", "lessons' loop"), ("cnn_bn", "deepfit, graphs"), "images_per_s"),
+        ("cnn_bn vs eager", ("cnn_bn", "deepfit, plain"), ("cnn_bn", "deepfit, graphs"), "images_per_s"),
+        ("recipe vs eager", ("recipe", "seed 0"), ("recipe graphs", "seed 0"), "steps_per_s"),
+    )
+    found = {(r.part, r.what): r.figures for r in rows}
+    gains = []
+    for name, before, after, key in pairs:
+        if key in found.get(before, {}) and key in found.get(after, {}):
+            gains.append(Row("graphs", name, {"ratio": float(found[after][key]) / float(found[before][key])}))
+    return gains
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -376,7 +415,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", action="store_true", help="time each recipe run cold: no untimed epoch before it")
     parser.add_argument("--no-sync-row", action="store_true", help="skip the recipe run with a host read of the guard after every step")
     parser.add_argument("--sync-every-step", action="store_true", help=argparse.SUPPRESS)  # the child process of that row
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe config override, e.g. train.epochs=1")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe config override, e.g. train.epochs=1 (a cnn_bn child's: of its config)",
+    )
     parser.add_argument("--timeout", type=float, default=240, help="seconds allowed to the suite (and to each other process)")
     parser.add_argument(
         "--budget",
@@ -386,10 +431,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--suite-log", type=Path, help="write the suite's whole output to this file")
     parser.add_argument("--no-determinism", action="store_true", help="skip the train.deterministic runs (recipe seed 0, cnn_bn)")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the train.cuda_graphs runs (recipe seed 0, cnn_bn)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
     parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 1
     parser.add_argument("--one-cnn-bn", action="store_true", help=argparse.SUPPRESS)  # a child process of part 4
-    parser.add_argument("--deterministic", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/gpu-recipe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -404,7 +449,7 @@ def run_as_child(args: argparse.Namespace) -> None:
     if args.one_recipe:
         one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup, sync=args.sync_every_step)
     else:
-        one_cnn_bn(args.cifar, args.device, args.out, args.lesson_epochs, args.deterministic)
+        one_cnn_bn(args.cifar, args.device, args.out, args.lesson_epochs, args.set)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,6 +467,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in new:
             print(format_row(row), flush=True)
 
+    run_parts(args, rows, add)
+    if args.suite:  # last: it gets what is left of --budget
+        left = args.budget - (time.perf_counter() - started)
+        add(run_suite(args.suite, args.device, workers=args.workers, timeout=min(args.timeout, max(left, 60.0)), log=args.suite_log))
+    print(f"\n{format_rows(rows)}\n{time.perf_counter() - started:.0f} s in all")
+    if not args.no_save:
+        print(save_json({"machine": machine(), "rows": [r.__dict__ for r in rows]}, f"gpu-{args.device}"))
+    return 0
+
+
+def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None]) -> None:
+    """Parts 1 to 5, in order; `add` prints and keeps each row (`rows`) as it comes."""
     for seed in range(args.seeds):
         add(run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup))
     if not args.no_sync_row:
@@ -433,13 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_determinism:
         add(*run_determinism(args))
         add(*determinism_cost(rows))
-    if args.suite:  # last: it gets what is left of --budget
-        left = args.budget - (time.perf_counter() - started)
-        add(run_suite(args.suite, args.device, workers=args.workers, timeout=min(args.timeout, max(left, 60.0)), log=args.suite_log))
-    print(f"\n{format_rows(rows)}\n{time.perf_counter() - started:.0f} s in all")
-    if not args.no_save:
-        print(save_json({"machine": machine(), "rows": [r.__dict__ for r in rows]}, f"gpu-{args.device}"))
-    return 0
+    if not args.no_graphs:
+        add(*run_graphs(args))
+        add(*graphs_gain(rows))
 
 
 if __name__ == "__main__":

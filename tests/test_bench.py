@@ -147,10 +147,28 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"recipe determ\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
     assert re.search(r"determ\s+recipe cost\s+step_time_pct [+-]\d+\.\d%", out), out
     assert re.search(r"determ\s+cnn_bn cost\s+step_time_pct [+-]\d+\.\d%", out), out
+    assert re.search(r"cnn_bn\s+deepfit, graphs\s+images_per_s \d", out), out
+    assert re.search(r"recipe graphs\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
+    for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "recipe vs eager"):
+        assert re.search(rf"graphs\s+{pair}\s+ratio \d+\.\d\dx", out), out
     first, table = out.split("\n\npart", 1)  # each row as it was measured, then the table: the same rows
     assert [line for line in first.splitlines() if line.startswith("suite")] == [
         line for line in table.splitlines() if line.startswith("suite")
     ]
+
+
+def test_graphs_gain_is_the_rate_with_graphs_over_the_rate_without() -> None:
+    from bench.gpu import Row, graphs_gain
+
+    rows = [
+        Row("recipe", "seed 0", {"steps_per_s": 200.0}),
+        Row("recipe graphs", "seed 0", {"steps_per_s": 250.0}),
+        Row("cnn_bn", "lessons' loop", {"images_per_s": 8000.0}),
+        Row("cnn_bn", "deepfit, plain", {"error": "no result"}),
+        Row("cnn_bn", "deepfit, graphs", {"images_per_s": 96000.0}),
+    ]
+    gains = {row.what: row.figures["ratio"] for row in graphs_gain(rows)}  # the eager cnn_bn run has no figure
+    assert gains == {"cnn_bn vs lessons": pytest.approx(12.0), "recipe vs eager": pytest.approx(1.25)}
 
 
 def test_determinism_cost_is_the_step_time_it_adds() -> None:
@@ -167,9 +185,9 @@ def test_determinism_cost_is_the_step_time_it_adds() -> None:
     assert (cost.what, cost.figures["step_time_pct"]) == ("recipe cost", pytest.approx(20.0))
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_the_cnn_bn_child_trains_deepfits_side_with_or_without_deterministic_kernels(
-    deterministic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+@pytest.mark.parametrize("setting", ["", "train.deterministic=true", "train.cuda_graphs=true"])
+def test_the_cnn_bn_child_trains_deepfits_side_with_the_settings_it_is_given(
+    setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     import importlib
 
@@ -188,14 +206,15 @@ def test_the_cnn_bn_child_trains_deepfits_side_with_or_without_deterministic_ker
     monkeypatch.setattr(fit_module, "fit", recording_fit)
     cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=4)
     try:
-        gpu.one_cnn_bn(cifar, "cpu", str(tmp_path / "run"), 1, deterministic)
+        gpu.one_cnn_bn(cifar, "cpu", str(tmp_path / "run"), 1, [setting] if setting else [])
     finally:
         set_deterministic(False)  # the child process's switch, not left on for later tests
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["images_per_s"] > 0 and 0 <= figures["test_acc"] <= 1
     (config,) = seen
     assert (config.model.name, config.optim.name, config.data.batch_size) == ("cnn_bn", "adam", 128)
-    assert config.train.deterministic is deterministic and config.train.out == str(tmp_path / "run")
+    assert config.train.deterministic is (setting == "train.deterministic=true") and config.train.out == str(tmp_path / "run")
+    assert config.train.cuda_graphs is (setting == "train.cuda_graphs=true")
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
