@@ -18,7 +18,8 @@ table at the end. It reports
   5. what train.cuda_graphs gives (the model's forward and backward replayed as CUDA graphs):
      cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained with it, each in its own process,
      cnn_bn's images/s against the lessons' loop and both against their rows without graphs
-     (--no-graphs: not run);
+     (--no-graphs: not run), and the recipe's seed 0 once more for each --variant given (its
+     overrides, e.g. train.precision=fp16,train.cuda_graphs=true), its steps/s against seed 0's;
   6. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
      in what is left of --budget (--suite-log keeps its whole output; '--suite' alone: not run).
 
@@ -339,6 +340,19 @@ def run_graphs(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def run_variants(args: argparse.Namespace, seed0: dict[str, float | str]) -> list[Row]:
+    """The recipe's seed 0 once per --variant (comma-separated overrides), each in its own process,
+    and its steps/s over `seed0`'s figures: what a setting would change, measured in the same call."""
+    rows = []
+    for variant in args.variant:
+        row = run_recipe(args.cifar, 0, args.device, [*args.set, *variant.split(",")], args.timeout, warmup=not args.no_warmup)
+        row.part, row.what = "variant", variant[:40]
+        if "steps_per_s" in row.figures and "steps_per_s" in seed0:
+            row.figures["ratio"] = float(row.figures["steps_per_s"]) / float(seed0["steps_per_s"])
+        rows.append(row)
+    return rows
+
+
 def graphs_gain(rows: list[Row]) -> list[Row]:
     """What train.cuda_graphs gives: cnn_bn's images/s with it over the lessons' loop (the issue's
     10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
@@ -432,6 +446,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--suite-log", type=Path, help="write the suite's whole output to this file")
     parser.add_argument("--no-determinism", action="store_true", help="skip the train.deterministic runs (recipe seed 0, cnn_bn)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the train.cuda_graphs runs (recipe seed 0, cnn_bn)")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="KEY=VALUE,...", help="also train the recipe's seed 0 with these overrides"
+    )
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
     parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 1
     parser.add_argument("--one-cnn-bn", action="store_true", help=argparse.SUPPRESS)  # a child process of part 4
@@ -493,6 +510,7 @@ def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None
     if not args.no_graphs:
         add(*run_graphs(args))
         add(*graphs_gain(rows))
+    add(*run_variants(args, next((r.figures for r in rows if (r.part, r.what) == ("recipe", "seed 0")), {})))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
         "900",
         "--airbench-seconds",
         "300",
+        "--variant",
+        "train.epochs=2,train.lookahead=0",
     ]
     assert gpu.main(argv) == 0
     out = capsys.readouterr().out
@@ -149,6 +151,9 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"determ\s+cnn_bn cost\s+step_time_pct [+-]\d+\.\d%", out), out
     assert re.search(r"cnn_bn\s+deepfit, graphs\s+images_per_s \d", out), out
     assert re.search(r"recipe graphs\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
+    assert re.search(
+        r"variant\s+train.epochs=2,train.lookahead=0\s+test_acc \d+\.\d\d%, train_s [\d.]+, epochs 2, steps 2, .*ratio \d+\.\d\dx", out
+    ), out
     for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "recipe vs eager"):
         assert re.search(rf"graphs\s+{pair}\s+ratio \d+\.\d\dx", out), out
     first, table = out.split("\n\npart", 1)  # each row as it was measured, then the table: the same rows
