@@ -40,13 +40,16 @@ def batches(device: torch.device, sizes: tuple[int, ...] = (16, 16, 16, 6), seed
     return [(torch.randn(n, 3, SIDE, SIDE, generator=g).to(device), torch.randint(0, 3, (n,), generator=g).to(device)) for n in sizes]
 
 
-def stand_in(replays: list[int]) -> Callable[..., nn.Module]:
+def stand_in(replays: list[int], autocast_seen: list[bool] | None = None) -> Callable[..., nn.Module]:
     """torch.cuda.make_graphed_callables as the CPU can play it: its warm-up (train-mode passes,
-    gradients taken but never stored), then model.forward patched to replay one shape only."""
+    gradients taken but never stored), then model.forward patched to replay one shape only.
+    `autocast_seen`: whether autocast was on around the capture, where torch records the backward."""
 
     def capture(module: nn.Module, sample_args: tuple[torch.Tensor, ...], num_warmup_iters: int) -> nn.Module:
         (sample,) = sample_args
         params = [p for p in module.parameters() if p.requires_grad]
+        if autocast_seen is not None:
+            autocast_seen.append(torch.is_autocast_enabled(sample.device.type))
         for _ in range(num_warmup_iters):
             out = module(sample)
             torch.autograd.grad(out, params, grad_outputs=torch.randn_like(out))
@@ -92,6 +95,20 @@ def test_graphed_training_ends_where_eager_training_does() -> None:
     assert "forward" not in graphed.__dict__  # evaluation and export see the model's own forward
     graphed.eval()
     assert graphed(data[0][0]).shape == (16, 3)
+
+
+def test_under_autocast_only_the_forward_is_captured_in_it() -> None:
+    torch.manual_seed(0)
+    eager, data = small_net(), batches(torch.device("cpu"))
+    graphed = copy.deepcopy(eager)
+    replays: list[int] = []
+    autocast_seen: list[bool] = []
+    graphs = GraphedForward(graphed, autocast_dtype=torch.bfloat16, capture=stand_in(replays, autocast_seen))
+    train(eager, data, epochs=2, autocast_dtype=torch.bfloat16)
+    train(graphed, data, epochs=2, graphs=graphs, autocast_dtype=torch.bfloat16)
+    assert autocast_seen == [False]  # the backward is recorded outside autocast, as eager training runs it
+    assert replays == [16, 16, 16] * 2
+    assert same_state(eager, graphed)  # the forward ran in bf16 as the eager one did
 
 
 def test_a_change_of_trainable_parameters_captures_again() -> None:

@@ -63,23 +63,34 @@ class GraphedForward:
         """Capture the model for batches shaped as x; on failure warn once and train eagerly."""
         self.graphed = None  # the previous graphs and their memory go first
         sample = x.detach().clone()  # the graphs' own input buffer, laid out as x
+        captured = self.model if self.autocast_dtype is None else Autocast(self.model, self.autocast_dtype)
         try:
-            with kept_state(self.model, x.device), self.autocast(x.device):
-                self.capture(self.model, (sample,), num_warmup_iters=self.WARMUP)
+            with kept_state(self.model, x.device), torch.autocast(device_type=x.device.type, enabled=False):  # the loop's own
+                self.capture(captured, (sample,), num_warmup_iters=self.WARMUP)
         except (RuntimeError, AssertionError) as err:  # a host read or hook in the model's forward, say
             self.failed = True
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"train.cuda_graphs: {type(self.model).__name__} could not be captured ({first}); training eagerly", stacklevel=2)
             return None
-        finally:  # the capture patches model.forward: evaluation, export and saving keep the model's own
-            graphed = self.model.__dict__.pop("forward", None)
+        finally:  # the capture patches the module's forward: evaluation, export and saving keep the model's own
+            graphed = captured.__dict__.pop("forward", None)
         self.captures += 1
         return graphed
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype, cache_enabled=False)  # capture refuses its cache
+
+class Autocast(nn.Module):
+    """`model`'s forward under autocast, for capturing: the backward is then captured outside
+    autocast, as eager training runs it (an outer autocast would reach the captured backward's ops
+    too: pytorch/pytorch#120930), and without autocast's weight cache, which capture refuses."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype, cache_enabled=False):
+            return self.model(x)
 
 
 def layout(x: torch.Tensor) -> tuple[Any, ...]:
