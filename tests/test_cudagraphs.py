@@ -50,6 +50,8 @@ def stand_in(replays: list[int], autocast_seen: list[bool] | None = None) -> Cal
         params = [p for p in module.parameters() if p.requires_grad]
         if autocast_seen is not None:
             autocast_seen.append(torch.is_autocast_enabled(sample.device.type))
+        if torch.is_autocast_enabled(sample.device.type) and torch.is_autocast_cache_enabled():  # torch's own refusal
+            raise RuntimeError("make_graphed_callables does not support the autocast caching")
         for _ in range(num_warmup_iters):
             out = module(sample)
             torch.autograd.grad(out, params, grad_outputs=torch.randn_like(out))
