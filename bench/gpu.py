@@ -20,7 +20,10 @@ table at the end. It reports
      cnn_bn's images/s against the lessons' loop and both against their rows without graphs
      (--no-graphs: not run), and the recipe's seed 0 once more for each --variant given (its
      overrides, e.g. train.precision=fp16,train.cuda_graphs=true), its steps/s against seed 0's;
-  6. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
+  6. with --profile: one epoch of the recipe and of cnn_bn, each with and
+     without train.cuda_graphs, under torch.profiler (bench/gpuprofile.py): wall and device time
+     per step, the device's busy share, launches per step and the three longest kernels;
+  7. last, the non-slow test suite on the device (DEEPFIT_TEST_DEVICE): passed / failed / seconds,
      in what is left of --budget (--suite-log keeps its whole output; '--suite' alone: not run).
 
     PYTHONPATH=src python3 bench/gpu.py --cifar PATH/cifar10-jpg.zip [--airbench PATH/airbench94.py]
@@ -66,7 +69,7 @@ def device_env(device: str) -> dict[str, str]:
     return child_env(DEEPFIT_TEST_DEVICE=device, DEEPFIT_DEVICE=device)
 
 
-# --- 6. the suite ----------------------------------------------------------------------------
+# --- 7. the suite ----------------------------------------------------------------------------
 
 
 def run_suite(targets: Sequence[str], device: str, *, workers: int, timeout: float, log: Path | None = None) -> Row:
@@ -353,6 +356,38 @@ def run_variants(args: argparse.Namespace, seed0: dict[str, float | str]) -> lis
     return rows
 
 
+def run_profiles(args: argparse.Namespace) -> list[Row]:
+    """Part 6: the recipe and cnn_bn, each with and without train.cuda_graphs, an epoch profiled."""
+    common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
+    rows = []
+    for what in ("recipe", "cnn_bn"):
+        overrides = [*args.set] if what == "recipe" else []
+        for graphs in (False, True):
+            sets = [f"--set={o}" for o in [*overrides, *(["train.cuda_graphs=true"] if graphs else [])]]
+            label = f"{what}{', graphs' if graphs else ''}"
+            rows.append(run_child("profile", label, ["--one-profile", what, *sets, *common], args.device, args.timeout))
+    return rows
+
+
+def one_profile(what: str, cifar: Path, device: str, out: str, overrides: Sequence[str]) -> None:
+    """In the child process: 2 epochs of the recipe (without TTA) or of cnn_bn, the second profiled."""
+    import dataclasses
+
+    from bench import gpuprofile, train
+    from deepfit.config import load_config, set_value
+
+    if what == "recipe":
+        config = load_config(RECIPE)
+        config.data.name, config.train.tta, config.train.progress = str(cifar), "none", False
+    else:
+        config = train.deepfit_config(dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=2), cifar, Path(out).parent)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_value(config, key, value)
+    config.train.epochs, config.train.device, config.train.out = 2, device, out  # whatever the recipe's overrides say
+    print(json.dumps(gpuprofile.profiled_fit(config)))
+
+
 def graphs_gain(rows: list[Row]) -> list[Row]:
     """What train.cuda_graphs gives: cnn_bn's images/s with it over the lessons' loop (the issue's
     10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
@@ -402,12 +437,12 @@ def format_value(key: str, value: float | str) -> str:
         return value
     if key == "test_acc":
         return f"{100 * value:.2f}%"
-    if key in ("passed", "failed", "errors", "skipped", "epochs", "runs", "steps"):
+    if key in ("passed", "failed", "errors", "skipped", "epochs", "runs", "steps", "launches_per_step"):
         return f"{value:.0f}"
     if key == "ratio":
         return f"{value:.2f}x"
     if key.endswith("_pct"):
-        return f"{value:+.1f}%"
+        return f"{value:+.1f}%" if key == "step_time_pct" else f"{value:.0f}%"
     return f"{value:.1f}" if key in ("images_per_s", "steps_per_s") and value > 1000 else f"{value:.2f}"
 
 
@@ -449,6 +484,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variant", action="append", default=[], metavar="KEY=VALUE,...", help="also train the recipe's seed 0 with these overrides"
     )
+    parser.add_argument("--profile", action="store_true", help="also profile an epoch of the recipe and cnn_bn, with and without graphs")
+    parser.add_argument("--one-profile", choices=["recipe", "cnn_bn"], help=argparse.SUPPRESS)  # a child process of part 6
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
     parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 1
     parser.add_argument("--one-cnn-bn", action="store_true", help=argparse.SUPPRESS)  # a child process of part 4
@@ -462,8 +499,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_as_child(args: argparse.Namespace) -> None:
-    """One recipe run (part 1) or one cnn_bn run (part 4), in the process the parent started."""
-    if args.one_recipe:
+    """One recipe run (part 1), cnn_bn run (parts 4, 5) or profiled run (part 6), in the process the parent started."""
+    if args.one_profile:
+        one_profile(args.one_profile, args.cifar, args.device, args.out, args.set)
+    elif args.one_recipe:
         one_recipe(args.cifar, args.seed, args.device, args.out, args.set, warmup=not args.no_warmup, sync=args.sync_every_step)
     else:
         one_cnn_bn(args.cifar, args.device, args.out, args.lesson_epochs, args.set)
@@ -471,7 +510,7 @@ def run_as_child(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.one_recipe or args.one_cnn_bn:
+    if args.one_recipe or args.one_cnn_bn or args.one_profile:
         run_as_child(args)
         return 0
     started = time.perf_counter()
@@ -495,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None]) -> None:
-    """Parts 1 to 5, in order; `add` prints and keeps each row (`rows`) as it comes."""
+    """Parts 1 to 6, in order; `add` prints and keeps each row (`rows`) as it comes."""
     for seed in range(args.seeds):
         add(run_recipe(args.cifar, seed, args.device, args.set, args.timeout, warmup=not args.no_warmup))
     if not args.no_sync_row:
@@ -511,6 +550,8 @@ def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None
         add(*run_graphs(args))
         add(*graphs_gain(rows))
     add(*run_variants(args, next((r.figures for r in rows if (r.part, r.what) == ("recipe", "seed 0")), {})))
+    if args.profile:
+        add(*run_profiles(args))
 
 
 if __name__ == "__main__":

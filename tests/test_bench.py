@@ -134,6 +134,7 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
         "300",
         "--variant",
         "train.epochs=2,train.lookahead=0",
+        "--profile",
     ]
     assert gpu.main(argv) == 0
     out = capsys.readouterr().out
@@ -154,6 +155,8 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(
         r"variant\s+train.epochs=2,train.lookahead=0\s+test_acc \d+\.\d\d%, train_s [\d.]+, epochs 2, steps 2, .*ratio \d+\.\d\dx", out
     ), out
+    for what in ("recipe", "recipe, graphs", "cnn_bn", "cnn_bn, graphs"):
+        assert re.search(rf"profile\s+{what}\s+steps \d+, wall_ms_per_step [\d.]+, top \w+ \d+%", out), out
     for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "recipe vs eager"):
         assert re.search(rf"graphs\s+{pair}\s+ratio \d+\.\d\dx", out), out
     first, table = out.split("\n\npart", 1)  # each row as it was measured, then the table: the same rows
@@ -391,3 +394,29 @@ def test_recipes_bench_runs_each_seed_as_its_own_process(tiny_datasets: Path) ->
     assert row["extra"] == ["--epochs", "2"] and row["met"] is True
     table = recipes.format_rows([row])
     assert row["seeds"] == [1, 2] and "seed 1: " in table and "seed 2: " in table and "(target missed)" not in table
+
+
+@pytest.mark.parametrize("what", ["recipe", "cnn_bn"])
+def test_the_profile_child_reports_one_epoch_of_two(what: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from bench import gpu
+
+    cifar = write_tiny_cifar_zip(tmp_path / "cifar10-jpg.zip", per_class=4)
+    overrides = ["data.batch_size=4", "train.precision=32"] if what == "recipe" else []
+    gpu.one_profile(what, cifar, "cpu", str(tmp_path / "run"), overrides)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    epochs = [line for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:] if line]
+    assert len(epochs) == 2  # one of them profiled
+    steps = 12 // 4 if what == "recipe" else 1  # 12 training images: batches of 4 (recipe), one batch of up to 128 (cnn_bn)
+    assert figures["steps"] == steps and figures["wall_ms_per_step"] > 0
+    assert "device_ms_per_step" not in figures  # the CPU has no device activity to report
+    top = figures["top"].split("; ")
+    assert len(top) == 3 and all(re.fullmatch(r"\w+ \d+%", item) for item in top), top
+
+
+def test_profile_names_are_short_and_shares_add_up() -> None:
+    from bench.gpuprofile import short, top_three
+
+    kernel = "void at::native::(anonymous namespace)::max_pool_backward_nhwc<c10::BFloat16, float>(c10::BFloat16 const*, long)"
+    assert short(kernel) == "max_pool_backward_nhwc"
+    assert short("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize") == "sm90_xmma_fprop_implicit_gemm_bf16bf16_b"
+    assert top_three({"a": 50.0, "b": 30.0, "c": 15.0, "d": 5.0}, 100.0) == "a 50%; b 30%; c 15%"
