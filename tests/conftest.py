@@ -7,7 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,14 @@ if TEST_DEVICE != "cpu":
 @pytest.fixture(autouse=True)
 def _test_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPFIT_DEVICE", TEST_DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    """Figures a test made through pyplot are closed after it (pyplot keeps them open otherwise)."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
 
 
 @pytest.fixture
