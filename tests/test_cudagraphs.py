@@ -229,9 +229,18 @@ def test_cuda_graphs_keep_a_nan_from_the_weights(device: torch.device) -> None:
 
 
 @needs_cuda
-def test_fit_trains_with_cuda_graphs(device: torch.device, tiny_idx: Path, tmp_path: Path) -> None:
+def test_fit_trains_with_cuda_graphs(device: torch.device, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if device.type != "cuda":
         pytest.skip("DEEPFIT_TEST_DEVICE is not cuda")
+    made: list[bool] = []
+    real_make = GraphedForward.make
+
+    def recording_make(self: GraphedForward, x: torch.Tensor) -> Any:
+        graphed = real_make(self, x)
+        made.append(graphed is not None)
+        return graphed
+
+    monkeypatch.setattr(GraphedForward, "make", recording_make)
     config = Config()
     values = {
         "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn",
@@ -240,5 +249,6 @@ def test_fit_trains_with_cuda_graphs(device: torch.device, tiny_idx: Path, tmp_p
     for key, value in values.items():
         set_value(config, key, value)
     result = fit(config)
+    assert made == [True]  # captured once, on the first batch, and used for the 3 epochs
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
