@@ -322,13 +322,20 @@ def determinism_cost(rows: list[Row]) -> list[Row]:
         ("recipe", ("recipe", "seed 0"), ("recipe determ", "seed 0"), "steps_per_s"),
         ("cnn_bn", ("cnn_bn", "deepfit, plain"), ("cnn_bn", "deepfit, deterministic"), "images_per_s"),
     )
+    return [Row("determ", f"{name} cost", {"step_time_pct": 100 * (ratio - 1)}) for name, ratio in rate_ratios(rows, pairs)]
+
+
+Pair = tuple[str, tuple[str, str], tuple[str, str], str]  # name, (part, what) of the numerator and denominator rows, figure
+
+
+def rate_ratios(rows: list[Row], pairs: Sequence[Pair]) -> list[tuple[str, float]]:
+    """(name, numerator's figure / denominator's) for each pair whose two rows both have the figure."""
     found = {(r.part, r.what): r.figures for r in rows}
-    costs = []
-    for name, plain, exact, key in pairs:
-        if key in found.get(plain, {}) and key in found.get(exact, {}):
-            ratio = float(found[plain][key]) / float(found[exact][key])
-            costs.append(Row("determ", f"{name} cost", {"step_time_pct": 100 * (ratio - 1)}))
-    return costs
+    return [
+        (name, float(found[top][key]) / float(found[bottom][key]))
+        for name, top, bottom, key in pairs
+        if key in found.get(top, {}) and key in found.get(bottom, {})
+    ]
 
 
 # --- 5. what train.cuda_graphs gives --------------------------------------------------------------
@@ -392,16 +399,11 @@ def graphs_gain(rows: list[Row]) -> list[Row]:
     """What train.cuda_graphs gives: cnn_bn's images/s with it over the lessons' loop (the issue's
     10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
     pairs = (
-        ("cnn_bn vs lessons", ("cnn_bn", "lessons' loop"), ("cnn_bn", "deepfit, graphs"), "images_per_s"),
-        ("cnn_bn vs eager", ("cnn_bn", "deepfit, plain"), ("cnn_bn", "deepfit, graphs"), "images_per_s"),
-        ("recipe vs eager", ("recipe", "seed 0"), ("recipe graphs", "seed 0"), "steps_per_s"),
+        ("cnn_bn vs lessons", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "lessons' loop"), "images_per_s"),
+        ("cnn_bn vs eager", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "deepfit, plain"), "images_per_s"),
+        ("recipe vs eager", ("recipe graphs", "seed 0"), ("recipe", "seed 0"), "steps_per_s"),
     )
-    found = {(r.part, r.what): r.figures for r in rows}
-    gains = []
-    for name, before, after, key in pairs:
-        if key in found.get(before, {}) and key in found.get(after, {}):
-            gains.append(Row("graphs", name, {"ratio": float(found[after][key]) / float(found[before][key])}))
-    return gains
+    return [Row("graphs", name, {"ratio": ratio}) for name, ratio in rate_ratios(rows, pairs)]
 
 
 # --- the table ----------------------------------------------------------------------------------
