@@ -142,7 +142,16 @@ def run_child(part: str, what: str, arguments: Sequence[str], device: str, timeo
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         return Row(part, what, {"error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no result"})
-    return Row(part, what, {**json.loads(lines[-1]), "process_s": wall})
+    figures = {**json.loads(lines[-1]), "process_s": wall}
+    warned = graphs_warning(done.stderr)
+    return Row(part, what, figures | ({"warning": warned} if warned else {}))
+
+
+def graphs_warning(stderr: str) -> str | None:
+    """The first train.cuda_graphs warning a child printed (a capture that fell back to eager), if any:
+    without it a graphs row that ran eagerly would look like a measurement of graphs."""
+    found = next((line for line in stderr.splitlines() if "train.cuda_graphs:" in line), None)
+    return found.split("Warning: ", 1)[-1].strip()[:160] if found else None
 
 
 def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequence[str], *, warmup: bool = True, sync: bool = False) -> None:

@@ -420,3 +420,15 @@ def test_profile_names_are_short_and_shares_add_up() -> None:
     assert short(kernel) == "max_pool_backward_nhwc"
     assert short("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize") == "sm90_xmma_fprop_implicit_gemm_bf16bf16_b"
     assert top_three({"a": 50.0, "b": 30.0, "c": 15.0, "d": 5.0}, 100.0) == "a 50%; b 30%; c 15%"
+
+
+def test_a_graphs_row_says_when_its_capture_fell_back_to_eager() -> None:
+    from bench.gpu import graphs_warning
+
+    stderr = (
+        "some torch notice\n"
+        "/x/deepfit/engine.py:140: UserWarning: train.cuda_graphs: Sequential could not be captured (CUDA error: x); training eagerly\n"
+        "  logits = forward(x)\n"
+    )
+    assert graphs_warning(stderr) == "train.cuda_graphs: Sequential could not be captured (CUDA error: x); training eagerly"
+    assert graphs_warning("a warning about something else\n") is None
