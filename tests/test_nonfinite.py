@@ -247,3 +247,14 @@ def test_the_gradient_check_sees_gradients_of_every_dtype_and_layout(case: str, 
     guard.record_gradients(3, model)
     with pytest.raises(NonFiniteError, match="a gradient became non-finite at batch 3;"):
         guard.check()
+
+
+def test_the_gradient_check_follows_the_model_it_is_given() -> None:
+    guard = FiniteGuard(torch.device("cpu"))
+    first, second = TwoKinds("bf16"), TwoKinds("bf16")
+    first.gradients(bad=False)
+    guard.record_gradients(1, first)
+    second.gradients(bad=True)  # another model: its parameters, not the first one's, are checked
+    guard.record_gradients(2, second)
+    with pytest.raises(NonFiniteError, match="at batch 2;"):
+        guard.check()

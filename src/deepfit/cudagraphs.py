@@ -36,6 +36,7 @@ class GraphedForward:
 
     def __init__(self, model: nn.Module, *, autocast_dtype: torch.dtype | None = None, capture: Capture | None = None) -> None:
         self.model = model
+        self.params = list(model.parameters())  # walked once, not every step (12 us for cnn_bn)
         self.autocast_dtype = autocast_dtype
         self.capture = capture if capture is not None else torch.cuda.make_graphed_callables
         self.graphed: Forward | None = None
@@ -52,7 +53,7 @@ class GraphedForward:
         """The graphed forward for batch x, capturing first when needed; None: run x eagerly."""
         if self.failed or not self.model.training:
             return None
-        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        trainable = tuple(p.requires_grad for p in self.params)
         stale = self.graphed is None or trainable != self.trainable
         if stale or (self.layout is not None and x.shape[0] > self.layout[0][0]):  # a first partial batch (a resume) is outgrown
             self.graphed = self.make(x)
