@@ -45,12 +45,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):  # run as a script: make `bench` and `deepfit` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench.common import REPO, child_env, machine, save_json
+
+if TYPE_CHECKING:
+    from deepfit.config import Config
 
 RECIPE = REPO / "configs" / "cifar10-jpg-gpu.yaml"
 
@@ -164,19 +168,13 @@ def one_recipe(cifar: Path, seed: int, device: str, out: str, overrides: Sequenc
     import dataclasses
 
     from deepfit.checkpoint import load_checkpoint
-    from deepfit.config import load_config, set_value
     from deepfit.engine import FiniteGuard
     from deepfit.fit import fit
 
     if sync:
         FiniteGuard.WINDOW = 1  # the loop reads the guard every min(check_every, WINDOW) batches
 
-    config = load_config(RECIPE)
-    config.data.name, config.train.seed, config.train.device, config.train.out = str(cifar), seed, device, out
-    config.train.progress = False
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_value(config, key, value)
+    config = child_config("recipe", cifar, device, out, [f"train.seed={seed}", *overrides])
     warmup_s = 0.0
     if warmup:
         started = time.perf_counter()
@@ -292,19 +290,9 @@ def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, overrides: Seque
     """In the child process: deepfit's side of the cnn_bn comparison (bench/train.py's config),
     with `overrides` (KEY=VALUE: train.deterministic=true, train.cuda_graphs=true); prints images/s
     over its epochs as one JSON line."""
-    import dataclasses
-
-    from bench import train
-    from deepfit.config import set_value
     from deepfit.fit import fit
 
-    case = dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=epochs)
-    config = train.deepfit_config(case, cifar, Path(out).parent)
-    config.train.device, config.train.out = device, out
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_value(config, key, value)
-    result = fit(config)
+    result = fit(child_config("cnn_bn", cifar, device, out, overrides, epochs=epochs))
     seconds = sum(row["seconds"] for row in result.history)
     print(json.dumps({"images_per_s": len(result.data.train) * len(result.history) / seconds, "test_acc": result.metrics["test_acc"]}))
 
@@ -387,21 +375,31 @@ def run_profiles(args: argparse.Namespace) -> list[Row]:
 
 def one_profile(what: str, cifar: Path, device: str, out: str, overrides: Sequence[str]) -> None:
     """In the child process: 2 epochs of the recipe (without TTA) or of cnn_bn, the second profiled."""
+    from bench import gpuprofile
+
+    config = child_config(what, cifar, device, out, ["train.tta=none", *overrides] if what == "recipe" else overrides, epochs=2)
+    config.train.epochs = 2  # whatever the recipe's overrides say
+    print(json.dumps(gpuprofile.profiled_fit(config)))
+
+
+def child_config(what: str, cifar: Path, device: str, out: str, overrides: Sequence[str], *, epochs: int = 2) -> Config:
+    """The config a child process trains: the recipe, or bench/train.py's cnn_bn case for `epochs`,
+    on `cifar`, `device` and `out`, with `overrides` (KEY=VALUE) applied last, in order."""
     import dataclasses
 
-    from bench import gpuprofile, train
+    from bench import train
     from deepfit.config import load_config, set_value
 
     if what == "recipe":
         config = load_config(RECIPE)
-        config.data.name, config.train.tta, config.train.progress = str(cifar), "none", False
+        config.data.name, config.train.progress = str(cifar), False
     else:
-        config = train.deepfit_config(dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=2), cifar, Path(out).parent)
+        config = train.deepfit_config(dataclasses.replace(train.CASES["cnn_bn-cifar10"], epochs=epochs), cifar, Path(out).parent)
+    config.train.device, config.train.out = device, out
     for item in overrides:
         key, _, value = item.partition("=")
         set_value(config, key, value)
-    config.train.epochs, config.train.device, config.train.out = 2, device, out  # whatever the recipe's overrides say
-    print(json.dumps(gpuprofile.profiled_fit(config)))
+    return config
 
 
 def graphs_gain(rows: list[Row]) -> list[Row]:
