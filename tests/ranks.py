@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from deepfit.config import Config, set_value
+from deepfit.errors import NonFiniteError
 from deepfit.fit import fit
 
 
@@ -49,7 +50,11 @@ def rank_main(rank: int, size: int, port: int, config: Config, resume: str | Non
     """One rank: torchrun's environment variables, then the ordinary fit() (of `build()` when given)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks on two cores
-    fit(config, resume=resume, progress=stop_after(stop_at) if stop_at else None, model=build() if build else None)
+    try:
+        fit(config, resume=resume, progress=stop_after(stop_at) if stop_at else None, model=build() if build else None)
+    except NonFiniteError as err:  # as the CLI ends it: exit code 3, the message kept where the test can read it
+        (Path(config.train.out) / f"rank-{rank}.stopped").write_text(str(err))
+        sys.exit(NonFiniteError.exit_code)
 
 
 def stop_after(batches: int) -> Callable[[Any, str, int], Any]:

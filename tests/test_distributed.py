@@ -5,6 +5,7 @@ killed when a test ends; the long journeys are in test_distributed_slow.py."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import time
@@ -112,6 +113,40 @@ def test_two_ranks_follow_a_model_hook_that_stops_a_parameter(tmp_path: Path) ->
     assert run_ranks(2, digits_config(tmp_path / "two", data__batch_size=100), build=stem_stops, timeout=300) == [0, 0]
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
     assert torch.equal(biases[0], biases[2]) and not torch.equal(biases[0], stem_stops().stem.bias)  # learned in epoch 1 only
+
+
+class MasksOnRank1(nn.Module):
+    """An MLP whose 3rd training forward on rank 1 masks every class but the last with -inf, as a
+    class mask does: that rank's loss is inf while every gradient stays finite (softmax minus
+    one-hot), so after DDP's all-reduce only rank 1's own guard has seen the fault."""
+
+    BAD = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.calls, self.rank = 0, int(os.environ.get("RANK", "0"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.rank == 1 and self.calls == self.BAD:
+                return logits.masked_fill(torch.arange(10) < 9, -math.inf)
+        return logits
+
+
+def test_a_fault_on_one_rank_stops_every_rank_before_anything_is_saved_after_it(tmp_path: Path) -> None:
+    """The ranks agree when they read the guard: both stop with rank 1's message at the step
+    checkpoint that follows the fault, and rank 0 writes none after it (its own guard saw nothing)."""
+    config = digits_config(tmp_path / "run", data__batch_size=100, train__epochs=1, train__checkpoint_every=1, train__keep_last=1000)
+    assert run_ranks(2, config, build=MasksOnRank1, timeout=300) == [3, 3]
+    messages = {(tmp_path / "run" / f"rank-{rank}.stopped").read_text() for rank in range(2)}
+    assert len(messages) == 1 and messages.pop().startswith(f"the loss became inf at batch {MasksOnRank1.BAD} on rank 1;")
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*.pt")) == [f"step-{s:08d}.pt" for s in range(1, MasksOnRank1.BAD)]
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == MasksOnRank1.BAD - 1
 
 
 def test_a_killed_rank_does_not_hang_the_other(tmp_path: Path) -> None:

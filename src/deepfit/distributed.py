@@ -120,6 +120,20 @@ def sync_stop(signum: int | None, late: bool) -> tuple[int | None, bool]:
     return (int(flags[0]) or None), bool(flags[1])
 
 
+def earliest(item: T | None) -> tuple[T, int] | None:
+    """The least of the ranks' `item`s and the rank that holds it, the same on every rank; None
+    where no rank has one. One all-reduce of a flag; the items are gathered only when one exists."""
+    if not active():
+        return None if item is None else (item, 0)
+    flag = torch.tensor([item is not None], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control)
+    if not flag.item():
+        return None
+    items: list[T | None] = [None] * world().size
+    dist.all_gather_object(items, item, group=_control)
+    return min((held, rank) for rank, held in enumerate(items) if held is not None)
+
+
 # -- the model --
 
 

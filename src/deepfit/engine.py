@@ -5,9 +5,11 @@ waits on the host per batch."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +40,17 @@ class StepOptions:
     graphs: GraphedForward | None = None  # the model's forward and backward as CUDA graphs (train.cuda_graphs); None: eager
 
 
+class Fault(NamedTuple):
+    """The first non-finite value a guard saw: ordered by batch, a loss before a gradient."""
+
+    batch: float  # the batch that showed it; inf when it is no longer remembered
+    kind: int  # FiniteGuard.LOSS or FiniteGuard.GRADIENT
+    what: str  # "the loss became inf at batch 3"
+
+
+Agree = Callable[[Fault | None], Fault | None]  # this process's fault -> the one every rank stops on
+
+
 class FiniteGuard:
     """The non-finite guard, kept on the device so no step waits for the host. Each batch's loss and
     each step's gradients are checked by torch's fused check (the one GradScaler uses), which sets
@@ -47,12 +60,15 @@ class FiniteGuard:
     and no gradient norm. Counters of the checks made since the flag went up, with the batch
     numbers of the latest checks kept on the host, give the first bad batch and its kind when
     `check()` reads them (one host sync): the loop calls it every `check_every` batches and at the
-    epoch's end, and fit before every checkpoint it writes."""
+    epoch's end, and fit before every checkpoint it writes. `agree` makes the ranks of a
+    data-parallel run decide together: a loss that is inf with finite gradients trips one rank's
+    guard only, and every rank must stop at the same check, before any checkpoint after it."""
 
     LOSS, GRADIENT = 0, 1  # kinds of fault
     WINDOW = 64  # checks of each kind remembered: check() must come at least this often
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, agree: Agree | None = None) -> None:
+        self.agree = agree
         self.found = torch.zeros((), device=device)  # 1.0 once a checked value was NaN/inf
         self.one = torch.ones((), device=device)  # the check's unscale factor: values are left as they are
         self.since = torch.zeros(2, device=device)  # [LOSS, GRADIENT]: checks made while `found` was set
@@ -105,17 +121,25 @@ class FiniteGuard:
         self.batches[kind].append(batch)
 
     def check(self) -> None:
-        """Raise NonFiniteError if a fault was recorded (one read of three device values)."""
+        """Raise NonFiniteError if a fault was recorded, here or (with `agree`) on any rank."""
+        fault = self.fault()
+        if self.agree is not None:
+            fault = self.agree(fault)
+        if fault is not None:
+            raise NonFiniteError(f"{fault.what}; lower the learning rate or enable --train.clip-grad")
+
+    def fault(self) -> Fault | None:
+        """The first fault recorded, if any (one read of three device values)."""
         found, since_loss, since_grad = torch.cat([self.found.view(1), self.since]).tolist()
         if not found:
-            return
+            return None
         loss_at, grad_at = self.first_bad(self.LOSS, int(since_loss)), self.first_bad(self.GRADIENT, int(since_grad))
-        advice = "lower the learning rate or enable --train.clip-grad"
         if loss_at is not None and (grad_at is None or loss_at <= grad_at):
             value = float(self.losses[(self.loss_checks - int(since_loss)) % self.WINDOW])
-            raise NonFiniteError(f"the loss became {value} at batch {loss_at}; {advice}")
-        where = f"at batch {grad_at}" if grad_at is not None else f"within the last {self.WINDOW} batches"
-        raise NonFiniteError(f"a gradient became non-finite {where}; {advice}")
+            return Fault(loss_at, self.LOSS, f"the loss became {value} at batch {loss_at}")
+        if grad_at is not None:
+            return Fault(grad_at, self.GRADIENT, f"a gradient became non-finite at batch {grad_at}")
+        return Fault(math.inf, self.GRADIENT, f"a gradient became non-finite within the last {self.WINDOW} batches")
 
     def first_bad(self, kind: int, since: int) -> int | None:
         """The batch whose check of `kind` first saw the flag up, if remembered."""

@@ -24,7 +24,7 @@ from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, req
 from deepfit.data.balance import balanced_sample_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
-from deepfit.engine import FiniteGuard, StepOptions, predict_logits, train_one_epoch
+from deepfit.engine import Fault, FiniteGuard, StepOptions, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.fitparts import (
     SKIPPED_FILE,
@@ -200,7 +200,7 @@ def prepare_run(
 
 def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None) -> None:
     cfg = run.config.train
-    run.guard = FiniteGuard(run.device)
+    run.guard = FiniteGuard(run.device, agree=agreed_fault)
     per_epoch = run.schedule_interval == "epoch" or isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     options = StepOptions(
         scheduler=None if per_epoch else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
@@ -229,6 +229,17 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
             on_epoch(row)
     if run.stopped_early is None:  # a signal during the last epoch's validation and save still stops the run
         check_stop(run)
+
+
+def agreed_fault(fault: Fault | None) -> Fault | None:
+    """The fault every rank stops on: the earliest that any rank's guard saw, named with its rank."""
+    if not distributed.active():
+        return fault
+    found = distributed.earliest(fault)
+    if found is None:
+        return None
+    first, rank = found
+    return first._replace(what=f"{first.what} on rank {rank}")
 
 
 def after_step(run: Run, deadline: float) -> None:
