@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from deepfit.data.loader import share_rows
 from deepfit.fit import fit
 from deepfit.launch import describe_failure, resolve_resume, without_devices
 from tests.conftest import run_deepfit
-from tests.ranks import digits_config, forked_ranks, max_diff, run_ranks, wait_for, weights
+from tests.ranks import deepfit_process, digits_config, end_tree, forked_ranks, max_diff, run_ranks, wait_for, weights
 
 
 def test_share_rows_cover_every_row_once() -> None:
@@ -174,8 +175,31 @@ def test_failure_names_the_killed_rank() -> None:
     assert code == 1 and message.startswith("rank 1 (pid 101) was killed by SIGKILL; rank 0 was stopped")
     code, message = describe_failure({0: Failure(1, 100), 1: Failure(-15, 101), 2: Failure(-15, 102)})
     assert code == 1 and message.startswith("rank 0 (pid 100) exited with code 1; ranks 1, 2 were stopped")
-    code, message = describe_failure({0: Failure(2, 100), 1: Failure(2, 101)})
-    assert code == 2 and message.startswith("rank 0 (pid 100) exited with code 2")
+    code, message = describe_failure({0: Failure(2, 100), 1: Failure(2, 101), 2: Failure(-15, 102)})
+    assert (code, message) == (2, "ranks 0, 1 exited with code 2; rank 2 was stopped. The last checkpoint resumes with --resume RUN_DIR")
+    code, message = describe_failure({0: Failure(3, 100), 1: Failure(3, 101)})  # a non-finite loss: every rank stops at one check
+    assert (code, message) == (3, "ranks 0, 1 exited with code 3.")
+    code, message = describe_failure({1: Failure(4, 101)})
+    assert message.startswith("rank 1 (pid 101) exited with code 4; the other ranks were stopped.")
+
+
+def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
+    """--devices 2 and an absurd learning rate: every rank stops at the same check; people read rank
+    0's line once, then the launcher's summary; exit code 3, no traceback, no advice to resume."""
+    args = ["train", "--devices", "2", "--epochs", "2", "--no-progress", "--optim.name", "sgd", "--optim.lr", "1e30", "--out", "run"]
+    launcher = deepfit_process(args, cwd=tmp_path)
+    try:
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        end_tree(launcher)
+    assert launcher.returncode == 3, err[-2000:]
+    said = [line for line in err.splitlines() if line.startswith("deepfit: ")]
+    assert len(said) == 2, err[-2000:]
+    assert re.fullmatch(
+        r"deepfit: stopped: (the loss became (nan|inf)|a gradient became non-finite) at batch \d+ on rank [01]; .*", said[0]
+    )
+    assert said[1] == "deepfit: ranks 0, 1 exited with code 3."
+    assert "Traceback" not in err
 
 
 def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:

@@ -1152,17 +1152,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_resume_hint(err)
         return OS_ERROR_EXIT
     except NonFiniteError as err:
-        print(f"deepfit: stopped: {err}", file=sys.stderr)
+        report_stop(err)
         return NonFiniteError.exit_code
     except (StopRequested, KeyboardInterrupt) as err:
         if argv is None:  # the console script: a press while the interpreter shuts down printed a threading traceback
             ignore_further_signals()
-        print(f"deepfit: stopped: {str(err) or 'interrupted'}", file=sys.stderr)
-        print_resume_hint(err)
+        report_stop(err)
         return int(getattr(err, "exit_code", StopRequested.exit_code))  # 130 SIGINT, 143 SIGTERM
     finally:
         if argv is None:  # the console script (or python -m deepfit): the process exits next
             skip_collection_at_exit()
+
+
+def report_stop(err: BaseException) -> None:
+    """Why the run stopped, and the way back into it where there is one."""
+    if not said_by_rank0(err):
+        print(f"deepfit: stopped: {str(err) or 'interrupted'}", file=sys.stderr)
+        print_resume_hint(err)
+
+
+def said_by_rank0(err: BaseException) -> bool:
+    """Under torchrun, a stop that every rank agreed on (a signal, a non-finite value) is printed by
+    rank 0 alone: N copies of one line, written at once to one terminal, ran into each other.
+    A rank's other errors are its own, and each rank prints them."""
+    from deepfit import launch
+    from deepfit.interrupts import SignalStop
+
+    return isinstance(err, (NonFiniteError, SignalStop)) and launch.in_worker() and not launch.is_rank0()
 
 
 def print_resume_hint(err: BaseException) -> None:

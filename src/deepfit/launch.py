@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deepfit.errors import ConfigError
+from deepfit.errors import ConfigError, NonFiniteError
 
 NO_LAUNCH = "LOCAL_RANK"  # set by torchrun in every worker: --devices is then already in effect
 
@@ -68,7 +68,8 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
 def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
     """Name the rank that failed first. The agent ends the survivors with SIGTERM and they may lose
     their peer and fail too, so a rank killed by another signal is the cause, then one that exited
-    with an error, then the lowest rank."""
+    with an error, then the lowest rank. Ranks that stopped together with the same code (a
+    non-finite loss: all of them, at the same step) are named together."""
 
     def blame(item: tuple[int, Any]) -> tuple[int, int]:
         code = item[1].exitcode
@@ -76,14 +77,20 @@ def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
 
     rank, failure = min(failures.items(), key=blame)
     if failure.exitcode < 0:
-        how, code = f"was killed by {signal.Signals(-failure.exitcode).name}", 1
+        how, code, alike = f"was killed by {signal.Signals(-failure.exitcode).name}", 1, [rank]
     else:
         how, code = f"exited with code {failure.exitcode}", failure.exitcode
-    others = sorted(set(failures) - {rank})
-    stopped = (
-        f"rank {others[0]} was" if len(others) == 1 else f"ranks {', '.join(map(str, others))} were" if others else "the other ranks were"
-    )
-    return code, f"rank {rank} (pid {failure.pid}) {how}; {stopped} stopped. The last checkpoint resumes with --resume RUN_DIR"
+        alike = sorted(r for r, f in failures.items() if f.exitcode == failure.exitcode)
+    who = f"rank {rank} (pid {failure.pid})" if len(alike) == 1 else f"ranks {', '.join(map(str, alike))}"
+    others = sorted(set(failures) - set(alike))
+    if others:
+        stopped = f"; rank {others[0]} was stopped" if len(others) == 1 else f"; ranks {', '.join(map(str, others))} were stopped"
+    else:
+        stopped = "; the other ranks were stopped" if len(alike) == 1 else ""
+    message = f"{who} {how}{stopped}."
+    if code == NonFiniteError.exit_code:  # the ranks' own line says where; resuming would meet it again
+        return code, message
+    return code, f"{message} The last checkpoint resumes with --resume RUN_DIR"
 
 
 def resolve_resume(resume: str | None, out: str | None) -> str | None:
