@@ -120,11 +120,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
 
 
-def deepfit_process(args: Sequence[str], *, cwd: Path, launcher: Sequence[str] = ()) -> subprocess.Popen[str]:
+def deepfit_process(
+    args: Sequence[str], *, cwd: Path, launcher: Sequence[str] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`python -m deepfit ARGS` (or `python -m torch.distributed.run LAUNCHER -m deepfit ARGS`) in
-    its own session, so the test can end the whole process tree."""
+    its own session, so the test can end the whole process tree; `env` over this process's."""
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "deepfit"] if launcher else [sys.executable, "-m", "deepfit"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

@@ -185,9 +185,12 @@ def test_failure_names_the_killed_rank() -> None:
 
 def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     """--devices 2 and an absurd learning rate: every rank stops at the same check; people read rank
-    0's line once, then the launcher's summary; exit code 3, no traceback, no advice to resume."""
+    0's line once, then the launcher's summary; exit code 3, no traceback, no advice to resume,
+    and nothing of the launch left in the temporary folder (torchrun's logs folder is the launcher's to
+    remove)."""
     args = ["train", "--devices", "2", "--epochs", "2", "--no-progress", "--optim.name", "sgd", "--optim.lr", "1e30", "--out", "run"]
-    launcher = deepfit_process(args, cwd=tmp_path)
+    (tmp_path / "tmp").mkdir()
+    launcher = deepfit_process(args, cwd=tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
     try:
         _, err = launcher.communicate(timeout=120)
     finally:
@@ -200,6 +203,7 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     )
     assert said[1] == "deepfit: ranks 0, 1 exited with code 3."
     assert "Traceback" not in err
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's shared cache stays
 
 
 def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:

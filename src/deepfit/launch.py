@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,18 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
 
     if devices < 1:
         raise ConfigError(f"--devices must be at least 1, got {devices}")
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={devices}", "--module", "deepfit", *without_devices(argv)])
-    try:
-        run(args)
-    except ChildFailedError as err:
-        return describe_failure(err.failures)
-    except SignalException as err:
-        name = signal.Signals(err.sigval).name
-        return 128 + int(err.sigval), f"stopped by {name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
+    with tempfile.TemporaryDirectory(prefix="deepfit-ranks-") as logs:  # torchrun's own would stay in /tmp, one per launch
+        launcher = ["--standalone", f"--nproc-per-node={devices}", f"--log-dir={logs}", "--module", "deepfit"]
+        args = get_args_parser().parse_args([*launcher, *without_devices(argv)])
+        try:
+            run(args)
+        except ChildFailedError as err:
+            return describe_failure(err.failures)
+        except SignalException as err:
+            name = signal.Signals(err.sigval).name
+            return 128 + int(
+                err.sigval
+            ), f"stopped by {name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
     return 0, None
 
 
