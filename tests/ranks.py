@@ -125,7 +125,10 @@ def deepfit_process(
 ) -> subprocess.Popen[str]:
     """`python -m deepfit ARGS` (or `python -m torch.distributed.run LAUNCHER -m deepfit ARGS`) in
     its own session, so the test can end the whole process tree; `env` over this process's."""
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "deepfit"] if launcher else [sys.executable, "-m", "deepfit"]
+    logs = f"--log-dir={cwd / 'torchrun-logs'}"  # not a torchelastic_* folder left in /tmp by each test
+    command = (
+        [sys.executable, "-m", "torch.distributed.run", logs, *launcher, "-m", "deepfit"] if launcher else [sys.executable, "-m", "deepfit"]
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
         [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
