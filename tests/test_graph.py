@@ -85,6 +85,14 @@ def test_karate_through_train_evaluate_predict_export_show_report(cli, tmp_path:
     assert html.code == 0 and (run / "report.html").read_text().count("data:image/png;base64") == 4
 
 
+def test_the_node_task_alone_trains_the_embedded_graph(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`deepfit train --task node` without --data trains karate, as `--task regression` alone trains
+    the embedded `line` and a bare `deepfit train` the embedded digits."""
+    result = cli("train", "--task", "node", "--epochs", "3", "--out", "run")
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[0].startswith("graph karate: 34 nodes")
+
+
 def test_resume_ends_at_the_same_weights(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     common = ["--data", "karate", "--seed", "3", "--train.checkpoint-every", "1", "--train.deterministic", "true"]  # CUDA: exact with it
     assert cli("train", *common, "--epochs", "12", "--out", str(tmp_path / "whole")).code == 0

@@ -285,6 +285,7 @@ def finish_node(run: NodeRun) -> NodeFitResult:
 # Kipf & Welling's Cora settings: the base a node run's YAML and flags apply over (the image
 # defaults, Adam 3e-3 with one-cycle over 20 epochs and an mlp of 200 units, do not fit).
 NODE_DEFAULTS: dict[str, Any] = {
+    "data.name": "karate",  # `deepfit train --task node` alone trains the embedded graph, as the other tasks do theirs
     "model.name": "gcn",
     "model.hidden": [16],
     "model.dropout": 0.5,
