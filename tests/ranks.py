@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from deepfit.config import Config, set_value
-from deepfit.errors import NonFiniteError
+from deepfit.errors import NonFiniteError, StopRequested
 from deepfit.fit import fit
 
 
@@ -52,9 +52,9 @@ def rank_main(rank: int, size: int, port: int, config: Config, resume: str | Non
     torch.set_num_threads(1)  # two ranks on two cores
     try:
         fit(config, resume=resume, progress=stop_after(stop_at) if stop_at else None, model=build() if build else None)
-    except NonFiniteError as err:  # as the CLI ends it: exit code 3, the message kept where the test can read it
+    except (NonFiniteError, StopRequested) as err:  # as the CLI ends them: 3, 143, ...; the message kept for the test
         (Path(config.train.out) / f"rank-{rank}.stopped").write_text(str(err))
-        sys.exit(NonFiniteError.exit_code)
+        sys.exit(err.exit_code)
 
 
 def stop_after(batches: int) -> Callable[[Any, str, int], Any]:

@@ -150,6 +150,15 @@ def test_a_fault_on_one_rank_stops_every_rank_before_anything_is_saved_after_it(
     assert torch.load(folder / "last.pt", weights_only=True)["step"] == MasksOnRank1.BAD - 1
 
 
+def test_a_signal_stops_every_rank_after_the_step_that_reads_its_vote(tmp_path: Path) -> None:
+    """SIGTERM to both ranks after step 4 of 13: step 5 votes to stop while step 6 trains, and
+    both ranks stop after step 6 with exit code 143 and a checkpoint of step 6 (no step waits
+    for a vote's answer)."""
+    config = digits_config(tmp_path / "run", data__batch_size=100, train__epochs=2)
+    assert run_ranks(2, config, stop_at=4, timeout=300) == [143, 143]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
+
+
 def test_a_killed_rank_does_not_hang_the_other(tmp_path: Path) -> None:
     """SIGKILL rank 1 after the first step checkpoint: rank 0 ends with an error well within 60 s
     instead of waiting for its peer, and the checkpoint it left is complete and loadable."""

@@ -120,11 +120,12 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path: Pa
 
 
 def test_resume_two_ranks_on_one_process_and_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 2-rank run stopped mid-epoch (SIGTERM at step 20) resumes on 1 process, and a 1-process
-    run stopped the same way resumes on 2 ranks; both end at the weights of a straight run."""
+    """A 2-rank run stopped mid-epoch (SIGTERM after step 10 of 21) resumes on 1 process, and a
+    1-process run stopped the same way (after step 20) resumes on 2 ranks; both end at the weights
+    of a straight run."""
     fit(digits_config(tmp_path / "straight", data__batch_size=64))
-    run_ranks(2, digits_config(tmp_path / "two-one", data__batch_size=64), stop_at=20)
-    assert torch_step(tmp_path / "two-one") == 21  # both ranks agreed to stop after the same step
+    run_ranks(2, digits_config(tmp_path / "two-one", data__batch_size=64), stop_at=10)
+    assert torch_step(tmp_path / "two-one") == 12  # step 11 votes to stop; its answer is read after step 12, on both ranks
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert world_change_note(tmp_path / "two-one") == "resuming a run saved by 2 rank(s) on 1: same global batch size, same data order"
     fit(digits_config(tmp_path / "two-one", data__batch_size=64), resume=tmp_path / "two-one")

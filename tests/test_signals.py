@@ -192,7 +192,7 @@ def test_a_signal_that_lands_while_the_ranks_agree_is_kept_for_the_next_check(mo
     from deepfit.interrupts import StopFlag
 
     fit_module = importlib.import_module("deepfit.fit")
-    run = SimpleNamespace(signals=StopFlag())
+    run = SimpleNamespace(signals=StopFlag(), votes=distributed.StopVotes())
 
     def signalled_while_agreeing(signum: int | None, late: bool) -> tuple[int | None, bool]:
         run.signals.signum = signal.SIGTERM  # the handler, run while the collective is in flight

@@ -229,6 +229,8 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
             on_epoch(row)
     if run.stopped_early is None:  # a signal during the last epoch's validation and save still stops the run
         check_stop(run)
+    else:  # stopped early by its metric: no vote is left in flight
+        run.votes.collect()
 
 
 def agreed_fault(fault: Fault | None) -> Fault | None:
@@ -257,15 +259,21 @@ def after_step(run: Run, deadline: float) -> None:
         run.tracker.log_step(run.step, {"train_loss_step": float(run.loss_tap.last)})
     if every and run.step % every == 0 and aligned and run.loader.position < run.loader.batches_per_epoch:
         save_state(run, mid_epoch=True)
-    if aligned and check_stop(run, late=time.monotonic() > deadline):  # after the step checkpoint: a signal costs no step
+    if aligned and check_stop(run, late=time.monotonic() > deadline, each_step=True):  # after the step checkpoint: a signal costs no step
         run.stopped_early = "time limit"
         raise StopRequested(f"time limit {run.config.train.time_limit} reached")
 
 
-def check_stop(run: Run, *, late: bool = False) -> bool:
+def check_stop(run: Run, *, late: bool = False, each_step: bool = False) -> bool:
     """Raise SignalStop if a signal arrived (on any rank); whether any rank is past the time limit.
-    Ranks decide together, so all stop after the same step."""
-    agreed, late = distributed.sync_stop(run.signals.signum, late)
+    Ranks decide together, so all stop after the same step: after each step by a vote that is
+    answered one step later (StopVotes: no wait), at epoch boundaries at once."""
+    if each_step:
+        agreed, late = run.votes.after_step(run.signals.signum, late)
+    else:
+        earlier, was_late = run.votes.collect()
+        agreed, late = distributed.sync_stop(run.signals.signum, late)
+        agreed, late = agreed or earlier, late or was_late
     if agreed is not None:  # a signal that lands while the ranks agree stays in the flag for the next check
         run.signals.signum = agreed  # every rank stops with the same one
         run.signals.check()

@@ -49,6 +49,7 @@ class Run:
     stopped_early: str | None = None
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling; its scale is part of the state
     signals: StopFlag = field(default_factory=StopFlag)  # SIGINT/SIGTERM seen during training
+    votes: distributed.StopVotes = field(default_factory=distributed.StopVotes)  # several ranks: the stop vote in flight
     schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
     init: InitReport | None = None
     guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
