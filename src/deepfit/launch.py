@@ -63,10 +63,8 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
         except ChildFailedError as err:
             return describe_failure(err.failures)
         except SignalException as err:
-            name = signal.Signals(err.sigval).name
-            return 128 + int(
-                err.sigval
-            ), f"stopped by {name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
+            said = f"stopped by {signal.Signals(err.sigval).name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
+            return 128 + int(err.sigval), said
     return 0, None
 
 
