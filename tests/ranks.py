@@ -121,17 +121,23 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def deepfit_process(
-    args: Sequence[str], *, cwd: Path, launcher: Sequence[str] = (), env: dict[str, str] | None = None
+    args: Sequence[str], *, cwd: Path, launcher: Sequence[str] = (), env: dict[str, str | None] | None = None
 ) -> subprocess.Popen[str]:
     """`python -m deepfit ARGS` (or `python -m torch.distributed.run LAUNCHER -m deepfit ARGS`) in
-    its own session, so the test can end the whole process tree; `env` over this process's."""
+    its own session, so the test can end the whole process tree; `env` over this process's (None: unset)."""
     logs = f"--log-dir={cwd / 'torchrun-logs'}"  # not a torchelastic_* folder left in /tmp by each test
     command = (
         [sys.executable, "-m", "torch.distributed.run", logs, *launcher, "-m", "deepfit"] if launcher else [sys.executable, "-m", "deepfit"]
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **(env or {})}
+    merged = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
-        [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*command, *args],
+        cwd=cwd,
+        env={key: value for key, value in merged.items() if value is not None},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 

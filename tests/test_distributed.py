@@ -19,7 +19,7 @@ from torch import nn
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import share_rows
 from deepfit.fit import fit
-from deepfit.launch import describe_failure, resolve_resume, without_devices
+from deepfit.launch import describe_failure, rank_threads, resolve_resume, without_devices
 from tests.conftest import run_deepfit
 from tests.ranks import deepfit_process, digits_config, end_tree, forked_ranks, max_diff, run_ranks, wait_for, weights
 
@@ -199,7 +199,7 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     remove)."""
     args = ["train", "--devices", "2", "--epochs", "2", "--no-progress", "--optim.name", "sgd", "--optim.lr", "1e30", "--out", "run"]
     (tmp_path / "tmp").mkdir()
-    launcher = deepfit_process(args, cwd=tmp_path, env={"TMPDIR": str(tmp_path / "tmp")})
+    launcher = deepfit_process(args, cwd=tmp_path, env={"TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": None})
     try:
         _, err = launcher.communicate(timeout=120)
     finally:
@@ -211,8 +211,13 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
         r"deepfit: stopped: (the loss became (nan|inf)|a gradient became non-finite) at batch \d+ on rank [01]; .*", said[0]
     )
     assert said[1] == "deepfit: ranks 0, 1 exited with code 3."
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "OMP_NUM_THREADS" not in err  # the launcher sets the ranks' threads: no torchrun banner
     assert [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's shared cache stays
+
+
+def test_ranks_share_the_cores_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [rank_threads(n) for n in (1, 2, 3, 8, 16, 32)] == [16, 8, 5, 2, 1, 1]
 
 
 def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:

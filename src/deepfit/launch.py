@@ -55,6 +55,7 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
 
     if devices < 1:
         raise ConfigError(f"--devices must be at least 1, got {devices}")
+    os.environ.setdefault("OMP_NUM_THREADS", str(rank_threads(devices)))  # the ranks' default; --train.threads still sets it
     with tempfile.TemporaryDirectory(prefix="deepfit-ranks-") as logs:  # torchrun's own would stay in /tmp, one per launch
         launcher = ["--standalone", f"--nproc-per-node={devices}", f"--log-dir={logs}", "--module", "deepfit"]
         args = get_args_parser().parse_args([*launcher, *without_devices(argv)])
@@ -66,6 +67,13 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
             said = f"stopped by {signal.Signals(err.sigval).name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
             return 128 + int(err.sigval), said
     return 0, None
+
+
+def rank_threads(devices: int) -> int:
+    """Intra-op threads for each of `devices` ranks: this process's cores shared out among them.
+    torchrun's own default is 1 thread a rank, with a warning banner, whatever the machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // devices)
 
 
 def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
