@@ -127,7 +127,7 @@ class StopVotes:
     read after that step. Every rank reads the same answer after the same step, so all of them
     stop together, one step after the flags were sent. A blocking all-reduce each step (as
     sync_stop is) took 160-185 us between two CPU ranks on one machine, and a network round trip
-    between machines. Epoch boundaries agree at once: collect() first, then sync_stop."""
+    between machines. Epoch boundaries agree at once (at_once)."""
 
     def __init__(self) -> None:
         self.pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce in flight and its buffer
@@ -142,6 +142,12 @@ class StopVotes:
         flags = torch.tensor([signum or 0, int(late)], dtype=torch.int64)
         self.pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_control, async_op=True), flags)
         return None, False
+
+    def at_once(self, signum: int | None, late: bool) -> tuple[int | None, bool]:
+        """The vote in flight and these flags, agreed now (a blocking all-reduce)."""
+        earlier, was_late = self.collect()
+        agreed, past = sync_stop(signum, late)
+        return agreed or earlier, past or was_late
 
     def collect(self) -> tuple[int | None, bool]:
         """Wait for the vote in flight, if any: (the signal a rank saw, whether a rank was late)."""

@@ -268,12 +268,8 @@ def check_stop(run: Run, *, late: bool = False, each_step: bool = False) -> bool
     """Raise SignalStop if a signal arrived (on any rank); whether any rank is past the time limit.
     Ranks decide together, so all stop after the same step: after each step by a vote that is
     answered one step later (StopVotes: no wait), at epoch boundaries at once."""
-    if each_step:
-        agreed, late = run.votes.after_step(run.signals.signum, late)
-    else:
-        earlier, was_late = run.votes.collect()
-        agreed, late = distributed.sync_stop(run.signals.signum, late)
-        agreed, late = agreed or earlier, late or was_late
+    vote = run.votes.after_step if each_step else run.votes.at_once
+    agreed, late = vote(run.signals.signum, late)
     if agreed is not None:  # a signal that lands while the ranks agree stays in the flag for the next check
         run.signals.signum = agreed  # every rank stops with the same one
         run.signals.check()
