@@ -163,10 +163,17 @@ def test_csv_text_columns_one_hot_and_non_numeric_target(tmp_path: Path) -> None
     assert table.feature_names == ["size", "city=paris", "city=rome"]
     assert table.features[0].tolist() == [50.0, 1.0, 0.0] and table.features[1].tolist() == [80.0, 0.0, 1.0]
     set_value(config, "data.target", "city")
-    with pytest.raises(DataError, match="target column 'city' is not numeric"):
+    with pytest.raises(DataError, match="target column 'city' is not numeric \\('paris' in data row 1\\)"):
         load_table(config.data)
     set_value(config, "data.target", "cost")
     with pytest.raises(DataError, match="no column 'cost'; columns: id, size, rooms, city, price"):
+        load_table(config.data)
+
+
+def test_a_stray_text_cell_in_the_target_is_named_with_its_row(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "prices.csv", "size,price\n1,3\n2,\n3,x\n4,7\n")
+    config = config_for(tmp_path, str(path), **{"data.target": "price"})
+    with pytest.raises(DataError, match="target column 'price' is not numeric \\('x' in data row 3\\)"):
         load_table(config.data)
 
 

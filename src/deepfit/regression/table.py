@@ -195,8 +195,10 @@ def choose_schema(
         raise DataError(f"{path}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(header)}")
     numeric = numeric_columns(header, rows)
     if target not in numeric:
-        example = next(r[header.index(target)] for r in rows if r[header.index(target)].strip().lower() not in MISSING)
-        raise DataError(f"{path}: the target column {target!r} is not numeric (it holds {example!r}); regression predicts a number")
+        number, cell = next((n, c) for n, c in present_cells(rows, header.index(target)) if not is_number(c))
+        raise DataError(
+            f"{path}: the target column {target!r} is not numeric ({cell!r} in data row {number}); regression predicts a number"
+        )
     wanted = features or [name for name in header if name != target]
     text = [name for name in wanted if name not in numeric]
     if text and features and not onehot:
