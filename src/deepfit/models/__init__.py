@@ -69,7 +69,9 @@ def build_model(config: ModelConfig, *, input_shape: tuple[int, int, int], num_c
     except RuntimeError as err:  # torch's shape errors, e.g. "Output size is too small"
         c, h, w = input_shape
         detail = " ".join(str(err).split())[:200]
-        raise ConfigError(f"model {config.name} cannot take {c}x{h}x{w} input: {detail}") from None
+        raise ConfigError(
+            f"model {config.name} cannot take {c}x{h}x{w} input: {detail}; train on larger images (--data.image-size N) or another --model"
+        ) from None
 
 
 def probe(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
