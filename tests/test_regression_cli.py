@@ -106,6 +106,7 @@ def test_data_info_describes_a_table_and_names_its_stray_cell(cli, tmp_path: Pat
     for args, message in (
         (("info", str(table), "--data.task", "regression"), "name the column to predict with --target COLUMN"),
         (("info", str(table), "--data.task", "node"), "a node task's edge-list CSV needs its node table: --data.nodes"),
+        (("info", str(tmp_path / "edges.csv"), "--data.task", "node"), f"graph file {tmp_path / 'edges.csv'} does not exist"),
     ):
         refused = cli("data", *args)
         assert refused.code == 2 and refused.err.count("\n") == 1 and message in refused.err, refused.err

@@ -20,6 +20,8 @@ def resolve_csv_paths(name: str, nodes: str | None) -> tuple[Path, Path]:
     if path.is_dir():
         edges, table = path / "edges.csv", Path(nodes).expanduser() if nodes else path / "nodes.csv"
     elif path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise DataError(f"graph file {path} does not exist")
         if nodes is None:
             raise DataError(f"{name}: a node task's edge-list CSV needs its node table: --data.nodes NODES.csv (id,label,feature...)")
         edges, table = path, Path(nodes).expanduser()
