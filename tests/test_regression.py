@@ -127,6 +127,8 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert sorted(np.concatenate(a).tolist()) == list(range(100)) and [len(s) for s in a] == [72, 8, 20]
     assert not np.array_equal(split_rows(100, test_fraction=0.2, val_fraction=0.1, seed=4)[2], a[2])
+    with pytest.raises(DataError, match=r"^only 1 usable row: too few to split into train/val/test; the training split needs at least 2$"):
+        split_rows(1, test_fraction=0.2, val_fraction=0.1, seed=3)
 
 
 def write_csv(path: Path, text: str) -> Path:

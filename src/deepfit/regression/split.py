@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from deepfit.errors import DataError
+from deepfit.history import plural
 from deepfit.regression.table import Table
 
 MIN_TRAIN_ROWS = 2  # a mean and a spread need two rows
@@ -65,7 +66,9 @@ def split_rows(n: int, *, test_fraction: float, val_fraction: float, seed: int) 
     n_val = round((n - n_test) * val_fraction)
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     if len(train) < MIN_TRAIN_ROWS:
-        raise DataError(f"only {n} usable rows: too few to split into train/val/test; the training split needs at least {MIN_TRAIN_ROWS}")
+        raise DataError(
+            f"only {plural(n, 'usable row')}: too few to split into train/val/test; the training split needs at least {MIN_TRAIN_ROWS}"
+        )
     return np.sort(train), np.sort(val), np.sort(test)
 
 
