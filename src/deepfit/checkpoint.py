@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepfit.config import Config, config_from_dict, infer_task, resume_changes
 from deepfit.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
@@ -143,6 +144,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state = safe_torch_load(path)
     check_state(state, path)
     return state
+
+
+def load_resumed(run_dir: Path, config: Config) -> dict[str, Any]:
+    """RUN_DIR/checkpoints/last.pt for --resume, refused in one line when `config` changes what it
+    restores (config.RESUME_FIXED), before any data is read."""
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    refuse_resume_changes(config_from_dict(state["config"]), config, run_dir)
+    return state
+
+
+def refuse_resume_changes(saved: Config, config: Config, run_dir: Path) -> None:
+    """ConfigError naming what `config` changes of the resumed run's `saved` config that the
+    checkpoint would overrule (config.RESUME_FIXED)."""
+    changes = resume_changes(saved, config)
+    if changes:
+        fresh = f" from its weights (--init-from {run_dir})" if infer_task(config.data) == "image" else ""
+        raise ConfigError(
+            f"--resume {run_dir} cannot change {'; '.join(changes)}: a resumed run goes on with the data, model, optimizer and"
+            f" schedule it saved; leave {'it' if len(changes) == 1 else 'them'} out, or start a new run{fresh}"
+        )
 
 
 def checkpoint_task(state: dict[str, Any]) -> str:

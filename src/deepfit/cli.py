@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -125,18 +126,22 @@ def parse_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
 
 def resolve_train_config(args: argparse.Namespace, extra: Sequence[str]) -> Config:
     """Defaults (the task's) < the resumed run's config < --config YAML < flags < dotted overrides.
-    The task is data.task, or the one --data implies (line -> regression)."""
-    config = layered_config(Config(), args, extra)
+    The task is data.task, or the one --data implies (line -> regression). A resumed run may not
+    change what its checkpoint restores (checkpoint.refuse_resume_changes)."""
+    saved = resumed_config(Path(args.resume)) if args.resume else None
+    config = layered_config(copy.deepcopy(saved) if saved else Config(), args, extra)
     task = infer_task(config.data)
     if task != "image":
-        config = layered_config(task_defaults(task), args, extra)
+        config = config if saved else layered_config(task_defaults(task), args, extra)
         config.data.task = task  # type: ignore[assignment]
+    if saved:
+        from deepfit.checkpoint import refuse_resume_changes
+
+        refuse_resume_changes(saved, config, Path(args.resume))
     return config
 
 
 def layered_config(config: Config, args: argparse.Namespace, extra: Sequence[str]) -> Config:
-    if args.resume:
-        config = resumed_config(Path(args.resume))
     if args.config:
         config = load_config(args.config, config)
     for attr, key in TRAIN_FLAGS.items():
@@ -182,7 +187,7 @@ def resume_lines(run_dir: Path, config: Config) -> list[str]:
         lines[0] = f"resuming {run_dir}: it has trained {plural(done, 'epoch')}, nothing left to train for --epochs {config.train.epochs}"
     elif planned != config.train.epochs and config.sched.name != "plateau" and (config.sched.name != "none" or config.sched.warmup_epochs):
         lines.append(
-            f"the {config.sched.name} schedule was planned for {planned} epochs: rebuilt for {config.train.epochs}, from step {step}"
+            f"the {config.sched.name} schedule was planned for {plural(planned, 'epoch')}: rebuilt for {config.train.epochs}, from step {step}"
         )
     return lines
 

@@ -445,6 +445,44 @@ def refuse_unused(config: Config, task: str) -> None:
         )
 
 
+# What --resume restores, so what a resumed run cannot change: the data and its split, the steps an
+# epoch takes (the saved position and a per-step schedule count them), the model, and the optimizer
+# and schedule whose saved state overwrites their settings (a new lr or weight decay was silently
+# the old one; a new optimizer, or a new batch size under one-cycle, failed with a traceback). A
+# section name stands for all its keys. Everything else (epochs, tricks, precision, checkpointing,
+# the device, ...) applies to the rest of the run.
+RESUME_FIXED = (
+    "data.task", "data.name", "data.val_fraction", "data.batch_size", "data.drop_last", "train.accumulate",
+    "data.image_size", "data.image_shape", "data.channels", "data.target",
+    "data.features", "data.categorical", "data.drop_missing", "data.test_fraction", "data.standardize", "data.nodes",
+    "data.node_test_fraction", "model.name", "model.hidden", "model.activation", "model.layer_norm", "model.weights",
+    "model.freeze", "model.backbone_lr_scale", "model.init_from", "model.class_path", "optim", "sched", "train.seed",
+)  # fmt: skip
+
+
+def resume_changes(saved: Config, config: Config) -> list[str]:
+    """'key (old -> new)' for each RESUME_FIXED key that `config` sets otherwise than the run it resumes.
+    A data path that no longer exists may be given anew (the data moved); the weights' shapes are still checked."""
+    changes = []
+    for name in RESUME_FIXED:
+        keys = [name] if "." in name else [f"{name}.{f.name}" for f in dataclasses.fields(getattr(saved, name))]
+        for key in keys:
+            section, field = key.split(".")
+            old, new = getattr(getattr(saved, section), field), getattr(getattr(config, section), field)
+            if old != new and not (key == "data.name" and moved(str(old), str(new))):
+                changes.append(f"{key} ({old} -> {new})")
+    return changes
+
+
+def moved(old: str, new: str) -> bool:
+    """Whether data.name `new` may stand for `old`: the same path written otherwise, or, where the
+    path a run saved (absolute) is gone, any other (the data moved)."""
+    before = Path(old).expanduser()
+    if before.exists():
+        return before.resolve() == Path(new).expanduser().resolve()
+    return before.is_absolute()
+
+
 # Datasets whose name alone says the task: `--data line` needs no `--task regression`.
 TASK_BY_DATA = {"line": "regression", "diabetes": "regression", "cora": "node", "karate": "node"}
 

@@ -151,6 +151,7 @@ def prepare_run(
     """Build everything that can fail on bad input first; create the run folder last."""
     if optimizer is not None and model is None:
         raise ConfigError("fit(optimizer=...) needs the model it optimizes: pass model= too")
+    saved = ckpt.load_resumed(Path(resume), config) if resume is not None else None
     device = distributed.rank_device(select_device(config.train.device))  # cuda:LOCAL_RANK under torchrun
     keep_freed_memory_on(device)  # CPU: reuse each step's freed activations instead of page-faulting them back in
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
@@ -187,9 +188,9 @@ def prepare_run(
     run.ema = WeightAverage(unwrap(net), config.train.ema) if config.train.ema else None
     if config.train.lookahead:
         run.lookahead = Lookahead(unwrap(net), config.train.lookahead, total_steps=config.train.epochs * loader.batches_per_epoch)
-    if resume is not None:
-        ckpt.remove_stale_temps(Path(resume) / "checkpoints")  # left by a killed save
-        restore(run, Path(resume) / "checkpoints" / "last.pt")
+    if saved is not None:
+        ckpt.remove_stale_temps(run_dir / "checkpoints")  # left by a killed save
+        restore(run, saved, run_dir / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(config, run_dir / "config.yaml")

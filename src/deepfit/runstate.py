@@ -121,8 +121,8 @@ def save_state(run: Run, *, mid_epoch: bool) -> None:
     distributed.barrier()
 
 
-def restore(run: Run, path: Path) -> None:
-    state = ckpt.load_checkpoint(path)
+def restore(run: Run, state: dict[str, Any], path: Path) -> None:
+    """The run as `state` (read from `path`) left it: weights, optimizer, schedule, position and generators."""
     restore_weights(run, state, path)
     fresh_lrs = [group["lr"] for group in run.optimizer.param_groups]  # where the schedule built for this run starts
     run.optimizer.load_state_dict(state["optimizer"])

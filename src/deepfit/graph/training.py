@@ -119,6 +119,7 @@ def graph_of(config: Config) -> Graph:
 
 def prepare_node_run(config: Config, resume: str | Path | None) -> NodeRun:
     """Everything that can fail on bad input first; the run folder last."""
+    saved = ckpt.load_resumed(Path(resume), config) if resume is not None else None
     graph = graph_of(config)
     device = select_device(config.train.device)
     model = build_model_for(config, graph, cached=True).to(device)  # one fixed graph: normalise its adjacency once
@@ -130,9 +131,9 @@ def prepare_node_run(config: Config, resume: str | Path | None) -> NodeRun:
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
     run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = NodeRun(config, graph, model, selector, optimizer, scheduler, loss_fn, run_dir)
-    if resume is not None:
+    if saved is not None:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
-        restore_node(run, run_dir / "checkpoints")
+        restore_node(run, saved, run_dir / "checkpoints")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     return run
@@ -253,8 +254,7 @@ def save_node_state(run: NodeRun) -> None:
         ckpt.save_checkpoint(node_checkpoint(run, run.best_weights), folder / "best.pt")
 
 
-def restore_node(run: NodeRun, folder: Path) -> None:
-    state = ckpt.load_checkpoint(folder / "last.pt")
+def restore_node(run: NodeRun, state: dict[str, Any], folder: Path) -> None:
     ckpt.load_model_state(run.model, state["model"], folder / "last.pt")
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:

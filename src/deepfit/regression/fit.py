@@ -98,6 +98,7 @@ def fit_regression(
 
 def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
     """Everything that can fail on bad input first; the run folder last."""
+    saved = ckpt.load_resumed(Path(resume), config) if resume is not None else None
     device = select_device(config.train.device)
     data = load_regression_data(config)
     model = build_regression_model(config.model, num_features=data.num_features).to(device)
@@ -110,9 +111,9 @@ def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
     check_monitor(config, data)
     run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = RegressionRun(config, data, model, optimizer, scheduler, batches, loss_fn, device, run_dir)
-    if resume is not None:
+    if saved is not None:
         ckpt.remove_stale_temps(run_dir / "checkpoints")
-        restore(run, run_dir / "checkpoints" / "last.pt")
+        restore(run, saved, run_dir / "checkpoints" / "last.pt")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     return run
@@ -257,8 +258,7 @@ def save_best(run: RegressionRun) -> None:
     ckpt.fsync_dir(folder)
 
 
-def restore(run: RegressionRun, path: Path) -> None:
-    state = ckpt.load_checkpoint(path)
+def restore(run: RegressionRun, state: dict[str, Any], path: Path) -> None:
     ckpt.load_model_state(run.model, state["model"], path)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
