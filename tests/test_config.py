@@ -53,7 +53,10 @@ def test_yaml_overrides_defaults_and_unknown_keys_fail(tmp_path: Path) -> None:
     assert config.data.name == Config().data.name
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match="epochz"):
+    with pytest.raises(ConfigError, match=f"^config file {bad}: unknown config key 'train.epochz'; did you mean train.epochs"):
+        load_config(bad)
+    bad.write_text("- train\n- model\n")
+    with pytest.raises(ConfigError, match=f"^config file {bad}: config must be a mapping of sections"):
         load_config(bad)
 
 

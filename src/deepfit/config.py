@@ -214,7 +214,10 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(err)}") from None
-    return config_from_dict(raw, base)
+    try:
+        return config_from_dict(raw, base)
+    except ConfigError as err:  # a bad key or value: which of the user's files holds it
+        raise ConfigError(f"config file {path}: {err}") from None
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
