@@ -30,8 +30,9 @@ def test_default_name_drops_every_suffix_and_never_reuses_a_folder(tmp_path: Pat
 
     monkeypatch.setattr(deepfit.checkpoint, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
-    first = new_run_dir(None, data="data/houses.csv.gz", model="linear")
-    assert first == Path("runs/houses-linear-20261126-173000")
-    first.mkdir(parents=True)
-    second = new_run_dir(None, data="data/houses.csv.gz", model="linear")
-    assert second == Path("runs/houses-linear-20261126-173000-2")
+    assert new_run_dir(None, data="data/houses.csv.gz", model="linear", make=False) == Path("runs/houses-linear-20261126-173000")
+    assert not Path("runs").exists()  # a rank that only learns rank 0's name makes nothing
+    # runs started in the same second (a sweep) each get a folder of their own, made as it is named
+    folders = [new_run_dir(None, data="data/houses.csv.gz", model="linear") for _ in range(3)]
+    assert folders == [Path(f"runs/houses-linear-20261126-173000{suffix}") for suffix in ("", "-2", "-3")]
+    assert all(folder.is_dir() for folder in folders)

@@ -10,18 +10,20 @@ byte-identical and raises CheckpointSaveError."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import pickle
 import random
 import re
+import socket
 import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -297,17 +299,93 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def new_run_dir(out: str | None, *, data: str, model: str) -> Path:
+def new_run_dir(out: str | None, *, data: str, model: str, make: bool = True) -> Path:
     """A fresh run folder: `out` when given (refused if it already holds a run), else
-    runs/<data>-<model>-<date-time>, with -2, -3, ... when that exists."""
+    runs/<data>-<model>-<date-time>, with -2, -3, ... when that exists. That folder is made here
+    (unless `make` is off: a rank that only learns rank 0's), so runs started in the same second (a
+    sweep) each get their own."""
     if out is not None:
         if (Path(out) / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{Path(data).name.split('.')[0]}-{model}-{stamp}"  # photos.zip, rows.csv.gz -> photos, rows
+    if not make:
+        return base
+    base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+
+
+LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process training it, holding "PID on HOST"
+HELD: dict[Path, IO[str]] = {}  # the run folders this process trains, by resolved path
+
+
+def claim_run(run_dir: Path) -> None:
+    """Make `run_dir` this process's to write: an exclusive flock on RUN/.lock, which the system
+    drops when the process ends, however it ends. Another process training the same folder (a
+    second --resume, a run started twice with one --out) stops in one line instead of writing
+    beside it. A claim this process left behind (a fit that raised, in a notebook) is renewed."""
+    release_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = locked(run_dir)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    HELD[run_dir.resolve()] = handle
+
+
+def require_unclaimed(run_dir: Path) -> None:
+    """The ConfigError claim_run would raise, checked without keeping the claim: for a command that
+    starts the training elsewhere (torchrun's ranks) or prints before it starts."""
+    if (run_dir / LOCK_FILE).is_file() and run_dir.resolve() not in HELD:
+        locked(run_dir).close()
+
+
+def locked(run_dir: Path) -> IO[str]:
+    """RUN/.lock opened and flock-ed by this process; ConfigError naming the holder's pid when another process holds it."""
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{run_dir} is being trained by another process (pid {holder}); wait for it to end, or stop it") from None
+    return handle
+
+
+def release_run(run_dir: Path) -> None:
+    """Drop this process's claim on `run_dir`, if it holds one."""
+    handle = HELD.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+@contextlib.contextmanager
+def claiming(run_dir: Path, *, claim: bool = True) -> Iterator[None]:
+    """Claim `run_dir` (claim_run) for what the block writes there, and keep it after the block;
+    should the block fail, the claim is dropped. `claim` off: a rank that does not write the run."""
+    if claim:
+        claim_run(run_dir)
+    try:
+        yield
+    except BaseException:
+        release_run(run_dir)
+        raise
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path) -> Iterator[None]:
+    """Keep the claim on `run_dir` while the block trains, and drop it after, however the block ends."""
+    try:
+        yield
+    finally:
+        release_run(run_dir)

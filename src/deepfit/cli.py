@@ -135,9 +135,10 @@ def resolve_train_config(args: argparse.Namespace, extra: Sequence[str]) -> Conf
         config = config if saved else layered_config(task_defaults(task), args, extra)
         config.data.task = task  # type: ignore[assignment]
     if saved:
-        from deepfit.checkpoint import refuse_resume_changes
+        from deepfit.checkpoint import refuse_resume_changes, require_unclaimed
 
         refuse_resume_changes(saved, config, Path(args.resume))
+        require_unclaimed(Path(args.resume))  # before "resuming ..." is printed or ranks start
     return config
 
 

@@ -118,17 +118,18 @@ def fit(
         run = prepare_run(config, model, data, resume, optimizer=optimizer, scheduler=scheduler)
     except KeyboardInterrupt:  # Ctrl-C while data and model are built, before the handlers below
         raise NothingTrained() from None
-    if take_early_interrupt() is not None:  # a start-up Ctrl-C whose KeyboardInterrupt something swallowed
-        raise NothingTrained()
-    if on_start is not None:
-        on_start(run.data)
-    with open_trackers(run, resumed=resume is not None):
-        with stoppable(
-            run.run_dir, lambda: save_state(run, mid_epoch=True), finished=lambda: run.stopped_early == "time limit"
-        ) as run.signals:
-            train_epochs(run, progress, on_epoch)
-        with after_training(run.run_dir):
-            return finish(run)
+    with ckpt.holding(run.run_dir):  # the run folder is this process's until fit returns or raises
+        if take_early_interrupt() is not None:  # a start-up Ctrl-C whose KeyboardInterrupt something swallowed
+            raise NothingTrained()
+        if on_start is not None:
+            on_start(run.data)
+        with open_trackers(run, resumed=resume is not None):
+            with stoppable(
+                run.run_dir, lambda: save_state(run, mid_epoch=True), finished=lambda: run.stopped_early == "time limit"
+            ) as run.signals:
+                train_epochs(run, progress, on_epoch)
+            with after_training(run.run_dir):
+                return finish(run)
 
 
 def open_trackers(run: Run, *, resumed: bool) -> Trackers:
@@ -175,27 +176,29 @@ def prepare_run(
     graphs = cuda_graphs(config, net, device, ranks=distributed.env_world().size)
     distributed.start(device)  # joined after bad input had its chance to stop every rank alike
     distributed.shard_loader(loader)
+    net = distributed.wrap_model(net, device, loader, sync_bn=config.train.sync_bn)
+    net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
+    main = distributed.is_main()
     run_dir = (
         Path(resume)
         if resume is not None
-        else distributed.agree(ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name))
+        else distributed.agree(ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name, make=main))
     )
-    net = distributed.wrap_model(net, device, loader, sync_bn=config.train.sync_bn)
-    net = torch.compile(net) if config.model.compile else net  # type: ignore[assignment]
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)
     run.graphs = graphs
     run.ema = WeightAverage(unwrap(net), config.train.ema) if config.train.ema else None
     if config.train.lookahead:
         run.lookahead = Lookahead(unwrap(net), config.train.lookahead, total_steps=config.train.epochs * loader.batches_per_epoch)
-    if saved is not None:
-        ckpt.remove_stale_temps(run_dir / "checkpoints")  # left by a killed save
-        restore(run, saved, run_dir / "checkpoints" / "last.pt")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        save_config(config, run_dir / "config.yaml")
-    if bundle.skipped and distributed.is_main():
-        save_skipped(bundle.skipped, run_dir / SKIPPED_FILE)
+    with ckpt.claiming(run_dir, claim=main):  # rank 0 writes the run
+        if saved is not None:
+            ckpt.remove_stale_temps(run_dir / "checkpoints")  # left by a killed save
+            restore(run, saved, run_dir / "checkpoints" / "last.pt")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if main:
+            save_config(config, run_dir / "config.yaml")
+        if bundle.skipped and main:
+            save_skipped(bundle.skipped, run_dir / SKIPPED_FILE)
     return run
 
 

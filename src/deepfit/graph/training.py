@@ -97,16 +97,17 @@ def fit_node(
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_node_run(config, resume)
-    if on_start is not None:
-        on_start(run.graph)
     info = run_info(run.config, run.run_dir, step=run.epoch, resumed=resume is not None, history=run.history)
-    with start_trackers(run.config.train.log, info) as run.tracker:  # step = epoch: one optimizer step each
-        with stoppable(run.run_dir, lambda: save_node_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
-            train_node_epochs(run, on_epoch)
-            save_node_state(run)  # the final checkpoints, written with a Ctrl-C held off as a stop's are
-        with after_training(run.run_dir):
-            result = finish_node(run)
-            run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
+    with ckpt.holding(run.run_dir):  # the run folder is this process's until training returns or raises
+        if on_start is not None:
+            on_start(run.graph)
+        with start_trackers(run.config.train.log, info) as run.tracker:  # step = epoch: one optimizer step each
+            with stoppable(run.run_dir, lambda: save_node_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
+                train_node_epochs(run, on_epoch)
+                save_node_state(run)  # the final checkpoints, written with a Ctrl-C held off as a stop's are
+            with after_training(run.run_dir):
+                result = finish_node(run)
+                run.tracker.log_final(run.epoch, final_record(run.config, run.run_dir, result.metrics, None))
     return result
 
 
@@ -131,11 +132,12 @@ def prepare_node_run(config: Config, resume: str | Path | None) -> NodeRun:
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing)
     run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = NodeRun(config, graph, model, selector, optimizer, scheduler, loss_fn, run_dir)
-    if saved is not None:
-        ckpt.remove_stale_temps(run_dir / "checkpoints")
-        restore_node(run, saved, run_dir / "checkpoints")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    with ckpt.claiming(run_dir):
+        if saved is not None:
+            ckpt.remove_stale_temps(run_dir / "checkpoints")
+            restore_node(run, saved, run_dir / "checkpoints")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     return run
 
 

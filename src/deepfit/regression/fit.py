@@ -84,15 +84,16 @@ def fit_regression(
     seed_everything(config.train.seed)
     require_trackers(config.train.log)  # a missing package: one line, before any run folder exists
     run = prepare_run(config, resume)
-    if on_start is not None:
-        on_start(run.data)
     info = run_info(run.config, run.run_dir, step=run.step, resumed=resume is not None, history=run.history)
-    with start_trackers(run.config.train.log, info) as run.tracker:
-        with stoppable(run.run_dir, lambda: save_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
-            train_epochs(run, progress, on_epoch)
-        with after_training(run.run_dir):
-            result = finish(run)
-            run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
+    with ckpt.holding(run.run_dir):  # the run folder is this process's until training returns or raises
+        if on_start is not None:
+            on_start(run.data)
+        with start_trackers(run.config.train.log, info) as run.tracker:
+            with stoppable(run.run_dir, lambda: save_state(run), finished=lambda: run.stopped_early == "time limit") as run.signals:
+                train_epochs(run, progress, on_epoch)
+            with after_training(run.run_dir):
+                result = finish(run)
+                run.tracker.log_final(run.step, final_record(run.config, run.run_dir, result.metrics, None))
     return result
 
 
@@ -111,11 +112,12 @@ def prepare_run(config: Config, resume: str | Path | None) -> RegressionRun:
     check_monitor(config, data)
     run_dir = Path(resume) if resume is not None else ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name)
     run = RegressionRun(config, data, model, optimizer, scheduler, batches, loss_fn, device, run_dir)
-    if saved is not None:
-        ckpt.remove_stale_temps(run_dir / "checkpoints")
-        restore(run, saved, run_dir / "checkpoints" / "last.pt")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    with ckpt.claiming(run_dir):
+        if saved is not None:
+            ckpt.remove_stale_temps(run_dir / "checkpoints")
+            restore(run, saved, run_dir / "checkpoints" / "last.pt")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     return run
 
 
