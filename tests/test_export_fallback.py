@@ -4,6 +4,7 @@ error the exporter wraps, not only its first line)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,27 @@ def test_cli_names_the_exporter(cli, tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = cli("export", str(write_checkpoint(tmp_path / "model.pt")), "--format", "onnx")
     assert result.code == 0, result.err
     assert f"onnx (torchscript exporter): {tmp_path / 'model.onnx'}" in result.out
+
+
+def test_the_exporters_log_lines_are_held_back_and_the_level_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch 2.10's dynamo exporter logs "Missing annotation for parameter 'rois' ..." four times for a resnet18
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    chatty, handler, real = logging.getLogger("torch.onnx._internal.exporter._schemas"), Keep(), torch.onnx.export
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        chatty.warning("Missing annotation for parameter 'rois'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    chatty.addHandler(handler)
+    try:
+        export_checkpoint(write_checkpoint(tmp_path / "model.pt", "lenet"), format="onnx")
+        chatty.warning("after the export")
+    finally:
+        chatty.removeHandler(handler)
+    assert seen == ["after the export"]

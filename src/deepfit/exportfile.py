@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -79,12 +80,26 @@ def export_onnx(
     failures = []
     for exporter in ONNX_EXPORTERS:
         try:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_exporters():
                 return onnx_proto(module, example, dynamo=exporter == "dynamo", names=names), exporter
         except Exception as err:  # the exporters raise many types; all mean "this exporter cannot convert it"
             failures.append(f"{exporter} exporter: {describe(err)}")
     raise error(f"ONNX export of {what} failed; " + "; ".join(failures))
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """The exporters' own chatter held back: progress on stdout, warnings, and torch.onnx's log lines
+    (torch 2.10's dynamo exporter logs four about torchvision's detection ops for any resnet18)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def onnx_proto(module: torch.nn.Module, example: torch.Tensor, *, dynamo: bool, names: tuple[str, str]) -> Any:
