@@ -91,6 +91,40 @@ def test_validate_rejects_out_of_range_values(key: str, value: str) -> None:
         validate(config)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [  # each trained before without a word (a negative max_lr or min_lr climbed the loss), or with a traceback (betas)
+        ("data.num_workers", "-1", "data.num_workers must be 0 (decode in the main process) or a number of processes"),
+        ("data.memory_budget_mb", "-5", "data.memory_budget_mb must be 0 or more MiB"),
+        ("train.threads", "-2", "train.threads must be 0 (all cores) or a number of threads"),
+        ("train.early_stop", "-1", "train.early_stop must be 0 (never) or a number of epochs"),
+        ("train.clip_grad", "-1", "train.clip_grad must be 0 (off) or a positive gradient norm"),
+        ("optim.weight_decay", "-0.1", "optim.weight_decay must be 0 or positive"),
+        ("optim.momentum", "1.5", "optim.momentum must be in [0, 1)"),
+        ("optim.betas", "0.9", "optim.betas must be two numbers in [0, 1), e.g. 0.9,0.999; got 0.9"),
+        ("optim.betas", "0.9,1.0", "optim.betas must be two numbers"),
+        ("sched.max_lr", "-1", "sched.max_lr must be positive"),
+        ("sched.min_lr", "-1", "sched.min_lr must be 0 or positive"),
+        ("sched.warmup_epochs", "-1", "sched.warmup_epochs must be 0"),
+        ("sched.step_size", "0", "sched.step_size must be at least 1 epoch"),
+        ("sched.milestones", "-3", "sched.milestones must be epochs from 1 on"),
+        ("sched.gamma", "0", "sched.gamma must be positive"),
+        ("sched.pct_start", "1.5", "sched.pct_start must be in 0..1"),
+        ("sched.start_factor", "-1", "sched.start_factor and sched.end_factor must be 0 or more"),
+        ("sched.patience", "-1", "sched.patience must be 0 or more epochs"),
+        ("sched.factor", "0", "sched.factor must be between 0 and 1"),
+        ("data.node_test_fraction", "1", "data.node_test_fraction must be between 0 and 1"),
+    ],
+)
+def test_validate_names_each_out_of_range_setting(key: str, value: str, message: str) -> None:
+    config = Config()
+    validate(config)  # the defaults pass
+    set_value(config, key, value)
+    with pytest.raises(ConfigError) as raised:
+        validate(config)
+    assert str(raised.value).startswith(message)
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("5m", 300.0), ("1.5h", 5400.0)])
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
