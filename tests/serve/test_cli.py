@@ -3,11 +3,17 @@ start-up does not import the serving stack."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -18,6 +24,7 @@ import pytest
         (["RUN", "--max-batch", "0"], "--max-batch must be at least 1"),
         (["RUN", "--max-body-mb", "-1"], "--max-body-mb must be positive"),
         (["RUN", "--port", "70000"], "--port 70000 is not a TCP port"),
+        (["RUN", "--threads", "-1"], "--threads must be 0 (the library's default) or a number of threads"),
         (["RUN", "--backend", "onnx", "--device", "cuda"], "--backend onnx runs on the CPU"),
         (["BROKEN"], "BROKEN"),
         (["RUN", "--tta", "flip"], "--tta flip is not allowed for fashion-mnist"),
@@ -73,6 +80,33 @@ def test_a_port_in_use_or_a_foreign_host_is_one_line_before_the_model_loads(cli,
             (line,) = result.err.strip().splitlines()
             assert result.code == 2 and f"deepfit: error: cannot serve on {host}:{port}: " in line and reason in line, line
             assert "serving" not in result.out  # no address announced that nothing listens on
+
+
+def test_port_0_serves_on_a_free_port_and_announces_that_one(serve_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi", reason="deepfit serve needs the serve extra (FastAPI, uvicorn)")
+    command = [sys.executable, "-m", "deepfit.cli", "serve", str(serve_run), "--port", "0", "--threads", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=(tmp_path / "err.log").open("wb"), text=True, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()  # "serving RUN (torch) on http://127.0.0.1:PORT/  API docs: ..."; before: port 0
+        match = re.search(r" on http://127\.0\.0\.1:(\d+)/ ", line)
+        assert match is not None and int(match.group(1)) != 0, line + (tmp_path / "err.log").read_text()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{match.group(1)}/readyz", timeout=2).status_code == 200:
+                    break
+            assert server.poll() is None, (tmp_path / "err.log").read_text()
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the announced port never answered")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
 
 
 def test_the_cli_does_not_import_fastapi_or_uvicorn_at_start_up() -> None:

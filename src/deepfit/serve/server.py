@@ -44,6 +44,7 @@ def check_settings(settings: ServeSettings) -> None:
     checks = [
         (1 <= settings.port <= 65535 or settings.port == 0, f"--port {settings.port} is not a TCP port"),
         (settings.workers >= 1, "--workers must be at least 1"),
+        (settings.threads >= 0, "--threads must be 0 (the library's default) or a number of threads"),
         (o.max_batch >= 1, "--max-batch must be at least 1"),
         (o.max_wait_ms >= 0, "--max-wait-ms cannot be negative"),
         (o.max_body_mb > 0, "--max-body-mb must be positive"),
@@ -57,15 +58,17 @@ def check_settings(settings: ServeSettings) -> None:
             raise ServeError(message)
 
 
-def check_address(host: str, port: int) -> None:
+def check_address(host: str, port: int) -> int:
     """Bind (host, port) once and let go, as uvicorn will, so a port in use or a host that is not
     this machine's is one line before the model loads, not uvicorn's log line after the start-up
-    banner. A port taken between this check and uvicorn's bind still fails there."""
+    banner. A port taken between this check and uvicorn's bind still fails there. Returns the
+    port bound: for --port 0, the free one the system chose, which the server then takes."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's socket: a closing port's TIME_WAIT is no obstacle
             probe.bind(address)
+            return int(probe.getsockname()[1])
     except OSError as err:  # socket.gaierror too
         raise ServeError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
 
@@ -121,7 +124,7 @@ def serve(settings: ServeSettings, *, announce: Callable[[str], None] | None = N
     if not Path(settings.checkpoint).exists():
         raise ServeError(f"{settings.checkpoint}: no such run folder or checkpoint")
     uvicorn = import_optional("uvicorn", extra="serve", purpose="deepfit serve")
-    check_address(settings.host, settings.port)
+    settings = dataclasses.replace(settings, port=check_address(settings.host, settings.port))  # --port 0: a free one, announced
     app = build_app(settings)  # also exports and verifies the ONNX file once for every worker
     if announce is not None:
         announce(f"http://{settings.host}:{settings.port}/")
