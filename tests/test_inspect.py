@@ -155,6 +155,13 @@ def test_show_with_a_wrong_layer_lists_the_layers(cli, tiny_run: Path) -> None: 
     assert len(result.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_show_refuses_a_count_below_1(cli, tiny_run: Path, count: str) -> None:  # type: ignore[no-untyped-def]
+    result = cli("show", "samples", str(tiny_run), "--count", count)  # 0 drew 32, -3 all test images but 3
+    assert result.code == 2 and result.err == "deepfit: error: --count must be at least 1\n"
+    assert not (tiny_run / "plots" / "samples.png").exists()
+
+
 def test_show_an_unknown_kind_lists_the_kinds(cli, tiny_run: Path) -> None:  # type: ignore[no-untyped-def]
     result = cli("show", "histogram", str(tiny_run))
     assert result.code == 2 and "gradcam" in result.err

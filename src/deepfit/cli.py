@@ -493,6 +493,8 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
     if Path(args.kind).exists() and not Path(args.run).exists():  # `show RUN KIND`: the two swapped
         raise UsageError(f"the figure comes first: deepfit show {args.run} {args.kind}")
+    if args.count is not None and args.count < 1:  # 0 drew the default count, -3 all but 3 of the test images
+        raise UsageError("--count must be at least 1")
     if task_of(args.run) == "regression":
         return show_regression(args)
     if task_of(args.run) == "node":
