@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 
 from deepfit.config import DataConfig
 from deepfit.data import DATASETS, build_data, load_source
+from deepfit.data.bundle import ImageSet, split_validation
 from deepfit.data.cache import cache_key
 from deepfit.errors import DataError
 from tests.conftest import write_idx
@@ -175,6 +177,15 @@ def test_without_subtrees_the_validation_split_is_seeded_and_stratified(tmp_path
     assert other.val is not None and not torch.equal(first.val.images, other.val.images)
     tiny = build_data(DataConfig(name=str(noise_folder(tmp_path / "tiny", {"a": 3, "b": 2, "c": 1})), cache=False), seed=0)
     assert tiny.val is not None and torch.bincount(tiny.val.labels).tolist() == [1, 1]  # 10% of 3 rounds to 0: one each
+    single = DataConfig(name=str(noise_folder(tmp_path / "single", {"a": 1, "b": 1})), cache=False)
+    with pytest.raises(
+        DataError, match=r"^the training split \(2 images\) is too small for a 10% validation split; .* --data.val-fraction 0$"
+    ):
+        build_data(single, seed=0)
+    assert build_data(replace(single, val_fraction=0.0), seed=0).val is None  # the way out it names
+    one = ImageSet(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(DataError, match=r"^the training split \(1 image\) is too small"):
+        split_validation(one, 0.1, seed=0)
 
 
 def test_hidden_files_and_other_extensions_are_ignored_silently(tmp_path: Path) -> None:

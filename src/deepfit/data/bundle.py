@@ -93,7 +93,10 @@ def split_validation(train: ImageSet, fraction: float, seed: int) -> tuple[Image
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_index] = False
     if not keep.any() or len(val_index) == 0:
-        raise DataError(f"the training split ({len(train)} images) is too small for a {fraction:.0%} validation split")
+        images = f"{len(train)} image{'' if len(train) == 1 else 's'}"
+        raise DataError(
+            f"the training split ({images}) is too small for a {fraction:.0%} validation split; add images or set --data.val-fraction 0"
+        )
     return train.subset(torch.nonzero(keep).flatten()), train.subset(val_index)
 
 
