@@ -68,9 +68,16 @@ def test_onecycle_cycles_momentum_only_where_the_optimizer_has_one() -> None:
 
 
 def test_a_setting_torch_rejects_is_one_line_naming_it(cli, tiny_data: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from deepfit.errors import ConfigError
+    from deepfit.fitparts import config_choice
+    from deepfit.optim import build_optimizer
+
     result = cli(
         "train", "--data", "mnist", "--data-dir", str(tiny_data), "--out", "run", "--optim.name", "sgd", "--optim.momentum", "-1", *FAST
     )
-    assert result.code == 2 and "Traceback" not in result.err
-    assert result.err.startswith("deepfit: error: optim.name sgd:") and "momentum" in result.err
+    assert result.code == 2 and result.err == "deepfit: error: optim.momentum must be in [0, 1)\n"  # config's check, before torch's
     assert not Path("run").exists()  # no run folder for bad input
+    with pytest.raises(ConfigError, match=r"^optim.name sgd: Invalid momentum value: -1.0$"), config_choice("optim.name sgd"):
+        build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=-1.0, nesterov=False, weight_decay=0.0)
