@@ -39,10 +39,14 @@ def test_a_resume_that_changes_the_model_or_the_optimizer_is_refused_and_the_run
     assert "epoch 2/2" in goes_on.out
 
 
-def test_regression_and_node_runs_are_held_to_what_they_saved(cli) -> None:  # type: ignore[no-untyped-def]
+def test_a_regression_run_is_held_to_what_it_saved(cli) -> None:  # type: ignore[no-untyped-def]
     assert cli("train", "--data", "line", "--epochs", "2", "--no-progress", "--out", "line").code == 0
     lr = cli("train", "--resume", "line", "--epochs", "3", "--optim.lr", "0.5", "--no-progress")
     assert lr.code == 2 and "cannot change optim.lr (0.2 -> 0.5)" in lr.err and lr.err.endswith("or start a new run\n")
+
+
+def test_a_node_run_is_held_to_what_it_saved(cli) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch_geometric", reason="node runs need the graph extra (PyTorch Geometric)")
     assert cli("train", "--task", "node", "--epochs", "2", "--no-progress", "--out", "karate").code == 0
     seed = cli("train", "--resume", "karate", "--epochs", "3", "--train.seed", "1", "--no-progress")
     assert seed.code == 2 and "cannot change train.seed (0 -> 1)" in seed.err
