@@ -210,7 +210,11 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     assert re.fullmatch(
         r"deepfit: stopped: (the loss became (nan|inf)|a gradient became non-finite) at batch \d+ on rank [01]; .*", said[0]
     )
-    assert said[1] == "deepfit: ranks 0, 1 exited with code 3."
+    # both ranks stop at one check; on a loaded machine torchrun's agent may end the slower one
+    # while it is still shutting down, after the first exited (seen once in a bare suite run)
+    assert re.fullmatch(
+        r"deepfit: (ranks 0, 1 exited with code 3|rank ([01]) \(pid \d+\) exited with code 3; rank (?!\2)[01] was stopped)\.", said[1]
+    ), said[1]
     assert "Traceback" not in err and "OMP_NUM_THREADS" not in err  # the launcher sets the ranks' threads: no torchrun banner
     assert [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's shared cache stays
 
