@@ -1036,7 +1036,7 @@ def report_node(args: argparse.Namespace) -> int:
 def add_serve_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="RUN", help="run folder (its best.pt) or checkpoint file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free one, announced on start)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="PyTorch, or the verified ONNX export on onnxruntime")
     parser.add_argument("--device", default="cpu", help="torch backend: cpu (default), cuda, mps or auto")
     parser.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
