@@ -131,9 +131,9 @@ def resolve_train_config(args: argparse.Namespace, extra: Sequence[str]) -> Conf
     saved = resumed_config(Path(args.resume)) if args.resume else None
     config = layered_config(copy.deepcopy(saved) if saved else Config(), args, extra)
     task = infer_task(config.data)
-    if task != "image":
-        config = config if saved else layered_config(task_defaults(task), args, extra)
-        config.data.task = task  # type: ignore[assignment]
+    if task != "image" and saved is None:  # a fresh run of another task layers over that task's defaults
+        config = layered_config(task_defaults(task), args, extra)
+    config.data.task = task  # type: ignore[assignment]
     if saved:
         from deepfit.checkpoint import refuse_resume_changes, require_unclaimed
 
