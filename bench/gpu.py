@@ -18,8 +18,10 @@ table at the end. It reports
   5. what train.cuda_graphs gives (the model's forward and backward replayed as CUDA graphs):
      cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained with it, each in its own process,
      cnn_bn's images/s against the lessons' loop and both against their rows without graphs
-     (--no-graphs: not run), and the recipe's seed 0 once more for each --variant given (its
-     overrides, e.g. train.precision=fp16,train.cuda_graphs=true), its steps/s against seed 0's;
+     (--no-graphs: not run), the recipe once more for each --variant given (its overrides, e.g.
+     train.precision=fp16,train.cuda_graphs=true; seed 0, or seeds 0..N-1 and their mean with
+     --variant-seeds N), its steps/s against seed 0's, and deepfit's cnn_bn once more for each
+     --cnn-variant given, its images/s against the lessons' loop;
   6. with --profile: one epoch of the recipe and of cnn_bn, each with and
      without train.cuda_graphs, under torch.profiler (bench/gpuprofile.py): wall and device time
      per step, the device's busy share, launches per step and the three longest kernels;
@@ -347,17 +349,38 @@ def run_graphs(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def run_variants(args: argparse.Namespace, seed0: dict[str, float | str]) -> list[Row]:
-    """The recipe's seed 0 once per --variant (comma-separated overrides), each in its own process,
-    and its steps/s over `seed0`'s figures: what a setting would change, measured in the same call."""
-    rows = []
+def run_variants(args: argparse.Namespace, rows: list[Row], add: Callable[..., None]) -> None:
+    """The recipe once per --variant (comma-separated overrides) and seed (0..--variant-seeds - 1),
+    each in its own process, its steps/s over seed 0's in `rows` (what a setting would change,
+    measured in the same call), and with more than one seed, each variant's mean; each row goes to
+    `add` as it is measured."""
+    seed0 = next((r.figures for r in rows if (r.part, r.what) == ("recipe", "seed 0")), {})
     for variant in args.variant:
-        row = run_recipe(args.cifar, 0, args.device, [*args.set, *variant.split(",")], args.timeout, warmup=not args.no_warmup)
-        row.part, row.what = "variant", variant[:40]
-        if "steps_per_s" in row.figures and "steps_per_s" in seed0:
-            row.figures["ratio"] = float(row.figures["steps_per_s"]) / float(seed0["steps_per_s"])
-        rows.append(row)
-    return rows
+        runs = []
+        for seed in range(args.variant_seeds):
+            row = run_recipe(args.cifar, seed, args.device, [*args.set, *variant.split(",")], args.timeout, warmup=not args.no_warmup)
+            row.part, row.what = "variant", variant[:40] + (f" s{seed}" if args.variant_seeds > 1 else "")
+            if "steps_per_s" in row.figures and "steps_per_s" in seed0:
+                row.figures["ratio"] = float(row.figures["steps_per_s"]) / float(seed0["steps_per_s"])
+            runs.append(row)
+            add(row)
+        mean = summary(runs, "variant") if args.variant_seeds > 1 else None
+        if mean is not None:
+            mean.what = f"{variant[:40]} {mean.what}"
+            add(mean)
+
+
+def run_cnn_variants(args: argparse.Namespace, rows: list[Row], add: Callable[..., None]) -> None:
+    """deepfit's cnn_bn once per --cnn-variant (comma-separated overrides of its config), each in its
+    own process, its images/s over the lessons' loop's in `rows`; each row goes to `add` as measured."""
+    common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
+    lessons = next((r.figures for r in rows if (r.part, r.what) == ("cnn_bn", "lessons' loop")), {})
+    for variant in args.cnn_variant:
+        sets = [f"--set={o}" for o in variant.split(",")]
+        row = run_child("cnn_bn", variant[:22], ["--one-cnn-bn", *sets, *common], args.device, args.timeout)
+        if "images_per_s" in row.figures and "images_per_s" in lessons:
+            row.figures["ratio"] = float(row.figures["images_per_s"]) / float(lessons["images_per_s"])
+        add(row)
 
 
 def run_profiles(args: argparse.Namespace) -> list[Row]:
@@ -493,6 +516,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variant", action="append", default=[], metavar="KEY=VALUE,...", help="also train the recipe's seed 0 with these overrides"
     )
+    parser.add_argument("--variant-seeds", type=int, default=1, help="train each --variant with seeds 0..N-1 and report their mean")
+    parser.add_argument(
+        "--cnn-variant", action="append", default=[], metavar="KEY=VALUE,...", help="also train deepfit's cnn_bn with these overrides"
+    )
     parser.add_argument("--profile", action="store_true", help="also profile an epoch of the recipe and cnn_bn, with and without graphs")
     parser.add_argument("--one-profile", choices=["recipe", "cnn_bn"], help=argparse.SUPPRESS)  # a child process of part 6
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
@@ -558,7 +585,8 @@ def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None
     if not args.no_graphs:
         add(*run_graphs(args))
         add(*graphs_gain(rows))
-    add(*run_variants(args, next((r.figures for r in rows if (r.part, r.what) == ("recipe", "seed 0")), {})))
+    run_variants(args, rows, add)
+    run_cnn_variants(args, rows, add)
     if args.profile:
         add(*run_profiles(args))
 

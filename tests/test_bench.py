@@ -134,6 +134,10 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
         "300",
         "--variant",
         "train.epochs=2,train.lookahead=0",
+        "--variant-seeds",
+        "2",
+        "--cnn-variant",
+        "train.cudnn_benchmark=true",
         "--profile",
     ]
     assert gpu.main(argv) == 0
@@ -153,8 +157,10 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"cnn_bn\s+deepfit, graphs\s+images_per_s \d", out), out
     assert re.search(r"recipe graphs\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
     assert re.search(
-        r"variant\s+train.epochs=2,train.lookahead=0\s+test_acc \d+\.\d\d%, train_s [\d.]+, epochs 2, steps 2, .*ratio \d+\.\d\dx", out
+        r"variant\s+train.epochs=2,train.lookahead=0 s1\s+test_acc \d+\.\d\d%, train_s [\d.]+, epochs 2, steps 2, .*ratio \d+\.\d\dx", out
     ), out
+    assert re.search(r"variant\s+train.epochs=2,train.lookahead=0 mean of 2\s+test_acc \d+\.\d\d%, train_s [\d.]+, process_s", out), out
+    assert re.search(r"cnn_bn\s+train.cudnn_benchmark=\s+images_per_s \d.*ratio \d+\.\d\dx", out), out
     for what in ("recipe", "recipe, graphs", "cnn_bn", "cnn_bn, graphs"):
         assert re.search(rf"profile\s+{what}\s+steps \d+, wall_ms_per_step [\d.]+, top \w+ \d+%", out), out
     for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "recipe vs eager"):
