@@ -12,7 +12,8 @@ table at the end. It reports
      with and without a per-step sync stand side by side (--no-sync-row: not run);
   2. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
-  3. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s;
+  3. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s
+     (--no-lessons: not run);
   4. what train.deterministic costs: cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained
      again with it, each in its own process, and the cost in % of step time (--no-determinism: not run);
   5. what train.cuda_graphs gives (the model's forward and backward replayed as CUDA graphs):
@@ -511,6 +512,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds the whole command aims to end within: the suite, run last, gets what is left (60 s at least)",
     )
     parser.add_argument("--suite-log", type=Path, help="write the suite's whole output to this file")
+    parser.add_argument("--no-lessons", action="store_true", help="skip the lessons' loop against deepfit on cnn_bn (part 3)")
     parser.add_argument("--no-determinism", action="store_true", help="skip the train.deterministic runs (recipe seed 0, cnn_bn)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the train.cuda_graphs runs (recipe seed 0, cnn_bn)")
     parser.add_argument(
@@ -578,7 +580,8 @@ def run_parts(args: argparse.Namespace, rows: list[Row], add: Callable[..., None
     if args.airbench is not None:
         add(*run_airbench(args.airbench, args.cifar, args.device, args.airbench_seconds))
     add(*[r for r in (summary(rows, "recipe"), summary(rows, "airbench94")) if r is not None])
-    add(*run_lessons(args.cifar, args.device, args.lesson_epochs))
+    if not args.no_lessons:
+        add(*run_lessons(args.cifar, args.device, args.lesson_epochs))
     if not args.no_determinism:
         add(*run_determinism(args))
         add(*determinism_cost(rows))

@@ -41,7 +41,8 @@ def profiled_fit(fit_config: Any) -> dict[str, float | str]:
         if epochs != PROFILED_EPOCH:
             return real(model, batches, *args, **kwargs)
         steps = getattr(batches, "batches_per_epoch", None) or len(batches)  # a loader's len() is what is left of its epoch
-        figures.update(profile_epoch(lambda: real(model, batches, *args, **kwargs), steps=steps))
+        cuda = any(p.is_cuda for p in model.parameters())  # the run's device, not whether CUDA was ever started here
+        figures.update(profile_epoch(lambda: real(model, batches, *args, **kwargs), steps=steps, cuda=cuda))
         return figures.pop("_result")  # type: ignore[return-value]
 
     fit_module.train_one_epoch = profiling
@@ -54,11 +55,11 @@ def profiled_fit(fit_config: Any) -> dict[str, float | str]:
     return figures
 
 
-def profile_epoch(epoch: Callable[[], Any], *, steps: int) -> dict[str, Any]:
-    """Run `epoch` under torch.profiler; its figures per step, and its result as '_result'."""
+def profile_epoch(epoch: Callable[[], Any], *, steps: int, cuda: bool) -> dict[str, Any]:
+    """Run `epoch` under torch.profiler, with the device's activity where `cuda` (the epoch trains
+    there); its figures per step, and its result as '_result'."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     synchronize(cuda)
     with profile(activities=activities) as prof:

@@ -198,6 +198,8 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     and nothing of the launch left in the temporary folder (torchrun's logs folder is the launcher's to
     remove)."""
     args = ["train", "--devices", "2", "--epochs", "2", "--no-progress", "--optim.name", "sgd", "--optim.lr", "1e30", "--out", "run"]
+    if torch.cuda.device_count() < 2:  # two ranks need two GPUs; on a one-GPU machine they share the CPU
+        args += ["--device", "cpu"]
     (tmp_path / "tmp").mkdir()
     launcher = deepfit_process(args, cwd=tmp_path, env={"TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": None})
     try:
