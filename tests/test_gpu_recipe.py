@@ -125,33 +125,3 @@ def test_airbench_whiten_maps_cifar_images_to_logits(name: str, widths: tuple[in
     model = build_model(ModelConfig(name=name), input_shape=(3, 32, 32), num_classes=10)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert tuple(block.conv2.out_channels for block in model.blocks) == widths  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 31, 31), (2, 4, 8, 10), (2, 3, 7, 9)], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_the_window_max_pool_is_max_pool2d_with_its_gradient(shape: tuple[int, ...], channels_last: bool, device: torch.device) -> None:
-    """max_pool_2x2 (MaxPool2x2's CUDA path, run here on the test device) against F.max_pool2d:
-    the same values and, without ties, the same gradient, in the input's memory format; odd sizes
-    drop their last row and column."""
-    from deepfit.models.whitening import MaxPool2x2, max_pool_2x2
-
-    x = torch.randn(shape, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    pooled, expected = max_pool_2x2(ours), torch.nn.functional.max_pool2d(theirs, 2)
-    gradient = torch.randn_like(expected)
-    pooled.backward(gradient)
-    expected.backward(gradient)
-    assert torch.equal(pooled, expected) and torch.equal(ours.grad, theirs.grad)  # type: ignore[arg-type]
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    assert pooled.is_contiguous(memory_format=layout)
-    assert torch.equal(MaxPool2x2()(x), expected)  # the module, on whichever path this device takes
-
-
-def test_tied_maxima_share_the_window_max_pools_gradient() -> None:
-    from deepfit.models.whitening import max_pool_2x2
-
-    x = torch.zeros(1, 1, 2, 2, requires_grad=True)
-    max_pool_2x2(x).sum().backward()
-    assert torch.equal(x.grad, torch.full((1, 1, 2, 2), 0.25))  # type: ignore[arg-type]

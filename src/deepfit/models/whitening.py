@@ -54,31 +54,6 @@ class BiasOnlyBatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)
 
 
-class MaxPool2x2(nn.MaxPool2d):
-    """nn.MaxPool2d(2), the same values; on CUDA taken as the max of each 2x2 window of a view
-    (max_pool_2x2), whose backward is a few bandwidth-bound element-wise kernels: max_pool2d's
-    channels-last backward kernel alone took 17% of the GPU recipe's step on an H200 (make bench-gpu
-    --profile). Tied maxima share their gradient (amax's rule) where max_pool2d gives it to one."""
-
-    def __init__(self) -> None:
-        super().__init__(2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return max_pool_2x2(x) if x.is_cuda else super().forward(x)
-
-
-def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H // 2, W // 2), the max of each 2x2 window (an odd last row or column
-    is dropped, as max_pool2d drops it), in x's memory format."""
-    h, w = x.shape[2] // 2, x.shape[3] // 2
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    x = x[:, :, : 2 * h, : 2 * w]
-    if channels_last:
-        windows = x.permute(0, 2, 3, 1).unflatten(2, (w, 2)).unflatten(1, (h, 2))  # (B, h, 2, w, 2, C), C innermost
-        return windows.amax(dim=(2, 4)).permute(0, 3, 1, 2)  # (B, h, w, C) -> channels-last (B, C, h, w)
-    return x.unflatten(3, (w, 2)).unflatten(2, (h, 2)).amax(dim=(3, 5))  # (B, C, h, 2, w, 2) -> (B, C, h, w)
-
-
 def dirac_init(conv: nn.Conv2d) -> nn.Conv2d:
     """Start the first in_channels filters as identities (torch.nn.init.dirac_): a deep stack of
     them begins near the identity map and trains faster (airbench)."""
@@ -94,7 +69,7 @@ class WhitenedBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv1 = dirac_init(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False))
-        self.pool = MaxPool2x2()
+        self.pool = nn.MaxPool2d(2)
         self.norm1 = BiasOnlyBatchNorm(out_channels)
         self.conv2 = dirac_init(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False))
         self.norm2 = BiasOnlyBatchNorm(out_channels)
