@@ -91,7 +91,8 @@ def early_interrupts() -> Iterator[None]:
     """While deepfit starts (imports, data, model: seconds), Ctrl-C raises KeyboardInterrupt at
     once, as Python's own handler does, and is remembered as well: an exception raised inside an
     import's finalizer or a C call that clears errors is dropped ("Exception ignored"), and the
-    press would be lost. fit() takes it before training (take_early_interrupt). Installed only
+    press would be lost. fit() takes it before training (take_early_interrupt); Python's report
+    of the dropped exception ("Exception ignored in ...", a traceback) is held back. Installed only
     where Python's handler is (a SIGINT the parent made ignored stays ignored)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
@@ -101,12 +102,20 @@ def early_interrupts() -> Iterator[None]:
         _early.append(signum)
         signal.default_int_handler(signum, frame)
 
+    previous = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:  # the press is remembered: no "Exception ignored ... Traceback" for it
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            previous(info)
+
     _early.clear()
     signal.signal(signal.SIGINT, handle)
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous
         _early.clear()
 
 
