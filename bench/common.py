@@ -52,6 +52,7 @@ class Result:
     test_acc: float  # 0..1 on the test split after training
     wall_s: float  # whole case: data loading + training + test evaluation
     ratio: float = 1.0  # images_per_s / the baseline's images_per_s
+    last_images_per_s: float | None = None  # the last epoch's alone, with 2 or more: the first epoch's one-time costs left out
     notes: dict[str, Any] = field(default_factory=dict)
 
 

@@ -13,6 +13,8 @@ table at the end. It reports
   2. airbench94 on the same data when its script is given by path (never vendored here): it
      runs in a folder holding cifar10/train.pt and test.pt written from --cifar, so it needs no download;
   3. the lessons' DataLoader loop against deepfit on cnn_bn CIFAR-10 (bench/train.py), images/s
+     over all epochs (the issue's measure) and over the last alone (a steady state: the first
+     epoch's one-time costs, such as CUDA graphs' capture, left out), each with its ratio
      (--no-lessons: not run);
   4. what train.deterministic costs: cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained
      again with it, each in its own process, and the cost in % of step time (--no-determinism: not run);
@@ -273,14 +275,16 @@ def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
         results, skipped = train.run_cases(["cnn_bn-cifar10"], datasets, epochs=epochs)
     if skipped:
         return [Row("cnn_bn", "lessons vs deepfit", {"error": "; ".join(skipped.values())[:200]})]
-    return [
-        Row(
-            "cnn_bn",
-            "lessons' loop" if r.impl == "baseline" else "deepfit",
-            {"images_per_s": r.images_per_s, "test_acc": r.test_acc, "ratio": r.ratio},
-        )
-        for r in results
-    ]
+    base = next((r for r in results if r.impl == "baseline"), None)
+    rows = []
+    for r in results:
+        figures: dict[str, float | str] = {"images_per_s": r.images_per_s, "test_acc": r.test_acc, "ratio": r.ratio}
+        if r.last_images_per_s is not None:
+            figures["last_epoch_images_per_s"] = r.last_images_per_s
+            if base is not None and base.last_images_per_s:
+                figures["last_epoch_ratio"] = r.last_images_per_s / base.last_images_per_s
+        rows.append(Row("cnn_bn", "lessons' loop" if r.impl == "baseline" else "deepfit", figures))
+    return rows
 
 
 # --- 4. what train.deterministic costs -------------------------------------------------------------
@@ -293,11 +297,15 @@ def one_cnn_bn(cifar: Path, device: str, out: str, epochs: int, overrides: Seque
     """In the child process: deepfit's side of the cnn_bn comparison (bench/train.py's config),
     with `overrides` (KEY=VALUE: train.deterministic=true, train.cuda_graphs=true); prints images/s
     over its epochs as one JSON line."""
+    from bench.train import last_epoch_rate
     from deepfit.fit import fit
 
     result = fit(child_config("cnn_bn", cifar, device, out, overrides, epochs=epochs))
-    seconds = sum(row["seconds"] for row in result.history)
-    print(json.dumps({"images_per_s": len(result.data.train) * len(result.history) / seconds, "test_acc": result.metrics["test_acc"]}))
+    seconds = [row["seconds"] for row in result.history]
+    images = len(result.data.train)
+    figures = {"images_per_s": images * len(seconds) / sum(seconds), "test_acc": result.metrics["test_acc"]}
+    last = last_epoch_rate(images, seconds)
+    print(json.dumps(figures | ({"last_epoch_images_per_s": last} if last is not None else {})))
 
 
 def run_determinism(args: argparse.Namespace) -> list[Row]:
@@ -379,8 +387,9 @@ def run_cnn_variants(args: argparse.Namespace, rows: list[Row], add: Callable[..
     for variant in args.cnn_variant:
         sets = [f"--set={o}" for o in variant.split(",")]
         row = run_child("cnn_bn", variant[:22], ["--one-cnn-bn", *sets, *common], args.device, args.timeout)
-        if "images_per_s" in row.figures and "images_per_s" in lessons:
-            row.figures["ratio"] = float(row.figures["images_per_s"]) / float(lessons["images_per_s"])
+        for key, ratio in (("images_per_s", "ratio"), ("last_epoch_images_per_s", "last_epoch_ratio")):
+            if key in row.figures and key in lessons:
+                row.figures[ratio] = float(row.figures[key]) / float(lessons[key])
         add(row)
 
 
@@ -431,6 +440,7 @@ def graphs_gain(rows: list[Row]) -> list[Row]:
     10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
     pairs = (
         ("cnn_bn vs lessons", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "lessons' loop"), "images_per_s"),
+        ("cnn_bn vs lessons, last ep", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "lessons' loop"), "last_epoch_images_per_s"),
         ("cnn_bn vs eager", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "deepfit, plain"), "images_per_s"),
         ("recipe vs eager", ("recipe graphs", "seed 0"), ("recipe", "seed 0"), "steps_per_s"),
     )
@@ -472,11 +482,11 @@ def format_value(key: str, value: float | str) -> str:
         return f"{100 * value:.2f}%"
     if key in ("passed", "failed", "errors", "skipped", "epochs", "runs", "steps", "launches_per_step"):
         return f"{value:.0f}"
-    if key == "ratio":
+    if key == "ratio" or key.endswith("_ratio"):
         return f"{value:.2f}x"
     if key.endswith("_pct"):
         return f"{value:+.1f}%" if key == "step_time_pct" else f"{value:.0f}%"
-    return f"{value:.1f}" if key in ("images_per_s", "steps_per_s") and value > 1000 else f"{value:.2f}"
+    return f"{value:.1f}" if key.endswith(("images_per_s", "steps_per_s")) and value > 1000 else f"{value:.2f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

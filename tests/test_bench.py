@@ -37,6 +37,28 @@ def test_training_bench_compares_baseline_and_deepfit(tiny_datasets: Path) -> No
     for r in results:
         assert r.images_per_s > 0 and 0.0 <= r.test_acc <= 1.0 and r.wall_s >= r.seconds_per_epoch
     assert "cnn_bn-cifar10" in skipped  # no zip in the tiny folder: reported, not fatal
+    assert base.last_images_per_s is None and ours.last_images_per_s is None  # 1 epoch: no steady state apart from it
+
+
+def test_two_epochs_give_each_side_its_last_epochs_rate(tiny_datasets: Path) -> None:
+    results, _ = train.run_cases(["lenet-fashion"], tiny_datasets, epochs=2)
+    for r in results:
+        assert r.last_images_per_s is not None and r.last_images_per_s > 0
+    assert train.last_epoch_rate(100, [4.0, 0.5]) == 200.0 and train.last_epoch_rate(100, [4.0]) is None
+
+
+def test_the_lessons_rows_carry_the_last_epochs_rate_and_ratio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench import gpu
+    from bench.common import Result
+
+    rows = [Result("cnn_bn cifar10", "baseline", 8000.0, 6.0, 0.6, 20.0), Result("cnn_bn cifar10", "deepfit", 40000.0, 1.2, 0.6, 9.0, 5.0)]
+    rows[0].last_images_per_s, rows[1].last_images_per_s = 9000.0, 108000.0
+    monkeypatch.setattr(train, "run_cases", lambda names, datasets, epochs: (rows, {}))
+    lessons, ours = gpu.run_lessons(write_tiny_cifar_zip(tmp_path / "c.zip", per_class=1), "cpu", 2)
+    assert lessons.figures["last_epoch_ratio"] == pytest.approx(1.0) and ours.figures["last_epoch_ratio"] == pytest.approx(12.0)
+    assert ours.figures["ratio"] == 5.0 and "last_epoch_ratio 12.00x" in gpu.format_row(ours)
+    gains = {r.what: r.figures["ratio"] for r in gpu.graphs_gain([lessons, gpu.Row("cnn_bn", "deepfit, graphs", dict(ours.figures))])}
+    assert gains == {"cnn_bn vs lessons": pytest.approx(5.0), "cnn_bn vs lessons, last ep": pytest.approx(12.0)}
 
 
 def test_make_bench_entry_prints_table_and_writes_json(
@@ -224,7 +246,7 @@ def test_the_cnn_bn_child_trains_deepfits_side_with_the_settings_it_is_given(
     finally:
         set_deterministic(False)  # the child process's switch, not left on for later tests
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert figures["images_per_s"] > 0 and 0 <= figures["test_acc"] <= 1
+    assert figures["images_per_s"] > 0 and 0 <= figures["test_acc"] <= 1 and "last_epoch_images_per_s" not in figures  # 1 epoch
     (config,) = seen
     assert (config.model.name, config.optim.name, config.data.batch_size) == ("cnn_bn", "adam", 128)
     assert config.train.deterministic is (setting == "train.deterministic=true") and config.train.out == str(tmp_path / "run")
