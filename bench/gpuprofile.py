@@ -76,7 +76,9 @@ def event_figures(events: Any, wall: float, steps: int, cuda: bool) -> dict[str,
     per_step = max(steps, 1)
     figures: dict[str, float | str] = {}
     if cuda:
-        device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        # the device's kernels, copies and memsets; not the spans of record_function ranges that the
+        # profiler also puts on the device's timeline (Optimizer.step#Adam.step), which overlap them
+        device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         busy_us = sum(e.time_range.elapsed_us() for e in device)
         figures["device_ms_per_step"] = busy_us / 1000 / per_step
         figures["busy_pct"] = 100 * busy_us / 1e6 / max(wall, 1e-9)

@@ -441,6 +441,25 @@ def test_the_profile_child_reports_one_epoch_of_two(what: str, tmp_path: Path, c
     assert len(top) == 3 and all(re.fullmatch(r"\w+ \d+%", item) for item in top), top
 
 
+def test_device_time_counts_kernels_not_the_annotation_spans_over_them() -> None:
+    """On CUDA the profiler also puts record_function ranges (Optimizer.step#Adam.step) on the
+    device's timeline, spanning the kernels they launched: counting them too reported cnn_bn's
+    device time a step 13% high on the H200, with the span as its 'longest kernel'."""
+    from types import SimpleNamespace
+
+    from bench.gpuprofile import event_figures
+
+    def event(name: str, us: float, *, annotation: bool = False) -> SimpleNamespace:
+        span = SimpleNamespace(elapsed_us=lambda: us)
+        return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA, time_range=span, is_user_annotation=annotation)
+
+    events = [event("void at::native::conv_kernel<float>()", 600.0), event("multi_tensor_apply_kernel", 200.0)]
+    events.append(event("Optimizer.step#Adam.step", 150.0, annotation=True))
+    figures = event_figures(events, wall=0.004, steps=2, cuda=True)
+    assert figures["device_ms_per_step"] == pytest.approx(0.4) and figures["busy_pct"] == pytest.approx(20.0)
+    assert figures["top"] == "conv_kernel 75%; multi_tensor_apply_kernel 25%"
+
+
 def test_profile_names_are_short_and_shares_add_up() -> None:
     from bench.gpuprofile import short, top_three
 
