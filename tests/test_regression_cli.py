@@ -341,6 +341,8 @@ def test_show_with_run_and_figure_swapped_says_the_order(cli, trained: tuple[Pat
     swapped = cli("show", str(run), "curves")
     assert swapped.code == 2 and f"the figure comes first: deepfit show curves {run}" in swapped.err
     assert cli("show", "curves", str(run)).code == 0
+    unknown = cli("show", str(run), "filters")  # an image run's figure, swapped: no order to suggest
+    assert unknown.code == 2 and "unknown figure 'filters'; valid: curves, predicted, residuals, feature, all" in unknown.err
 
 
 def test_evaluate_on_another_table_names_the_data_row_it_cannot_read(cli, trained: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

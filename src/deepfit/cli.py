@@ -492,6 +492,9 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.plots import save_figure
 
     if Path(args.kind).exists() and not Path(args.run).exists():  # `show RUN KIND`: the two swapped
+        kinds = (*figure_kinds(task_of(args.kind)), "all")
+        if args.run not in kinds:
+            raise UsageError(f"unknown figure {args.run!r}; valid: {', '.join(kinds)}")
         raise UsageError(f"the figure comes first: deepfit show {args.run} {args.kind}")
     if args.count is not None and args.count < 1:  # 0 drew the default count, -3 all but 3 of the test images
         raise UsageError("--count must be at least 1")
@@ -510,6 +513,21 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
         print(save_figure(make_figure(run, args.kind, options), run.run_dir / "plots" / f"{args.kind}{variant}.png"))
         return 0
     return show_all(run, options, variant)
+
+
+def figure_kinds(task: str) -> tuple[str, ...]:
+    """The figures `deepfit show` draws for a run of `task` ('all' aside)."""
+    if task == "regression":
+        from deepfit.regression.views import FIGURE_KINDS as REGRESSION_FIGURES
+
+        return REGRESSION_FIGURES
+    if task == "node":
+        from deepfit.graph.figures import NODE_FIGURES
+
+        return NODE_FIGURES
+    from deepfit.inspect import FIGURE_KINDS
+
+    return FIGURE_KINDS
 
 
 def show_all(run: LoadedRun, options: ShowOptions, variant: str) -> int:
