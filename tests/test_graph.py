@@ -200,6 +200,7 @@ def test_bad_graph_is_one_line_exit_2_and_no_run_folder(cli, tmp_path: Path, cas
     ("args", "message"),
     [
         (["--data", "cora", "--data-dir", "nowhere"], "Planetoid raw files"),
+        (["--data", "cora"], "were not found; pass --data-dir DIR (the folder holding them, or its Cora/raw) or set $DEEPFIT_DATASETS"),
         (["--data", "karate", "--model", "resnet18"], "unknown node model 'resnet18'; valid: gcn, mlp"),
         (["--task", "node", "--data", "edges.csv"], "--data.nodes"),
         (["--data", "karate", "--train.monitor", "val_f1"], "train.monitor"),
@@ -207,6 +208,8 @@ def test_bad_graph_is_one_line_exit_2_and_no_run_folder(cli, tmp_path: Path, cas
 )
 def test_bad_node_run_is_one_line_exit_2(cli, tmp_path: Path, args: list[str], message: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("DEEPFIT_DATASETS", str(tmp_path / "no-datasets"))  # a missing --data-dir must not fall back to real data
+    if args == ["--data", "cora"]:
+        monkeypatch.delenv("DEEPFIT_DATASETS")  # nowhere to look at all
     (tmp_path / "edges.csv").write_text("source,target\n")
     result = cli("train", *args, "--out", "run", "--epochs", "2")
     assert result.code == 2 and message in result.err and len(result.err.strip().splitlines()) == 1

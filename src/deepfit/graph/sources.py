@@ -112,8 +112,11 @@ def find_cora_raw(data_dir: str | None) -> Path:
         for candidate in (base / "Cora" / "raw", base / "raw", base):
             if all((candidate / name).is_file() for name in CORA_FILES):
                 return candidate
-    looked = ", ".join(str(b) for b in bases) or "nowhere (give --data-dir or set DEEPFIT_DATASETS)"
-    raise DataError(f"cora: the Planetoid raw files ({', '.join(CORA_FILES)}) were not found under {looked}")
+    looked = f" (looked in {', '.join(str(b) for b in bases)})" if bases else ""
+    raise DataError(
+        f"cora: the Planetoid raw files ({', '.join(CORA_FILES)}) were not found{looked}; "
+        "pass --data-dir DIR (the folder holding them, or its Cora/raw) or set $DEEPFIT_DATASETS"
+    )
 
 
 @contextlib.contextmanager
