@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,21 @@ def test_a_signal_during_the_last_epochs_validation_still_stops_the_run(tiny_idx
     assert len(done.history) == 2 and "test_acc" in done.metrics
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test (a process started with SIGINT ignored, as
+    `nohup` starts it, has none: early_interrupts then stays out of the way)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_a_start_up_interrupt_that_was_swallowed_still_stops_fit(tiny_idx: Path, tmp_path: Path) -> None:
     """Code run during an import (a finalizer, a C call that clears errors) can drop the
     KeyboardInterrupt of a Ctrl-C; early_interrupts remembers the press, so fit() trains nothing."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default handler in this process")
     with early_interrupts():
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -95,13 +105,12 @@ def test_a_start_up_interrupt_that_was_swallowed_still_stops_fit(tiny_idx: Path,
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_start_up_interrupt_dropped_in_a_finalizer_is_not_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Ctrl-C that lands in a finalizer while deepfit starts is dropped there and Python reports
     it ('Exception ignored in ...', with a traceback: seen once in a suite run under Python 3.12);
     early_interrupts has remembered the press, so the report is held back. Other exceptions a
     finalizer drops are reported as before."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default handler in this process")
     reported: list[type[BaseException]] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(type(info.exc_value)))
 
