@@ -156,10 +156,15 @@ def run_child(part: str, what: str, arguments: Sequence[str], device: str, timeo
     return Row(part, what, figures | ({"warning": warned} if warned else {}))
 
 
+GRAPHS_WARNINGS = (
+    "train.cuda_graphs:",  # a capture that fell back to eager: the row would look like a measurement of graphs
+    "AccumulateGrad node's stream does not match",  # torch: gradients made on one stream, accumulated on another (a sync)
+)
+
+
 def graphs_warning(stderr: str) -> str | None:
-    """The first train.cuda_graphs warning a child printed (a capture that fell back to eager), if any:
-    without it a graphs row that ran eagerly would look like a measurement of graphs."""
-    found = next((line for line in stderr.splitlines() if "train.cuda_graphs:" in line), None)
+    """The first warning a child printed that bears on a graphs row (GRAPHS_WARNINGS), if any."""
+    found = next((line for line in stderr.splitlines() if any(w in line for w in GRAPHS_WARNINGS)), None)
     return found.split("Warning: ", 1)[-1].strip()[:160] if found else None
 
 

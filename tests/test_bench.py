@@ -479,3 +479,5 @@ def test_a_graphs_row_says_when_its_capture_fell_back_to_eager() -> None:
     )
     assert graphs_warning(stderr) == "train.cuda_graphs: Sequential could not be captured (CUDA error: x); training eagerly"
     assert graphs_warning("a warning about something else\n") is None
+    stream = "/t/graph.py:869: UserWarning: The AccumulateGrad node's stream does not match the stream of the node that produced"
+    assert graphs_warning(stream).startswith("The AccumulateGrad node's stream does not match")  # type: ignore[union-attr]
