@@ -280,16 +280,23 @@ def run_lessons(cifar: Path, device: str, epochs: int) -> list[Row]:
         results, skipped = train.run_cases(["cnn_bn-cifar10"], datasets, epochs=epochs)
     if skipped:
         return [Row("cnn_bn", "lessons vs deepfit", {"error": "; ".join(skipped.values())[:200]})]
-    base = next((r for r in results if r.impl == "baseline"), None)
     rows = []
     for r in results:
-        figures: dict[str, float | str] = {"images_per_s": r.images_per_s, "test_acc": r.test_acc, "ratio": r.ratio}
+        figures: dict[str, float | str] = {"images_per_s": r.images_per_s, "test_acc": r.test_acc}
         if r.last_images_per_s is not None:
             figures["last_epoch_images_per_s"] = r.last_images_per_s
-            if base is not None and base.last_images_per_s:
-                figures["last_epoch_ratio"] = r.last_images_per_s / base.last_images_per_s
         rows.append(Row("cnn_bn", "lessons' loop" if r.impl == "baseline" else "deepfit", figures))
+    for row in rows:
+        versus_lessons(row, rows[0].figures)  # run_cases gives the baseline first
     return rows
+
+
+def versus_lessons(row: Row, lessons: dict[str, float | str]) -> None:
+    """Add to a cnn_bn row its images/s over the lessons' loop's: `ratio` over all epochs,
+    `last_epoch_ratio` over the last alone, each where both rows have the figure."""
+    for key, ratio in (("images_per_s", "ratio"), ("last_epoch_images_per_s", "last_epoch_ratio")):
+        if key in row.figures and key in lessons:
+            row.figures[ratio] = float(row.figures[key]) / float(lessons[key])
 
 
 # --- 4. what train.deterministic costs -------------------------------------------------------------
@@ -392,9 +399,7 @@ def run_cnn_variants(args: argparse.Namespace, rows: list[Row], add: Callable[..
     for variant in args.cnn_variant:
         sets = [f"--set={o}" for o in variant.split(",")]
         row = run_child("cnn_bn", variant[:22], ["--one-cnn-bn", *sets, *common], args.device, args.timeout)
-        for key, ratio in (("images_per_s", "ratio"), ("last_epoch_images_per_s", "last_epoch_ratio")):
-            if key in row.figures and key in lessons:
-                row.figures[ratio] = float(row.figures[key]) / float(lessons[key])
+        versus_lessons(row, lessons)
         add(row)
 
 

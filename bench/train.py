@@ -141,10 +141,10 @@ def run_deepfit(case: Case, source: Path, workdir: Path) -> Result:
     clock = Stopwatch()
     result = fit(deepfit_config(case, source, workdir))
     wall = clock.lap()
-    per_epoch = sum(row["seconds"] for row in result.history) / len(result.history)
-    images = len(result.data.train)
+    seconds = [row["seconds"] for row in result.history]
+    per_epoch, images = sum(seconds) / len(seconds), len(result.data.train)
     ours = Result(case.name, "deepfit", images / per_epoch, per_epoch, result.metrics.get("test_acc", float("nan")), wall)
-    ours.last_images_per_s = last_epoch_rate(images, [row["seconds"] for row in result.history])
+    ours.last_images_per_s = last_epoch_rate(images, seconds)
     return ours
 
 
