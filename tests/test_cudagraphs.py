@@ -9,6 +9,7 @@ runs the same training and the NaN guard."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,26 @@ def train(
 
 def same_state(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_the_graphs_hold_the_accumulate_grad_nodes_training_uses() -> None:
+    """GraphedForward makes each trainable parameter's AccumulateGrad node before capturing, on the
+    stream training runs on, and holds it: the nodes every later step accumulates through."""
+    torch.manual_seed(0)
+    model = small_net()
+    graphs = GraphedForward(model, capture=stand_in([]))
+    data = batches(torch.device("cpu"))
+    train(model, data[:1], epochs=1, graphs=graphs)  # the capture, on the first batch
+    assert len(graphs.accumulators) == len(list(model.parameters()))
+    fired: list[int] = []
+
+    def firing(node: Any) -> None:
+        node.register_prehook(lambda grads: fired.append(id(node)))
+
+    for node in graphs.accumulators:
+        firing(node)
+    train(model, data, epochs=1, graphs=graphs)
+    assert set(fired) == {id(node) for node in graphs.accumulators} and len(fired) == len(graphs.accumulators) * len(data)
 
 
 def test_graphed_training_ends_where_eager_training_does() -> None:
@@ -205,7 +226,10 @@ def test_cuda_graphs_replay_and_train_as_eager_does(device: torch.device, precis
     calls: list[int] = []
     graphed[0].register_forward_hook(lambda module, args, out: calls.append(len(args[0])))  # Python runs only outside replays
     train(eager, data, epochs=2, autocast_dtype=precision)
-    train(graphed, data, epochs=2, graphs=graphs, autocast_dtype=precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(graphed, data, epochs=2, graphs=graphs, autocast_dtype=precision)
+    assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]  # no stream sync per gradient
     assert graphs.captures == 1 and not graphs.failed
     assert calls == [16] * (GraphedForward.WARMUP + 1) + [6, 6]  # warm-up, capture, then only the partial batches ran eagerly
     for a, b in zip(eager.state_dict().values(), graphed.state_dict().values(), strict=True):

@@ -44,6 +44,7 @@ class GraphedForward:
         self.trainable: tuple[bool, ...] | None = None  # requires_grad of each parameter at capture
         self.captures = 0
         self.failed = False
+        self.accumulators: list[Any] = []  # the parameters' AccumulateGrad nodes, made on the training stream (see make)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         graphed = self.graphed_for(x)
@@ -63,6 +64,7 @@ class GraphedForward:
     def make(self, x: torch.Tensor) -> Forward | None:
         """Capture the model for batches shaped as x; on failure warn once and train eagerly."""
         self.graphed = None  # the previous graphs and their memory go first
+        self.accumulators = gradient_accumulators(self.params)  # those made at an earlier capture are held until now: reused
         sample = x.detach().clone()  # the graphs' own input buffer, laid out as x
         captured = self.model if self.autocast_dtype is None else Autocast(self.model, self.autocast_dtype)
         try:
@@ -92,6 +94,17 @@ class Autocast(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, dtype=self.dtype, cache_enabled=False):
             return self.model(x)
+
+
+def gradient_accumulators(params: list[nn.Parameter]) -> list[Any]:
+    """Each trainable parameter's AccumulateGrad node (autograd makes one per parameter, remembers
+    the stream it was made on, and reuses it while something holds it), made here on the current
+    stream, the one training runs on. Held by the caller, they are the nodes the capture's warm-up
+    and graphs connect to: otherwise those are made on torch's capture streams and kept alive by the
+    graphs' static outputs, and every replayed backward then pays a stream synchronisation per
+    parameter to accumulate its gradient (torch warns: "The AccumulateGrad node's stream does not
+    match the stream of the node that produced the incoming gradient", seen on an H200)."""
+    return [p.view_as(p).grad_fn.next_functions[0][0] for p in params if p.requires_grad]  # type: ignore[union-attr]
 
 
 def layout(x: torch.Tensor) -> tuple[Any, ...]:
