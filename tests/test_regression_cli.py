@@ -312,6 +312,13 @@ def test_several_ranks_are_refused_for_regression_and_node_runs(  # type: ignore
     assert not (tmp_path / "run").exists()
 
 
+def test_predict_with_an_image_for_a_regression_run_says_it_is_no_csv(cli, trained: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, _ = trained
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x81")
+    result = cli("predict", str(run), "photo.png")
+    assert result.code == 2 and result.err == "deepfit: error: photo.png is not a UTF-8 text CSV file\n" and result.out == ""
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

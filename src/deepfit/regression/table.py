@@ -137,11 +137,11 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DataError(f"{path}: cannot read it: {err}") from None
     except UnicodeDecodeError:
-        raise DataError(f"{path}: is not a UTF-8 text CSV file") from None
+        raise DataError(f"{path} is not a UTF-8 text CSV file") from None
     try:
         rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
     except csv.Error as err:
-        raise DataError(f"{path}: is not a valid CSV file: {err}") from None
+        raise DataError(f"{path} is not a valid CSV file: {err}") from None
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = [name.strip() for name in rows[0]]
