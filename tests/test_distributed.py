@@ -226,6 +226,13 @@ def test_ranks_share_the_cores_out(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [rank_threads(n) for n in (1, 2, 3, 8, 16, 32)] == [16, 8, 5, 2, 1, 1]
 
 
+@pytest.mark.parametrize("devices", ["0", "-1"])
+def test_devices_below_one_are_refused(tmp_path: Path, devices: str) -> None:
+    result = run_deepfit(["train", "--data", "digits", "--devices", devices, "--out", "r"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and result.stderr == f"deepfit: error: --devices must be at least 1, got {devices}\n"
+    assert not (tmp_path / "r").exists()
+
+
 def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:
     result = run_deepfit(["train", "--devices", "2", "--out", "r", "--optim.lr", "-1"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2

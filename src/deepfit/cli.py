@@ -214,6 +214,8 @@ def tqdm_progress(batches: Iterable[Any], description: str, total: int) -> Itera
 def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit import launch  # light: torch loads only after the flags are checked
 
+    if args.devices is not None and args.devices < 1:  # 0 and -1 trained in one process, as if left out
+        raise UsageError(f"--devices must be at least 1, got {args.devices}")
     args.resume = launch.resolve_resume(args.resume, args.out)
     config = resolve_train_config(args, extra)  # bad flags fail before torch loads
     if args.console and not launch.wants_launch(args.devices):

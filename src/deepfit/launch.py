@@ -53,8 +53,6 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if devices < 1:
-        raise ConfigError(f"--devices must be at least 1, got {devices}")
     os.environ.setdefault("OMP_NUM_THREADS", str(rank_threads(devices)))  # the ranks' default; --train.threads still sets it
     with tempfile.TemporaryDirectory(prefix="deepfit-ranks-") as logs:  # torchrun's own would stay in /tmp, one per launch
         launcher = ["--standalone", f"--nproc-per-node={devices}", f"--log-dir={logs}", "--module", "deepfit"]
