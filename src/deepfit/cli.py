@@ -500,9 +500,10 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise UsageError(f"the figure comes first: deepfit show {args.run} {args.kind}")
     if args.count is not None and args.count < 1:  # 0 drew the default count, -3 all but 3 of the test images
         raise UsageError("--count must be at least 1")
-    if task_of(args.run) == "regression":
+    task = task_of(args.run)  # reads the checkpoint: once
+    if task == "regression":
         return show_regression(args)
-    if task_of(args.run) == "node":
+    if task == "node":
         return show_node(args)
     if args.kind == "curves":  # needs metrics.csv only, not the model (a run of your own nn.Module too)
         return show_curves(Path(args.run))
@@ -568,9 +569,10 @@ def show_curves(run: Path) -> int:
 def cmd_report(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.report import write_report
 
-    if task_of(args.run) == "regression":
+    task = task_of(args.run)  # reads the checkpoint: once
+    if task == "regression":
         return report_regression(args)
-    if task_of(args.run) == "node":
+    if task == "node":
         return report_node(args)
     print(write_report(args.run, out=args.out))
     return 0
@@ -594,9 +596,10 @@ def cmd_evaluate(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.data.bundle import bad_file_lines
     from deepfit.evaluation import evaluate_checkpoint, format_report
 
-    if task_of(args.run) == "regression":
+    task = task_of(args.run)  # reads the checkpoint: once
+    if task == "regression":
         return evaluate_regression_cmd(args)
-    if task_of(args.run) == "node":
+    if task == "node":
         return evaluate_node(args)
     result = evaluate_checkpoint(args.run, data=args.data, split=args.split, tta=args.tta, data_dir=args.data_dir, skip_bad=args.skip_bad)
     print(format_report(result.report))
@@ -617,9 +620,10 @@ def add_export_parser(parser: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.export import TOLERANCE, export_checkpoint
 
-    if task_of(args.checkpoint) == "regression":
+    task = task_of(args.checkpoint)  # reads the checkpoint: once
+    if task == "regression":
         return export_regression_cmd(args)
-    if task_of(args.checkpoint) == "node":
+    if task == "node":
         return export_node(args)
     result = export_checkpoint(args.checkpoint, format=args.format, out=args.out)
     sizes = ", ".join(str(b) for b in result.batch_sizes)
