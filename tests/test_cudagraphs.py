@@ -9,6 +9,7 @@ runs the same training and the NaN guard."""
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from deepfit.config import Config, ConfigError, set_value, validate
-from deepfit.cudagraphs import GraphedForward
+from deepfit.cudagraphs import GraphedForward, GraphedStep
 from deepfit.engine import FiniteGuard, StepOptions, train_one_epoch
 from deepfit.errors import NonFiniteError
 from deepfit.fit import fit
@@ -202,13 +203,15 @@ def test_graphs_are_for_cuda_and_one_process() -> None:
     config = Config()
     config.train.cuda_graphs, config.train.precision = True, "bf16"
     model = small_net()
-    assert cuda_graphs(config, model, torch.device("cpu"), ranks=1) is None  # other devices: no effect
-    graphs = cuda_graphs(config, model, torch.device("cuda"), ranks=1)  # nothing touches CUDA until the first batch
-    assert graphs is not None and graphs.model is model and graphs.autocast_dtype == torch.bfloat16
+    unfused = torch.optim.RMSprop(model.parameters())  # no fused kernel: the model alone is graphed
+    setup = functools.partial(cuda_graphs, config, model, optimizer=unfused, scheduler=None)
+    assert setup(torch.device("cpu"), ranks=1) is None  # other devices: no effect
+    graphs = setup(torch.device("cuda"), ranks=1)  # nothing touches CUDA until the first batch
+    assert isinstance(graphs, GraphedForward) and graphs.model is model and graphs.autocast_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="torchrun"):
-        cuda_graphs(config, model, torch.device("cuda"), ranks=2)
+        setup(torch.device("cuda"), ranks=2)
     config.train.cuda_graphs = False
-    assert cuda_graphs(config, model, torch.device("cuda"), ranks=1) is None
+    assert setup(torch.device("cuda"), ranks=1) is None
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (make test-gpu runs these)")
@@ -253,26 +256,29 @@ def test_cuda_graphs_keep_a_nan_from_the_weights(device: torch.device) -> None:
 
 
 @needs_cuda
-def test_fit_trains_with_cuda_graphs(device: torch.device, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("optimizer", "graphed"), [("adam", GraphedStep), ("rmsprop", GraphedForward)])
+def test_fit_trains_with_cuda_graphs(
+    device: torch.device, tiny_idx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, graphed: type
+) -> None:
     if device.type != "cuda":
         pytest.skip("DEEPFIT_TEST_DEVICE is not cuda")
     made: list[bool] = []
-    real_make = GraphedForward.make
+    real_make = graphed.make
 
-    def recording_make(self: GraphedForward, x: torch.Tensor) -> Any:
-        graphed = real_make(self, x)
-        made.append(graphed is not None)
-        return graphed
+    def recording_make(self: Any, *args: Any) -> Any:
+        out = real_make(self, *args)
+        made.append(not self.failed)
+        return out
 
-    monkeypatch.setattr(GraphedForward, "make", recording_make)
+    monkeypatch.setattr(graphed, "make", recording_make)
     config = Config()
     values = {
-        "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn",
+        "data.name": "mnist", "data.dir": str(tiny_idx), "data.batch-size": "16", "model.name": "cnn_bn", "optim.name": optimizer,
         "train.epochs": "3", "train.progress": "false", "train.out": str(tmp_path / "run"), "train.cuda-graphs": "true",
     }  # fmt: skip
     for key, value in values.items():
         set_value(config, key, value)
     result = fit(config)
-    assert made == [True]  # captured once, on the first batch, and used for the 3 epochs
+    assert made == [True]  # captured once and used for the 3 epochs (the whole step: after its warm-up batches)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()

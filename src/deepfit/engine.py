@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from deepfit.config import TTA_MODES
-from deepfit.cudagraphs import GraphedForward
+from deepfit.cudagraphs import GraphedForward, GraphedStep
 from deepfit.errors import NonFiniteError
 from deepfit.runtime import autocast
 
@@ -38,6 +38,8 @@ class StepOptions:
     check_every: int = 32  # batches between reads of the guard's device flag (one host sync each)
     guard: FiniteGuard | None = None  # the run's guard (default: a new one per call when check_finite)
     graphs: GraphedForward | None = None  # the model's forward and backward as CUDA graphs (train.cuda_graphs); None: eager
+    steps: GraphedStep | None = None  # the whole step as one CUDA graph (train.cuda_graphs where it can), not with `graphs`
+    totals: Totals | None = None  # the epoch's loss and accuracy sums (default: new ones per call); kept across epochs for `steps`
 
 
 class Fault(NamedTuple):
@@ -73,6 +75,7 @@ class FiniteGuard:
         self.one = torch.ones((), device=device)  # the check's unscale factor: values are left as they are
         self.since = torch.zeros(2, device=device)  # [LOSS, GRADIENT]: checks made while `found` was set
         self.losses = torch.zeros(self.WINDOW, device=device)  # the latest losses, for the message
+        self.last = torch.zeros(1, device=device)  # a captured step's loss, until replayed() keeps it in `losses`
         self.batches: tuple[deque[int], deque[int]] = (deque(maxlen=self.WINDOW), deque(maxlen=self.WINDOW))
         self.loss_checks = 0
         self.fused = device.type in ("cpu", "cuda")  # torch's fused check has kernels there; elsewhere (mps) plain ops
@@ -85,20 +88,43 @@ class FiniteGuard:
 
     def record_loss(self, batch: int, loss: torch.Tensor) -> None:
         """Check `batch`'s loss (shape ()); no sync."""
-        slot = self.loss_checks % self.WINDOW
-        value = self.losses[slot : slot + 1]
+        value = self.loss_slot()
         value.copy_(loss.detach().reshape(1))
-        self.flag([value], batch, self.LOSS)
+        self.flag([value], self.LOSS)
+        self.noted(self.LOSS, batch)
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """record_loss's device half, for a captured step: the value waits in `last` for replayed()."""
+        self.last.copy_(loss.detach().reshape(1))
+        self.flag([self.last], self.LOSS)
+
+    def replayed(self, batch: int, *, gradients: bool = True) -> None:
+        """record_loss's (and with `gradients`, record_gradients') host half, after a captured step
+        (check_loss, check_gradients) was replayed for `batch`."""
+        self.loss_slot().copy_(self.last)
+        self.noted(self.LOSS, batch)
+        if gradients:
+            self.noted(self.GRADIENT, batch)
+
+    def loss_slot(self) -> torch.Tensor:
+        """The next slot of the window of latest losses, (1,)."""
+        slot = self.loss_checks % self.WINDOW
         self.loss_checks += 1
+        return self.losses[slot : slot + 1]
 
     def record_gradients(self, batch: int, model: nn.Module) -> None:
         """Check every gradient of `model` after `batch`'s backward pass; no sync."""
+        self.check_gradients(model)
+        self.noted(self.GRADIENT, batch)
+
+    def check_gradients(self, model: nn.Module) -> None:
+        """record_gradients' device half."""
         grads = [
             p.grad._values() if p.grad.is_sparse else p.grad for p in self.parameters_of(model) if p.grad is not None
         ]  # sparse: its stored values
         if any(g.device != self.found.device for g in grads):  # one fused check needs one device
             grads = [torch.nn.utils.get_total_norm(grads).to(self.found.device).reshape(1)]
-        self.flag(grads, batch, self.GRADIENT)
+        self.flag(grads, self.GRADIENT)
 
     def parameters_of(self, model: nn.Module) -> list[nn.Parameter]:
         """model.parameters() as a list, made once per model rather than walking the module tree
@@ -107,7 +133,8 @@ class FiniteGuard:
             self.checked = (model, list(model.parameters()))
         return self.checked[1]
 
-    def flag(self, values: list[torch.Tensor], batch: int, kind: int) -> None:
+    def flag(self, values: list[torch.Tensor], kind: int) -> None:
+        """Raise `found` if a value is NaN/inf and count a check of `kind` made with it up; device only."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for value in values:  # one launch per dtype, as GradScaler groups them
             by_dtype.setdefault(value.dtype, []).append(value)
@@ -118,6 +145,9 @@ class FiniteGuard:
                 bad = torch.stack([~torch.isfinite(v).all() for v in group]).any()
                 self.found.copy_(torch.maximum(self.found, bad.float()))
         self.since[kind : kind + 1].add_(self.found)
+
+    def noted(self, kind: int, batch: int) -> None:
+        """Remember that `batch` was checked for `kind` (host only)."""
         self.batches[kind].append(batch)
 
     def check(self) -> None:
@@ -147,6 +177,22 @@ class FiniteGuard:
         return seen[-since] if 0 < since <= len(seen) else None
 
 
+class Totals:
+    """An epoch's summed train loss (weighted by rows) and correct predictions, on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss.add_(loss.detach(), alpha=len(y))
+        self.correct.add_((logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum())  # mixed targets (B, K): their larger share
+
+    def zero_(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -158,25 +204,21 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over `batches`; returns mean train loss and accuracy over the images seen."""
     opts = options or StepOptions()
+    require_recordable(model, optimizer, opts)
     forward = graphed_forward(model, opts)
     model.train()
     device = next(model.parameters()).device
     guard = opts.guard or (FiniteGuard(device) if opts.check_finite else None)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    totals = opts.totals or Totals(device)
+    totals.zero_()
     seen, last = 0, len(batches) if hasattr(batches, "__len__") else -1  # type: ignore[arg-type]
     check_every = max(min(opts.check_every, guard.WINDOW), 1) if guard is not None else 0  # it remembers WINDOW checks
+    whole = captured_step(model, optimizer, loss_fn, opts, guard, totals)
     for i, (x, y) in enumerate(batches):
-        with autocast(device, opts.autocast_dtype):
-            logits = forward(x)
-            loss = loss_fn(logits, y)
-        if guard is not None:
-            guard.record_loss(i + 1, loss)
-        backward(loss / opts.accumulate if opts.accumulate > 1 else loss, opts.scaler)  # no divide-by-1 kernels
-        if (i + 1) % opts.accumulate == 0 or i + 1 == last:
-            optimizer_step(model, optimizer, opts, guard, batch=i + 1)
-        loss_sum.add_(loss.detach(), alpha=len(y))
-        correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()  # mixed targets (B, K): their larger share
+        if opts.steps is not None and opts.steps.run(x, y, whole, (loss_fn, opts, guard, totals)):
+            after_replay(opts, guard, batch=i + 1)
+        else:
+            eager_step(model, forward, (x, y), optimizer, loss_fn, opts, guard, totals, batch=i + 1, last=last)
         seen += len(y)
         if guard is not None and (i + 1) % check_every == 0:
             guard.check()
@@ -184,11 +226,71 @@ def train_one_epoch(
             on_step()
     if guard is not None:
         guard.check()
-    return {"loss": float(loss_sum) / max(seen, 1), "acc": float(correct) / max(seen, 1)}
+    return {"loss": float(totals.loss) / max(seen, 1), "acc": float(totals.correct) / max(seen, 1)}
+
+
+def eager_step(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batch_xy: tuple[torch.Tensor, torch.Tensor],
+    optimizer: Optimizer,
+    loss_fn: LossFn,
+    opts: StepOptions,
+    guard: FiniteGuard | None,
+    totals: Totals,
+    *,
+    batch: int,
+    last: int,
+) -> None:
+    """Batch `batch` (1-based) of `last` trained op by op: forward, loss, backward, and the optimizer
+    step when the batches it accumulates are in (or the epoch ends)."""
+    x, y = batch_xy
+    with autocast(totals.loss.device, opts.autocast_dtype):
+        logits = forward(x)
+        loss = loss_fn(logits, y)
+    if guard is not None:
+        guard.record_loss(batch, loss)
+    backward(loss / opts.accumulate if opts.accumulate > 1 else loss, opts.scaler)  # no divide-by-1 kernels
+    if batch % opts.accumulate == 0 or batch == last:
+        optimizer_step(model, optimizer, opts, guard, batch=batch)
+    totals.add(loss, logits, y)
+
+
+def captured_step(
+    model: nn.Module, optimizer: Optimizer, loss_fn: LossFn, opts: StepOptions, guard: FiniteGuard | None, totals: Totals
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One step's device work with no host read and no Python state per batch, for a CUDA graph
+    (opts.steps): forward, loss, the guard's checks, backward, the weights' update, the totals.
+    The gradients are left in place (the graph writes them anew each replay); the guard's batch
+    numbers and the schedule are after_replay's."""
+    device = totals.loss.device
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None, cache_enabled=False):
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        if guard is not None:
+            guard.check_loss(loss)
+        backward(loss, opts.scaler)
+        update_weights(model, optimizer, opts, guard)
+        totals.add(loss, logits, y)
+
+    return step
+
+
+def after_replay(opts: StepOptions, guard: FiniteGuard | None, *, batch: int) -> None:
+    """The host half of a replayed step: the guard's notes and the schedule."""
+    if guard is not None:
+        guard.replayed(batch, gradients=opts.scaler is None)  # with a scaler an overflow is normal: gradients are not checked
+    if opts.scheduler is not None:
+        opts.scheduler.step()
 
 
 def graphed_forward(model: nn.Module, opts: StepOptions) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What the loop calls for logits: the model, or its CUDA graphs when opts.graphs holds them."""
+    """What the loop calls for logits: the model, or its CUDA graphs when opts.graphs holds them
+    (or opts.steps, once it could not record the step, holds them as its fallback)."""
+    if opts.steps is not None:
+        return opts.steps.forward
     if opts.graphs is None:
         return model
     if opts.graphs.model is not model:
@@ -196,6 +298,16 @@ def graphed_forward(model: nn.Module, opts: StepOptions) -> Callable[[torch.Tens
     if opts.accumulate > 1:
         raise ValueError("CUDA graphs replay into the same gradient buffers: they cannot accumulate over batches (accumulate > 1)")
     return opts.graphs
+
+
+def require_recordable(model: nn.Module, optimizer: Optimizer, opts: StepOptions) -> None:
+    """opts.steps records the step of this model and optimizer alone, one optimizer step per batch, unscaled."""
+    if opts.steps is None:
+        return
+    if opts.steps.model is not model or opts.steps.optimizer is not optimizer or opts.graphs is not None:
+        raise ValueError("StepOptions.steps must wrap the model and optimizer being trained, without StepOptions.graphs")
+    if opts.accumulate > 1:
+        raise ValueError("a recorded step takes one optimizer step per batch: no accumulate > 1")
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -208,6 +320,17 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
 def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, guard: FiniteGuard | None = None, *, batch: int = 0) -> None:
     """Unscale, check and clip the gradients, step (skipped on the device once `guard` has seen a
     fault), clear them, advance the schedule."""
+    if guard is not None and opts.scaler is None:  # noted first: an unfused optimizer's step reads the guard
+        guard.noted(guard.GRADIENT, batch)
+    update_weights(model, optimizer, opts, guard)
+    optimizer.zero_grad(set_to_none=True)
+    if opts.scheduler is not None:
+        opts.scheduler.step()
+
+
+def update_weights(model: nn.Module, optimizer: Optimizer, opts: StepOptions, guard: FiniteGuard | None) -> None:
+    """optimizer_step's device work: unscale, check and clip the gradients, step unless `guard`
+    has seen a fault. (The check's batch number is the caller's to note.)"""
     if opts.scaler is not None:
         if guard is not None:
             poison(model, guard.tripped)  # the scaler then skips the step as it skips an overflow
@@ -215,7 +338,7 @@ def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, gu
     if opts.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
     if guard is not None and opts.scaler is None:  # with a scaler an overflow is normal: it skips the step
-        guard.record_gradients(batch, model)
+        guard.check_gradients(model)
     if opts.scaler is not None:
         opts.scaler.step(optimizer)
         opts.scaler.update()
@@ -223,9 +346,6 @@ def optimizer_step(model: nn.Module, optimizer: Optimizer, opts: StepOptions, gu
         step_unless(optimizer, guard)
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if opts.scheduler is not None:
-        opts.scheduler.step()
 
 
 def step_unless(optimizer: Optimizer, guard: FiniteGuard) -> None:

@@ -20,11 +20,12 @@ from torch.utils.data import Dataset
 from deepfit import checkpoint as ckpt
 from deepfit import distributed
 from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
+from deepfit.cudagraphs import GraphedForward, GraphedStep
 from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, require_classes
 from deepfit.data.balance import balanced_sample_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
-from deepfit.engine import Fault, FiniteGuard, StepOptions, predict_logits, train_one_epoch
+from deepfit.engine import Fault, FiniteGuard, StepOptions, Totals, predict_logits, train_one_epoch
 from deepfit.errors import ConfigError, StopRequested
 from deepfit.fitparts import (
     SKIPPED_FILE,
@@ -173,7 +174,7 @@ def prepare_run(
     if config.data.sampler == "balanced":
         loader.sample_weights = balanced_sample_weights(bundle.train.labels, bundle.num_classes)
     loss_fn = build_loss(config.loss.name, label_smoothing=config.loss.label_smoothing, weight=class_weights(config, bundle, device))
-    graphs = cuda_graphs(config, net, device, ranks=distributed.env_world().size)
+    graphs = cuda_graphs(config, net, device, ranks=distributed.env_world().size, optimizer=optimizer, scheduler=schedule)
     distributed.start(device)  # joined after bad input had its chance to stop every rank alike
     distributed.shard_loader(loader)
     net = distributed.wrap_model(net, device, loader, sync_bn=config.train.sync_bn)
@@ -206,10 +207,12 @@ def train_epochs(run: Run, progress: ProgressFn | None, on_epoch: EpochFn | None
     cfg = run.config.train
     run.guard = FiniteGuard(run.device, agree=agreed_fault)
     per_epoch = run.schedule_interval == "epoch" or isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    steps = run.graphs if isinstance(run.graphs, GraphedStep) else None
     options = StepOptions(
         scheduler=None if per_epoch else run.scheduler, autocast_dtype=autocast_dtype(cfg.precision, run.device),
-        clip_grad=cfg.clip_grad, accumulate=cfg.accumulate,
-        scaler=run.scaler, guard=run.guard, graphs=run.graphs,
+        clip_grad=cfg.clip_grad, accumulate=cfg.accumulate, scaler=run.scaler, guard=run.guard,
+        graphs=run.graphs if isinstance(run.graphs, GraphedForward) else None, steps=steps,
+        totals=Totals(run.device) if steps is not None else None,  # the captured step adds into the same tensors every epoch
     )  # fmt: skip
     deadline = run.started + parse_duration(cfg.time_limit) if cfg.time_limit else math.inf
     data = run.config.data

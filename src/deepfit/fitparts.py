@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from deepfit.config import Config
-from deepfit.cudagraphs import GraphedForward
+from deepfit.cudagraphs import GraphedForward, GraphedStep, steps_can_be_graphed
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
 from deepfit.errors import ConfigError
@@ -156,12 +156,19 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
         return schedule_from_config(s, optimizer, span=ScheduleSpan(steps_per_epoch, config.train.epochs), mode=mode)
 
 
-def cuda_graphs(config: Config, model: nn.Module, device: torch.device, *, ranks: int) -> GraphedForward | None:
-    """train.cuda_graphs: `model`'s forward and backward as CUDA graphs on a CUDA device; no effect elsewhere."""
+def cuda_graphs(
+    config: Config, model: nn.Module, device: torch.device, *, ranks: int, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> GraphedForward | GraphedStep | None:
+    """train.cuda_graphs on a CUDA device: the whole step as one graph where it can be recorded
+    (cudagraphs.steps_can_be_graphed), else (or once that failed) the model's forward and
+    backward; no effect elsewhere."""
     if not config.train.cuda_graphs or device.type != "cuda":
         return None
     if ranks > 1:
         raise ConfigError(
             "train.cuda_graphs does not combine with several torchrun processes: DistributedDataParallel's gradient hooks run outside the graphs; turn it off"
         )
-    return GraphedForward(model, autocast_dtype=autocast_dtype(config.train.precision, device))
+    model_graphs = GraphedForward(model, autocast_dtype=autocast_dtype(config.train.precision, device))
+    if steps_can_be_graphed(optimizer, scheduler):
+        return GraphedStep(model, optimizer, fallback=model_graphs)
+    return model_graphs

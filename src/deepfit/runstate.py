@@ -15,7 +15,7 @@ from torch import nn
 from deepfit import checkpoint as ckpt
 from deepfit import distributed
 from deepfit.config import Config
-from deepfit.cudagraphs import GraphedForward
+from deepfit.cudagraphs import GraphedForward, GraphedStep
 from deepfit.data import BatchLoader, DataBundle, StreamLoader
 from deepfit.ema import WeightAverage
 from deepfit.engine import FiniteGuard
@@ -53,7 +53,7 @@ class Run:
     schedule_interval: str = "step"  # "step": the engine steps the scheduler; "epoch": train_epochs does
     init: InitReport | None = None
     guard: FiniteGuard | None = None  # the non-finite guard's device flag; read before every checkpoint
-    graphs: GraphedForward | None = None  # train.cuda_graphs on CUDA: the model's captured forward and backward
+    graphs: GraphedForward | GraphedStep | None = None  # train.cuda_graphs on CUDA: the captured step, or the model's forward and backward
     ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and saved as "model"
     lookahead: Lookahead | None = None  # train.lookahead: the slow weights the trained ones are pulled to
     tracker: Trackers = field(default_factory=lambda: Trackers({}))  # train.log: TensorBoard, MLflow
