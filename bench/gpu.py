@@ -18,10 +18,11 @@ table at the end. It reports
      (--no-lessons: not run);
   4. what train.deterministic costs: cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained
      again with it, each in its own process, and the cost in % of step time (--no-determinism: not run);
-  5. what train.cuda_graphs gives (the model's forward and backward replayed as CUDA graphs):
-     cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained with it, each in its own process,
-     cnn_bn's images/s against the lessons' loop and both against their rows without graphs
-     (--no-graphs: not run), the recipe once more for each --variant given (its overrides, e.g.
+  5. what train.cuda_graphs gives (the whole step recorded as one CUDA graph, where the optimizer
+     is fused): cnn_bn (deepfit's side of 3) and the recipe's seed 0 trained with it, and again
+     with the model's forward and backward alone graphed ("model graphs": what recording the
+     whole step adds), each in its own process, cnn_bn's images/s against the lessons' loop and
+     both against their rows without graphs (--no-graphs: not run), the recipe once more for each --variant given (its overrides, e.g.
      train.precision=fp16,train.cuda_graphs=true; seed 0, or seeds 0..N-1 and their mean with
      --variant-seeds N), its steps/s against seed 0's, and deepfit's cnn_bn once more for each
      --cnn-variant given, its images/s against the lessons' loop;
@@ -129,11 +130,14 @@ def run_recipe(
     warmup: bool = True,
     sync: bool = False,
     part: str = "recipe",
+    model_graphs: bool = False,
 ) -> Row:
     """One whole `deepfit train` of the recipe in its own process (bench/gpu.py --one-recipe);
-    sync: with a host read of the guard after every step."""
+    sync: with a host read of the guard after every step; model_graphs: train.cuda_graphs graphs
+    the model alone."""
     command = ["--one-recipe", "--cifar", str(cifar), "--seed", str(seed), "--device", device]
     command += [*[f"--set={o}" for o in overrides], *([] if warmup else ["--no-warmup"]), *(["--sync-every-step"] if sync else [])]
+    command += ["--model-graphs"] if model_graphs else []
     return run_child(part, f"seed {seed}", command, device, timeout)
 
 
@@ -362,11 +366,18 @@ def rate_ratios(rows: list[Row], pairs: Sequence[Pair]) -> list[tuple[str, float
 
 
 def run_graphs(args: argparse.Namespace) -> list[Row]:
-    """cnn_bn and the recipe (seed 0) trained with train.cuda_graphs, in processes of their own."""
+    """cnn_bn and the recipe (seed 0) trained with train.cuda_graphs, the whole step recorded and
+    the model alone graphed, in processes of their own."""
     common = ["--cifar", str(args.cifar), "--device", args.device, "--lesson-epochs", str(args.lesson_epochs)]
-    rows = [run_child("cnn_bn", "deepfit, graphs", ["--one-cnn-bn", "--set=train.cuda_graphs=true", *common], args.device, args.timeout)]
-    overrides = [*args.set, "train.cuda_graphs=true"]
-    rows.append(run_recipe(args.cifar, 0, args.device, overrides, args.timeout, warmup=not args.no_warmup, part="recipe graphs"))
+    rows = []
+    for model_only, label in ((False, "graphs"), (True, "model graphs")):
+        flags = ["--set=train.cuda_graphs=true", *(["--model-graphs"] if model_only else []), *common]
+        rows.append(run_child("cnn_bn", f"deepfit, {label}", ["--one-cnn-bn", *flags], args.device, args.timeout))
+        overrides = [*args.set, "train.cuda_graphs=true"]
+        row = run_recipe(
+            args.cifar, 0, args.device, overrides, args.timeout, warmup=not args.no_warmup, part=f"recipe {label}", model_graphs=model_only
+        )
+        rows.append(row)
     return rows
 
 
@@ -447,12 +458,15 @@ def child_config(what: str, cifar: Path, device: str, out: str, overrides: Seque
 
 def graphs_gain(rows: list[Row]) -> list[Row]:
     """What train.cuda_graphs gives: cnn_bn's images/s with it over the lessons' loop (the issue's
-    10x) and over deepfit's child run without it; the recipe's steps/s over its seed-0 run."""
+    10x), over deepfit's child run without it and over the model-only graphs; the recipe's steps/s
+    over its seed-0 run and over the model-only graphs."""
     pairs = (
         ("cnn_bn vs lessons", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "lessons' loop"), "images_per_s"),
         ("cnn_bn vs lessons, last ep", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "lessons' loop"), "last_epoch_images_per_s"),
         ("cnn_bn vs eager", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "deepfit, plain"), "images_per_s"),
+        ("cnn_bn vs model graphs", ("cnn_bn", "deepfit, graphs"), ("cnn_bn", "deepfit, model graphs"), "images_per_s"),
         ("recipe vs eager", ("recipe graphs", "seed 0"), ("recipe", "seed 0"), "steps_per_s"),
+        ("recipe vs model graphs", ("recipe graphs", "seed 0"), ("recipe model graphs", "seed 0"), "steps_per_s"),
     )
     return [Row("graphs", name, {"ratio": ratio}) for name, ratio in rate_ratios(rows, pairs)]
 
@@ -547,6 +561,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gpu-*.json")
     parser.add_argument("--one-recipe", action="store_true", help=argparse.SUPPRESS)  # the child process of part 1
     parser.add_argument("--one-cnn-bn", action="store_true", help=argparse.SUPPRESS)  # a child process of part 4
+    parser.add_argument("--model-graphs", action="store_true", help=argparse.SUPPRESS)  # a child: train.cuda_graphs for the model alone
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="runs/gpu-recipe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -556,8 +571,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def graph_model_only() -> None:
+    """In a child process: train.cuda_graphs graphs the model alone, as where the step cannot be
+    recorded (the other side of "model graphs" rows)."""
+    import deepfit.fitparts
+
+    deepfit.fitparts.steps_can_be_graphed = lambda optimizer, scheduler: False  # type: ignore[assignment]
+
+
 def run_as_child(args: argparse.Namespace) -> None:
     """One recipe run (part 1), cnn_bn run (parts 4, 5) or profiled run (part 6), in the process the parent started."""
+    if args.model_graphs:
+        graph_model_only()
     if args.one_profile:
         one_profile(args.one_profile, args.cifar, args.device, args.out, args.set)
     elif args.one_recipe:

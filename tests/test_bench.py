@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -178,6 +179,8 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"determ\s+cnn_bn cost\s+step_time_pct [+-]\d+\.\d%", out), out
     assert re.search(r"cnn_bn\s+deepfit, graphs\s+images_per_s \d", out), out
     assert re.search(r"recipe graphs\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
+    assert re.search(r"cnn_bn\s+deepfit, model graphs\s+images_per_s \d", out), out
+    assert re.search(r"recipe model graphs\s+seed 0\s+test_acc \d+\.\d\d%, train_s", out), out
     assert re.search(
         r"variant\s+train.epochs=2,train.lookahead=0 s1\s+test_acc \d+\.\d\d%, train_s [\d.]+, epochs 2, steps 2, .*ratio \d+\.\d\dx", out
     ), out
@@ -185,7 +188,7 @@ def test_gpu_bench_runs_every_part_at_toy_size_on_cpu(tmp_path: Path, capsys) ->
     assert re.search(r"cnn_bn\s+train.cudnn_benchmark=\s+images_per_s \d.*ratio \d+\.\d\dx", out), out
     for what in ("recipe", "recipe, graphs", "cnn_bn", "cnn_bn, graphs"):
         assert re.search(rf"profile\s+{what}\s+steps \d+, wall_ms_per_step [\d.]+, top \w+ \d+%", out), out
-    for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "recipe vs eager"):
+    for pair in ("cnn_bn vs lessons", "cnn_bn vs eager", "cnn_bn vs model graphs", "recipe vs eager", "recipe vs model graphs"):
         assert re.search(rf"graphs\s+{pair}\s+ratio \d+\.\d\dx", out), out
     first, table = out.split("\n\npart", 1)  # each row as it was measured, then the table: the same rows
     assert [line for line in first.splitlines() if line.startswith("suite")] == [
@@ -202,9 +205,16 @@ def test_graphs_gain_is_the_rate_with_graphs_over_the_rate_without() -> None:
         Row("cnn_bn", "lessons' loop", {"images_per_s": 8000.0}),
         Row("cnn_bn", "deepfit, plain", {"error": "no result"}),
         Row("cnn_bn", "deepfit, graphs", {"images_per_s": 96000.0}),
+        Row("cnn_bn", "deepfit, model graphs", {"images_per_s": 60000.0}),
+        Row("recipe model graphs", "seed 0", {"steps_per_s": 230.0}),
     ]
     gains = {row.what: row.figures["ratio"] for row in graphs_gain(rows)}  # the eager cnn_bn run has no figure
-    assert gains == {"cnn_bn vs lessons": pytest.approx(12.0), "recipe vs eager": pytest.approx(1.25)}
+    assert gains == {
+        "cnn_bn vs lessons": pytest.approx(12.0),
+        "cnn_bn vs model graphs": pytest.approx(1.6),
+        "recipe vs eager": pytest.approx(1.25),
+        "recipe vs model graphs": pytest.approx(250 / 230),
+    }
 
 
 def test_determinism_cost_is_the_step_time_it_adds() -> None:
@@ -252,6 +262,24 @@ def test_the_cnn_bn_child_trains_deepfits_side_with_the_settings_it_is_given(
     assert config.train.deterministic is (setting == "train.deterministic=true") and config.train.out == str(tmp_path / "run")
     assert config.train.cuda_graphs is (setting == "train.cuda_graphs=true")
     assert (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_a_model_graphs_child_graphs_the_model_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import gpu
+
+    import deepfit.fitparts as fitparts
+    from deepfit.config import Config
+    from deepfit.cudagraphs import GraphedForward, GraphedStep
+
+    monkeypatch.setattr(fitparts, "steps_can_be_graphed", fitparts.steps_can_be_graphed)  # put back after the test
+    config = Config()
+    config.train.cuda_graphs = True
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    graphs = functools.partial(fitparts.cuda_graphs, config, model, torch.device("cuda"), ranks=1, optimizer=optimizer, scheduler=None)
+    assert isinstance(graphs(), GraphedStep)
+    gpu.graph_model_only()
+    assert isinstance(graphs(), GraphedForward)
 
 
 def test_gpu_bench_takes_the_zip_relative_to_where_it_is_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
