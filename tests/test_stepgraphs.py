@@ -88,17 +88,20 @@ def train(
     scaled: bool = False,
     fallback: GraphedForward | None = None,
 ) -> tuple[list[dict[str, float]], GraphedStep | None, StandIn | None]:
-    """Train `epochs` epochs with a per-step schedule, eagerly or by recorded steps; the rows and parts.
-    scaled: under bf16 autocast with a loss scaler (fp16's, which the CPU cannot run)."""
+    """Train `epochs` epochs with a per-step schedule, eagerly or by recorded steps (on CUDA: torch's
+    own recording); the rows and parts. scaled: under fp16 autocast with a loss scaler (on the CPU,
+    which has no fp16 autocast: bf16)."""
     torch.manual_seed(1)  # the dropout masks
     optimizer = make_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, halving)  # a new lr every step
     device = next(model.parameters()).device
-    recorder = StandIn(optimizer, refuse=refuse) if recorded else None
-    steps = GraphedStep(model, optimizer, record=recorder.record, fallback=fallback) if recorder is not None else None
+    recorder = StandIn(optimizer, refuse=refuse) if recorded and device.type != "cuda" else None
+    record = recorder.record if recorder is not None else None
+    steps = GraphedStep(model, optimizer, record=record, fallback=fallback) if recorded else None
     options = StepOptions(scheduler=scheduler, guard=FiniteGuard(device), steps=steps, totals=Totals(device))
     if scaled:
-        options.scaler, options.autocast_dtype = torch.amp.GradScaler(device.type, init_scale=2.0**8), torch.bfloat16
+        options.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8)
+        options.autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     rows = [train_one_epoch(model, data, optimizer, nn.functional.cross_entropy, options=options) for _ in range(epochs)]
     return rows, steps, recorder
 
@@ -242,27 +245,35 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", [None, torch.bfloat16])
-def test_cuda_records_the_step_and_trains_as_eager_does(device: torch.device, precision: torch.dtype | None) -> None:
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "fp16-scaled"])
+def test_cuda_records_the_step_and_trains_as_eager_does(device: torch.device, scaled: bool) -> None:
     if device.type != "cuda":
         pytest.skip("DEEPFIT_TEST_DEVICE is not cuda")
     torch.manual_seed(0)
     eager = small_net().to(device)
     recorded, data = copy.deepcopy(eager), batches(device, (16, 16, 16, 16, 16, 6))
-    results = []
-    for model, steps in ((eager, None), (recorded, "cuda")):
-        torch.manual_seed(1)
-        optimizer = fused_sgd(model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, halving)
-        graph = GraphedStep(model, optimizer) if steps else None
-        options = StepOptions(scheduler=scheduler, guard=FiniteGuard(device), steps=graph, totals=Totals(device), autocast_dtype=precision)
-        rows = [train_one_epoch(model, data, optimizer, nn.functional.cross_entropy, options=options) for _ in range(2)]
-        results.append((rows, graph))
-    (eager_rows, _), (rows, graph) = results
-    assert graph is not None and graph.captures == 1 and not graph.failed
+    eager_rows, _, _ = train(eager, data, epochs=2, recorded=False, scaled=scaled)
+    rows, steps, _ = train(recorded, data, epochs=2, recorded=True, scaled=scaled)
+    assert steps is not None and steps.captures == 1 and not steps.failed
     assert rows[-1]["loss"] == pytest.approx(eager_rows[-1]["loss"], rel=1e-3)
     for a, b in zip(eager.state_dict().values(), recorded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # the same kernels, replayed
+
+
+@needs_cuda
+def test_cuda_keeps_a_nan_in_a_recorded_step_from_the_weights(device: torch.device) -> None:
+    if device.type != "cuda":
+        pytest.skip("DEEPFIT_TEST_DEVICE is not cuda")
+    torch.manual_seed(0)
+    model = small_net().to(device)
+    recorded = copy.deepcopy(model)
+    data = batches(device, (16,) * 6)
+    train(model, data[:4], epochs=1, recorded=False)
+    data[4][0][0, 0, 0, 0] = float("nan")  # batch 5: replayed
+    with pytest.raises(NonFiniteError, match=r"the loss became nan at batch 5"):
+        train(recorded, data, epochs=1, recorded=True)
+    for a, b in zip(model.parameters(), recorded.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_fit_records_the_gpu_recipes_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
