@@ -127,7 +127,7 @@ class TrainConfig:
     tta: TtaMode = "none"  # final test score: mean logits of each image and its mirror, 1-px shifts or both
     deterministic: bool = False  # deterministic kernels: a killed-and-resumed CUDA run ends bit-identical to a straight one (CPU: always)
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its conv kernels per input shape, keeps the fastest (not with deterministic)
-    cuda_graphs: bool = False  # CUDA: each training step replayed as a CUDA graph (the whole step with a fused optimizer, else the model); small models
+    cuda_graphs: bool = False  # CUDA: each step replayed as a CUDA graph (the whole step with a fused optimizer, else the model)
     ema: float = 0.0  # decay of an exponential moving average of the weights, e.g. 0.999 (0: off); evaluated, saved and exported
     lookahead: int = 0  # every N optimizer steps pull the weights to a slow copy, airbench94's lookahead (it uses 5; 0: off)
     log: list[str] = field(default_factory=list)  # experiment trackers beside metrics.csv: tensorboard, mlflow

@@ -250,7 +250,9 @@ class GraphedStep:
             self.optimizer.zero_grad(set_to_none=True)
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             then = "graphing the model alone" if self.fallback is not None else "training eagerly"
-            warnings.warn(f"train.cuda_graphs: the training step of {type(self.model).__name__} could not be captured ({first}); {then}", stacklevel=3)
+            warnings.warn(
+                f"train.cuda_graphs: the training step of {type(self.model).__name__} could not be captured ({first}); {then}", stacklevel=3
+            )
             return
         self.replay, self.inputs, self.shape, self.held = replay, inputs, (layout(x), layout(y)), (step, parts)
         self.captures += 1
