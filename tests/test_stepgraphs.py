@@ -181,6 +181,15 @@ def test_a_change_the_recording_assumed_records_again() -> None:
     assert steps.captures == 4
 
 
+def test_epochs_shorter_than_the_warm_up_are_recorded_in_a_later_one() -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    data = batches(torch.device("cpu"), (16, 16, 6))  # 2 full batches and a partial one an epoch
+    _, steps, recorder = train(model, data, epochs=3, recorded=True)
+    assert steps is not None and recorder is not None
+    assert (steps.captures, recorder.replays) == (1, 1 + 2)  # the 4th full batch (epoch 2's second) records
+
+
 def dataclass_copy(options: StepOptions) -> StepOptions:
     copied = copy.copy(options)
     copied.totals = Totals(torch.device("cpu"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,7 +180,7 @@ class GraphedStep:
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph's own x and y
         self.shape: tuple[Any, ...] | None = None  # the layouts of the captured x and y
         self.key: tuple[Any, ...] | None = None  # what the capture assumed (key_of)
-        self.warm: tuple[Any, int] = (None, 0)  # (layouts, eager batches of them in a row) since the key changed
+        self.warm: Counter[tuple[Any, ...]] = Counter()  # eager batches of each layout since the key changed
         self.held: tuple[Any, ...] = ()  # step and parts, alive while the graph points into them
         self.rates: list[torch.Tensor] = []  # each param group's learning rate, as the graph reads it
         self.written: list[float] = []  # the values last filled into `rates`
@@ -193,7 +194,7 @@ class GraphedStep:
             return self.eager()
         key = self.key_of(parts)
         if key != self.key:
-            self.replay, self.key, self.warm = None, key, (None, 0)
+            self.replay, self.key, self.warm = None, key, Counter()
         shape = (layout(x), layout(y))
         if self.replay is None and self.warmed(shape):
             self.make(x, y, step, parts)
@@ -222,11 +223,12 @@ class GraphedStep:
         return trainable, baked_settings(self.optimizer), tuple(id(part) for part in parts)
 
     def warmed(self, shape: tuple[Any, ...]) -> bool:
-        """Whether WARMUP eager batches of `shape` came in a row; else count this one as the next."""
-        seen, count = self.warm
-        if seen == shape and count >= self.WARMUP:
+        """Whether WARMUP eager batches of `shape` came before (others between them do not count:
+        an epoch of 3 full batches and a partial one records at the next epoch's first); else
+        count this one."""
+        if self.warm[shape] >= self.WARMUP:
             return True
-        self.warm = (shape, count + 1 if seen == shape else 1)
+        self.warm[shape] += 1
         return False
 
     def make(self, x: torch.Tensor, y: torch.Tensor, step: Step, parts: tuple[Any, ...]) -> None:
