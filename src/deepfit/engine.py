@@ -1,7 +1,8 @@
 """The training and evaluation loops: plain PyTorch over any nn.Module and any iterable of
 (x, y) batches. No files, no prints; loss and accuracy are summed on the device and read once
 per epoch, and the non-finite guard lives on the device too (FiniteGuard), so the loop never
-waits on the host per batch."""
+waits on the host per batch. A step is either eager_step (op by op) or, with StepOptions.steps,
+captured_step's device work replayed as one CUDA graph (cudagraphs.GraphedStep)."""
 
 from __future__ import annotations
 
