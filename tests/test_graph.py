@@ -183,6 +183,13 @@ BAD_GRAPHS = {
     "no header": ("source,target\nr0,r1\n", "r0,a\nr1,b\n", "header must start with id,label"),
     "one class": ("source,target\nr0,r1\n", "id,label\nr0,a\nr1,a\n", "at least 2 classes"),
     "text feature": ("source,target\nr0,r1\n", "id,label,f\nr0,a,1\nr1,b,x\n", "feature values must be numbers"),
+    "repeated id": ("source,target\nr0,r1\n", "id,label\nr0,a\nr1,b\nr0,b\n", "node ids must be unique; repeated: r0"),
+    "files swapped": ("id,label\nr0,a\nr1,b\n", "source,target\nr0,r1\n", "look swapped: --data EDGES.csv --data.nodes NODES.csv"),
+    "nodes as edges": (
+        "id,label\nr0,a\nr1,b\n",
+        "id,label\nr0,a\nr1,b\n",
+        "edge list's header must be source,target; got id,label (the edge",
+    ),
 }
 
 
