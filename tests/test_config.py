@@ -147,7 +147,11 @@ def test_parse_duration_rejects_garbage() -> None:
         (["--data", "karate", "--data.batch-size", "8"], "--data.batch-size (image/regression runs): not used by a node run"),
         (["--data", "karate", "--train.tta", "flip"], "--train.tta (image runs): not used by a node run"),
         (["--data", "digits", "--data.test-fraction", "0.3"], "--data.test-fraction (regression runs): not used by an image run"),
-        (["--data", "digits", "--data.nodes", "nodes.csv"], "--data.nodes (node runs): not used by an image run"),
+        (["--data", "line", "--data.nodes", "nodes.csv"], "--data.nodes (node runs): not used by a regression run"),
+        (
+            ["--data", "digits", "--data.nodes", "nodes.csv"],
+            "unknown graph 'digits'; valid: cora, karate, an edge-list .csv",
+        ),  # a node table implies a node run
     ],
 )
 def test_an_option_the_task_does_not_read_is_refused_not_ignored(cli, tmp_path: Path, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]

@@ -178,6 +178,20 @@ def test_a_folder_of_edges_and_nodes_is_a_graph(tmp_path: Path) -> None:
     assert int(graph.train_mask.sum() + graph.val_mask.sum() + graph.test_mask.sum()) == 14
 
 
+def test_a_node_table_implies_the_node_task_and_a_graph_folder_says_how(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    write_two_communities(tmp_path / "g")
+    result = cli("train", "--data", "g/edges.csv", "--data.nodes", "g/nodes.csv", "--epochs", "2", "--out", "run")
+    assert result.code == 0, result.err  # as --target implies a regression run
+    assert load_node_model(tmp_path / "run").graph.classes == ["blue", "red"]
+    result = cli("train", "--data", "g", "--epochs", "2", "--out", "folder-run")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert (
+        "g has no class folders with images" in result.err
+        and "holds edges.csv and nodes.csv: for node classification on that graph add --task node" in result.err
+    )
+    assert not (tmp_path / "folder-run").exists()
+
+
 BAD_GRAPHS = {
     "unknown node": ("source,target\nr0,zz\n", "id,label\nr0,a\nr1,b\n", "node 'zz' is not in the node table"),
     "no header": ("source,target\nr0,r1\n", "r0,a\nr1,b\n", "header must start with id,label"),

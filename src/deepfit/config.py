@@ -513,10 +513,13 @@ TASK_BY_DATA = {"line": "regression", "diabetes": "regression", "cora": "node", 
 
 
 def infer_task(data: DataConfig) -> str:
-    """The task data.task names, or, while it is the default, the one --data (or --target) implies."""
-    if data.task == "image":
-        return "regression" if data.target else TASK_BY_DATA.get(data.name, "image")
-    return data.task
+    """The task data.task names, or, while it is the default, the one --data (or --target, or
+    --data.nodes) implies."""
+    if data.task != "image":
+        return data.task
+    if data.target:
+        return "regression"
+    return TASK_BY_DATA.get(data.name, "node" if data.nodes else "image")
 
 
 def parse_duration(text: str) -> float:

@@ -144,6 +144,15 @@ class Layout:
     class_dirs: dict[str, list[str]]  # split -> class folder paths (to find empty ones)
 
 
+def no_classes_message(path: Path, listing: Listing) -> str:
+    """A folder or zip without class folders; one holding a graph's edges.csv and nodes.csv is
+    told how to train on it."""
+    message = f"{path} has no class folders with images (expected CLASS/IMAGE or train/CLASS/IMAGE)"
+    if {"edges.csv", "nodes.csv"} <= {name.lower() for name in listing.files}:
+        message += "; it holds edges.csv and nodes.csv: for node classification on that graph add --task node"
+    return message
+
+
 def plan_layout(listing: Listing) -> Layout:
     """train/ val|valid/ test/ sub-trees when present, else top-level class folders; a single
     wrapping folder (as zips often have) is looked through."""
@@ -219,7 +228,7 @@ def load_folder_source(
     listing = listing if listing is not None else list_files(path)
     layout = plan_layout(listing)
     if "train" not in layout.splits:
-        raise DataError(f"{path} has no class folders with images (expected CLASS/IMAGE or train/CLASS/IMAGE)")
+        raise DataError(no_classes_message(path, listing))
     first = read_split(listing, layout.splits["train"], channels)
     wanted = channels or (first.images[0].shape[0] if first.images else 3)
     decoded = {"train": first}

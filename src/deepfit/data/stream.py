@@ -32,6 +32,7 @@ from deepfit.data.folder import (
     empty_classes,
     hidden,
     list_files,
+    no_classes_message,
     plan_layout,
     read_with_zipfile,
 )
@@ -358,7 +359,7 @@ def stream_folder_source(path: Path, config: DataConfig) -> SourceData:
     listing = list_files(path)
     layout = plan_layout(listing)
     if "train" not in layout.splits:
-        raise DataError(f"{path} has no class folders with images (expected CLASS/IMAGE or train/CLASS/IMAGE)")
+        raise DataError(no_classes_message(path, listing))
     reader = FileReader(listing)
     checked = {split: check_headers(listing, reader, entries) for split, entries in layout.splits.items()}
     decoded = {split: Decoded([], [label for _, label in c.entries], []) for split, c in checked.items()}
