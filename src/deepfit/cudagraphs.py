@@ -197,7 +197,7 @@ class GraphedStep:
             self.replay, self.key, self.warm = None, key, Counter()
         shape = (layout(x), layout(y))
         if self.replay is None and self.warmed(shape):
-            self.make(x, y, step, parts)
+            self.make(x, y, shape, step, parts)
         if self.replay is None or self.inputs is None or shape != self.shape:
             return self.eager()
         self.write_rates()
@@ -231,8 +231,9 @@ class GraphedStep:
         self.warm[shape] += 1
         return False
 
-    def make(self, x: torch.Tensor, y: torch.Tensor, step: Step, parts: tuple[Any, ...]) -> None:
-        """Record `step` on copies of (x, y); on failure warn once and train eagerly from now on."""
+    def make(self, x: torch.Tensor, y: torch.Tensor, shape: tuple[Any, ...], step: Step, parts: tuple[Any, ...]) -> None:
+        """Record `step` on copies of (x, y), laid out as `shape`; on failure warn once and train
+        with the fallback's model graphs (or eagerly) from now on."""
         self.replay, self.held, self.holds_grads = None, (), False  # the previous graph and its memory go first
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward makes the graph's own gradient buffers
         inputs = (x.detach().clone(), y.detach().clone())
@@ -256,7 +257,7 @@ class GraphedStep:
                 f"train.cuda_graphs: the training step of {type(self.model).__name__} could not be captured ({first}); {then}", stacklevel=3
             )
             return
-        self.replay, self.inputs, self.shape, self.held = replay, inputs, (layout(x), layout(y)), (step, parts)
+        self.replay, self.inputs, self.shape, self.held = replay, inputs, shape, (step, parts)
         self.captures += 1
 
     def write_rates(self) -> None:
