@@ -72,6 +72,7 @@ BAD = {
     "no content type": ({"content": b"area\n1\n"}, 415, "unsupported Content-Type 'none'"),
     "not json": ({"content": b"{rows", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
     "no rows key": ({"json": {"data": []}}, 400, 'JSON without a "rows" list'),
+    "images sent to a table model": ({"json": {"images": ["AAAA"]}}, 400, '"images" are for an image classifier'),
     "empty rows": ({"json": {"rows": []}}, 400, "no rows"),
     "row not object": ({"json": {"rows": [[1, 2, "north"]]}}, 400, "row 0 is not an object"),
     "nested value": ({"json": {"rows": [{"area": [1], "rooms": 2, "city": "north"}]}}, 400, "column 'area' holds [1]"),

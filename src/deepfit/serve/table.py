@@ -123,7 +123,12 @@ def json_rows(body: bytes) -> list[dict[str, Any]]:
         raise ApiError(400, f"the body is not valid JSON: {ROWS_HINT}") from None
     rows = payload.get("rows") if isinstance(payload, dict) else None
     if not isinstance(rows, list):
-        raise ApiError(400, f'JSON without a "rows" list: {ROWS_HINT}')
+        images = (
+            '; "images" are for an image classifier, and this run predicts from table rows'
+            if isinstance(payload, dict) and "images" in payload
+            else ""
+        )
+        raise ApiError(400, f'JSON without a "rows" list: {ROWS_HINT}{images}')
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ApiError(400, f"row {index} is not an object of column: value")

@@ -128,8 +128,13 @@ def parse_json(body: bytes) -> Upload:
         payload = json.loads(body)
     except (ValueError, RecursionError) as err:
         raise ApiError(400, f"malformed JSON: {str(err)[:200]}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+    if not isinstance(payload, dict):
         raise ApiError(400, 'JSON body must be an object {"images": [base64, ...], "topk": K}')
+    if "images" not in payload:
+        rows = '; "rows" are for a regression run, and this one classifies images' if "rows" in payload else ""
+        raise ApiError(400, f'JSON without an "images" list: send {{"images": [base64, ...], "topk": K}}{rows}')
+    if not isinstance(payload["images"], list):
+        raise ApiError(400, f'"images" must be a list of base64 strings, not {type(payload["images"]).__name__}')
     unknown = sorted(set(payload) - {"images", "topk"})
     if unknown:
         raise ApiError(400, f"unknown JSON key(s) {', '.join(repr(k[:40]) for k in unknown[:5])}")
