@@ -47,6 +47,10 @@ def test_json_and_csv_rows_equal_the_checkpoints_model_and_deepfit_predict(
     as_csv = post(table_server, content=table.encode(), headers={"Content-Type": "text/csv; charset=utf-8"})
     assert as_csv.status_code == 200, as_csv.text
     assert [p["value"] for p in as_csv.json()["predictions"]] == expected
+    semicolons = table.replace(",", ";").replace("120.5", "120,5")  # as a spreadsheet in a European locale saves it
+    as_semicolons = post(table_server, content=semicolons.encode(), headers={"Content-Type": "text/csv"})
+    assert as_semicolons.status_code == 200, as_semicolons.text
+    assert [p["value"] for p in as_semicolons.json()["predictions"]] == expected
 
     (tmp_path / "rows.csv").write_text(table)
     capsys.readouterr()

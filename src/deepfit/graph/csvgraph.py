@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from deepfit.csvtext import csv_lines
 from deepfit.errors import DataError
 from deepfit.graph.sources import UNLABELLED, Graph
 
@@ -41,8 +42,7 @@ def resolve_csv_paths(name: str, nodes: str | None) -> tuple[Path, Path]:
 def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header (lower-cased, stripped) and the non-empty rows of a CSV file."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [[cell.strip() for cell in row] for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        rows = [[cell.strip() for cell in row] for _, row in csv_lines(path.read_text(encoding="utf-8-sig"))]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"cannot read graph file {path}: {err}") from None
     if not rows:

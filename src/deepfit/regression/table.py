@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from deepfit.csvtext import csv_lines
 from deepfit.errors import DataError
 from deepfit.history import plural
 
@@ -128,7 +128,8 @@ class Table:
 
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    """The header and the data rows of a .csv or .csv.gz; DataError for anything unreadable."""
+    """The header and the data rows of a .csv or .csv.gz (comma-, semicolon- or tab-separated:
+    csvtext); DataError for anything unreadable."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -139,16 +140,16 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a UTF-8 text CSV file") from None
     try:
-        rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+        lines = list(csv_lines(text))
     except csv.Error as err:
         raise DataError(f"{path} is not a valid CSV file: {err}") from None
-    if len(rows) < 2:
+    if len(lines) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
-    header = [name.strip() for name in rows[0]]
-    for number, row in enumerate(rows[1:], start=2):
+    header = [name.strip() for name in lines[0][1]]
+    for number, row in lines[1:]:
         if len(row) != len(header):
             raise DataError(f"{path}: line {number} has {len(row)} fields, the header {len(header)}")
-    return header, rows[1:]
+    return header, [row for _, row in lines[1:]]
 
 
 def numeric_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> set[str]:

@@ -8,7 +8,6 @@ millisecond, so rows are predicted in the request, with no batcher."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from deepfit.csvtext import csv_lines
 from deepfit.regression.table import MissingValue
 from deepfit.regression.trained import RegressionModel, load_regression_model
 from deepfit.serve.model import final_metrics, number
@@ -140,19 +140,16 @@ def csv_rows(body: bytes) -> list[dict[str, Any]]:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ApiError(400, "the CSV body is not UTF-8 text") from None
-    reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
     rows = []
     try:
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
+        for number, row in csv_lines(text):
             if header is None:
                 header = [name.strip() for name in row]
             elif len(row) != len(header):
-                raise ApiError(400, f"CSV line {reader.line_num}: {len(row)} cells, the header has {len(header)}")
+                raise ApiError(400, f"CSV line {number}: {len(row)} cells, the header has {len(header)}")
             else:
                 rows.append(dict(zip(header, row, strict=True)))
     except csv.Error as err:
-        raise ApiError(400, f"the CSV body cannot be read: line {reader.line_num}: {err}") from None
+        raise ApiError(400, f"the CSV body cannot be read: {err}") from None
     return rows
