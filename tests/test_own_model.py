@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from deepfit.config import Config, set_value
-from deepfit.errors import CheckpointError
+from deepfit.errors import CheckpointError, ConfigError
 from deepfit.fit import fit
 from deepfit.predict import Predictor
 from tests.conftest import write_tiny_idx
@@ -101,3 +101,81 @@ def test_report_and_show_all_draw_what_needs_no_model(cli, own_run) -> None:  # 
     named = cli("report", str(run), "--model.class", class_path)
     assert named.code == 0, named.err
     assert "id='predictions'" in (run / "report.html").read_text(encoding="utf-8")
+
+
+class Pair(torch.nn.Module):
+    """Logits and something else: a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.body(x), x.mean()
+
+
+class FiveClasses(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ForMnist(torch.nn.Module):
+    """Made for 28x28 images, given 12x12 ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Frozen(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10)).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+BAD_MODULES = [
+    (Pair, r"returns a tuple; deepfit trains on a tensor of logits \(2, 10\): return it alone"),
+    (FiveClasses, r"returns shape \(2, 5\) for a batch of 2 1x12x12 images; deepfit needs \(2, 10\)"),
+    (ForMnist, r"fails on a batch of 1x12x12 images \(the data's shape\): RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    (Frozen, r"has no trainable parameters"),
+]
+
+
+@pytest.mark.parametrize(("module", "message"), BAD_MODULES, ids=[m[0].__name__ for m in BAD_MODULES])
+def test_a_module_that_cannot_train_on_the_data_is_one_line_before_the_run_folder(
+    tmp_path: Path, module: type[torch.nn.Module], message: str
+) -> None:
+    config = Config()
+    for key, value in {"data.name": "mnist", "data.dir": str(write_tiny_idx(tmp_path / "idx", train=40, test=10)),
+                       "train.epochs": 1, "train.progress": False, "train.out": str(tmp_path / "run")}.items():  # fmt: skip
+        set_value(config, key, value)
+    with pytest.raises(ConfigError, match=f"your model tests.test_own_model:{module.__name__} {message}"):
+        fit(config, model=module())
+    assert not (tmp_path / "run").exists()
+
+
+def test_trying_a_module_leaves_its_statistics_and_the_random_state_as_they_were() -> None:
+    from deepfit.data import DataBundle, ImageSet
+    from deepfit.fitparts import require_logits
+
+    images = ImageSet(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), torch.arange(4) % 2)
+    bundle = DataBundle(images, None, None, ["a", "b"], (0.5,), (0.25,), flip_ok=False, source="s", origin="o")
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(400, 2)
+    )
+    model[1].running_mean.fill_(0.3)
+    before = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    require_logits(model, bundle, torch.device("cpu"), channels_last=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True)) and model.training
+    assert torch.equal(rng, torch.get_rng_state())

@@ -36,6 +36,7 @@ from deepfit.fitparts import (
     class_weights,
     cuda_graphs,
     make_optimizer,
+    require_logits,
     require_training_memory,
     save_skipped,
     warn_unsafe_tta,
@@ -162,6 +163,8 @@ def prepare_run(
         require_training_memory(config, bundle, device)
     net, init = build_network(config, bundle, model, fresh=resume is None)
     net, channels_last = place_model(net, config.model.channels_last, device)
+    if model is not None or config.model.class_path:
+        require_logits(net, bundle, device, channels_last=channels_last)
     loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=augment_for(config.data.augment, bundle), seed=config.train.seed, channels_last=channels_last,

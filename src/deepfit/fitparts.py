@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from deepfit.config import Config
-from deepfit.cudagraphs import GraphedForward, GraphedStep, steps_can_be_graphed
+from deepfit.cudagraphs import GraphedForward, GraphedStep, kept_state, steps_can_be_graphed
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
 from deepfit.errors import ConfigError
-from deepfit.models import build_model, freeze_backbone, parameter_groups, training_bytes
+from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups, training_bytes
 from deepfit.optim import ScheduleSpan, build_optimizer, resolve_schedule, schedule_from_config
 from deepfit.runtime import autocast_dtype, device_memory
 from deepfit.trained import InitReport, init_from_data, init_weights
@@ -52,6 +52,36 @@ def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *
     if config.model.freeze == "backbone":
         freeze_backbone(model)  # before the optimizer: frozen parameters never reach it
     return model, init
+
+
+def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *, channels_last: bool) -> None:
+    """Your own model (fit(model=...), --model.class): stop in one line, before the run folder
+    exists, when it has nothing to train or does not map a training batch of the data's images to
+    one score per class. It is tried on a batch of 2 blank images in training mode; BatchNorm's
+    statistics and the random state are put back, so training is unchanged. (Registered models
+    are built for the data's shape and classes.)"""
+    name, shape = class_path_of(model), "x".join(map(str, bundle.input_shape))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"your model {name} has no trainable parameters")
+    x = torch.zeros(2, *bundle.input_shape, device=device)
+    try:
+        with kept_state(model, device), torch.no_grad():
+            out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    except Exception as err:  # the user's code: whatever it raises, it does not take these images
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(
+            f"your model {name} fails on a batch of {shape} images (the data's shape): {type(err).__name__}: {first}"
+        ) from None
+    expected = (2, bundle.num_classes)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(
+            f"your model {name} returns a {type(out).__name__}; deepfit trains on a tensor of logits {expected}: return it alone"
+        )
+    if tuple(out.shape) != expected:
+        raise ConfigError(
+            f"your model {name} returns shape {tuple(out.shape)} for a batch of 2 {shape} images; deepfit needs {expected}:"
+            f" one score for each of the data's {bundle.num_classes} classes"
+        )
 
 
 PROBE_ABOVE = 3 * 96 * 96  # input values per image above which training's memory is estimated first (MNIST, CIFAR: not)
