@@ -218,6 +218,22 @@ def test_data_info_describes_a_folder(cli, tmp_path: Path) -> None:  # type: ign
     assert std and [float(v) for v in std.group(1).split(", ")] == pytest.approx(pixels.std(axis=(0, 1, 2)), abs=1e-4)
 
 
+@pytest.mark.parametrize("pipeline", ["memory", "stream"])
+def test_data_info_says_which_sizes_were_resized(cli, tmp_path: Path, pipeline: str) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"cats": 4, "dogs": 3})  # 10x12 (HxW)
+    uniform = cli("data", "info", str(root), "--data.pipeline", pipeline)
+    assert uniform.code == 0 and "sizes found" not in uniform.out and "image shape: 3x10x12" in uniform.out
+    for i, size in enumerate([(20, 16), (20, 16), (7, 9)]):  # (width, height)
+        Image.new("RGB", size, (i, 0, 0)).save(root / "dogs" / f"other{i}.png")
+    for _ in range(2):  # built, then read back from the cache (the memory pipeline)
+        mixed = cli("data", "info", str(root), "--data.pipeline", pipeline)
+        assert mixed.code == 0, mixed.err
+        assert "image shape: 3x10x12" in mixed.out
+        assert "sizes found: 10x12 (7), 16x20 (2), 9x7 (1); 3 image(s) resized to 10x12 (--data.image-size N to choose)" in mixed.out
+    chosen = cli("data", "info", str(root), "--data.pipeline", pipeline, "--data.image-size", "16")
+    assert "sizes found: 10x12 (7), 16x20 (2), 9x7 (1); 10 image(s) resized to 16x16" in chosen.out
+
+
 def test_data_info_takes_the_train_data_flags(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     folder = write_tiny_idx(tmp_path / "idx")
     result = cli("data", "info", "mnist", "--data-dir", str(folder), "--data.image-size", "16", "--data.channels", "3")

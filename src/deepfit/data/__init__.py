@@ -136,4 +136,5 @@ def build_data(config: DataConfig, *, seed: int = 0, dataset: Dataset[Any] | Non
         source=config.name if dataset is None else type(dataset).__name__,
         origin=source.origin,
         skipped=source.skipped,
+        sizes=source.sizes,
     )

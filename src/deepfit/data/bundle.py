@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,6 +39,7 @@ class SourceData:
     origin: str  # where the data was found, for people
     val: ImageSet | None = None  # a source's own validation split, when it has one
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of bad files
+    sizes: dict[str, int] = field(default_factory=dict)  # image files: "HxW" as found -> how many (size_counts)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DataBundle:
     source: str  # the --data value
     origin: str  # where it was found
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # image files: "HxW" as found -> how many, before resizing
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -172,6 +176,21 @@ def conform_chunk(images: torch.Tensor, channels: int, size: list[int] | None) -
     return images.contiguous()
 
 
+def size_counts(sizes: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """(height, width) of each image as found -> {"HxW": how many}, the most common first."""
+    return {f"{h}x{w}": n for (h, w), n in Counter(sizes).most_common()}
+
+
+def resized_line(sizes: dict[str, int], shape: tuple[int, int, int]) -> str | None:
+    """For data info: the sizes the files came in, when any was resized to the training shape."""
+    target = f"{shape[1]}x{shape[2]}"
+    if not sizes or list(sizes) == [target]:
+        return None
+    resized = sum(n for size, n in sizes.items() if size != target)
+    found = ", ".join(f"{size} ({n:,})" for size, n in list(sizes.items())[:4]) + (f" and {len(sizes) - 4} more" if len(sizes) > 4 else "")
+    return f"sizes found: {found}; {resized:,} image(s) resized to {target} (--data.image-size N to choose)"
+
+
 def class_counts(images: ImageSet | None, num_classes: int) -> list[int]:
     """Images per class index; zeros for a missing split."""
     if images is None:
@@ -187,6 +206,7 @@ def describe_bundle(bundle: DataBundle) -> str:
         f"source: {bundle.source}",
         f"found at: {bundle.origin}",
         f"image shape: {'x'.join(map(str, bundle.input_shape))} (channels x height x width), {bundle.num_classes} classes",
+        *filter(None, [resized_line(bundle.sizes, bundle.input_shape)]),
         f"splits: {sizes}",
         f"channel mean: {', '.join(f'{m:.4f}' for m in bundle.mean)} (training split, pixels scaled to 0..1)",
         f"channel std: {', '.join(f'{s:.4f}' for s in bundle.std)}",

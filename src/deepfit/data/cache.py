@@ -50,6 +50,7 @@ def save_cached(source: SourceData, path: Path) -> None:
         "flip_ok": source.flip_ok,
         "origin": source.origin,
         "skipped": [list(item) for item in source.skipped],
+        "sizes": dict(source.sizes),
     }
     for split in ("train", "val", "test"):
         images = getattr(source, split)
@@ -87,4 +88,5 @@ def load_cached(path: Path) -> SourceData | None:
     return SourceData(
         train=train, val=sets["val"], test=sets["test"], classes=list(state["classes"]), flip_ok=bool(state["flip_ok"]),
         origin=str(state["origin"]), skipped=[(str(p), str(r)) for p, r in state["skipped"]],
+        sizes={str(size): int(n) for size, n in state.get("sizes", {}).items()},  # not in caches written before it was kept
     )  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deepfit.data.bundle import ImageSet, SourceData, bad_file_lines
+from deepfit.data.bundle import ImageSet, SourceData, bad_file_lines, size_counts
 from deepfit.data.decode import Header, decode_image, decode_many, read_header, resize
 from deepfit.errors import DataError
 
@@ -246,6 +246,7 @@ def load_folder_source(
     return SourceData(
         train=sets["train"], val=sets.get("val"), test=sets.get("test"), classes=classes,
         flip_ok=True, origin=str(path), skipped=bad,
+        sizes=size_counts((int(i.shape[1]), int(i.shape[2])) for d in decoded.values() for i in d.images),
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deepfit.config import DataConfig
-from deepfit.data.bundle import ImageSet, SourceData
+from deepfit.data.bundle import ImageSet, SourceData, size_counts
 from deepfit.data.decode import Header, decode_many, read_header, resize
 from deepfit.data.folder import (
     IMAGE_SUFFIXES,
@@ -376,6 +376,7 @@ def stream_folder_source(path: Path, config: DataConfig) -> SourceData:
     return SourceData(
         train=sets["train"], val=sets.get("val"), test=sets.get("test"), classes=classes,
         flip_ok=True, origin=str(path), skipped=bad,
+        sizes=size_counts((h.height, h.width) for c in checked.values() for h in c.headers),
     )  # fmt: skip
 
 
