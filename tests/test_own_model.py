@@ -164,7 +164,7 @@ def test_a_module_that_cannot_train_on_the_data_is_one_line_before_the_run_folde
     assert not (tmp_path / "run").exists()
 
 
-def test_trying_a_module_leaves_its_statistics_and_the_random_state_as_they_were() -> None:
+def test_trying_a_module_leaves_its_statistics_mode_and_the_random_state_as_they_were() -> None:
     from deepfit.data import DataBundle, ImageSet
     from deepfit.fitparts import require_logits
 
@@ -178,4 +178,7 @@ def test_trying_a_module_leaves_its_statistics_and_the_random_state_as_they_were
     rng = torch.get_rng_state()
     require_logits(model, bundle, torch.device("cpu"), channels_last=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True)) and model.training
+    model.eval()
+    require_logits(model, bundle, torch.device("cpu"), channels_last=False)
+    assert not model.training  # the mode it was in
     assert torch.equal(rng, torch.get_rng_state())

@@ -56,22 +56,26 @@ def build_network(config: Config, bundle: DataBundle, model: nn.Module | None, *
 
 def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *, channels_last: bool) -> None:
     """Your own model (fit(model=...), --model.class): stop in one line, before the run folder
-    exists, when it has nothing to train or does not map a training batch of the data's images to
-    one score per class. It is tried on a batch of 2 blank images in training mode; BatchNorm's
-    statistics and the random state are put back, so training is unchanged. (Registered models
-    are built for the data's shape and classes.)"""
+    exists, when it has nothing to train or does not map a batch of the data's images to one score
+    per class. It is tried on a batch of 2 blank images in evaluation mode, as validation runs it:
+    no BatchNorm statistics move, and a forward that counts its training calls is not called in
+    training (buffers and the random state are put back all the same). Registered models are built
+    for the data's shape and classes."""
     name, shape = class_path_of(model), "x".join(map(str, bundle.input_shape))
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"your model {name} has no trainable parameters")
     x = torch.zeros(2, *bundle.input_shape, device=device)
+    training = model.training
     try:
         with kept_state(model, device), torch.no_grad():
-            out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            out = model.eval()(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     except Exception as err:  # the user's code: whatever it raises, it does not take these images
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(
             f"your model {name} fails on a batch of {shape} images (the data's shape): {type(err).__name__}: {first}"
         ) from None
+    finally:
+        model.train(training)
     expected = (2, bundle.num_classes)
     if not isinstance(out, torch.Tensor):
         raise ConfigError(
