@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,23 @@ def test_the_loop_can_be_called_directly(tiny_idx: Path) -> None:
     assert bundle.test is not None
     plain = [(x, y) for x, y in BatchLoader(bundle.test, batch_size=8, mean=bundle.mean, std=bundle.std, device=torch.device("cpu"))]
     assert 0.0 <= evaluate(model, plain, loss_fn)["acc"] <= 1.0
+
+
+def test_the_loop_reports_no_accuracy_for_a_model_of_one_output() -> None:
+    """Regression through the loop (one output, float targets): accuracy is NaN, not a count of
+    argmax 0 against argmax 0; class scores against labels are still counted."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    model = nn.Linear(4, 1)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    trained = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss())
+    assert math.isnan(trained["acc"]) and trained["loss"] > 0
+    assert math.isnan(evaluate(model, batches, nn.MSELoss())["acc"])
+    classifier = nn.Linear(4, 3)
+    labels = [(x[i : i + 16], torch.arange(16) % 3) for i in range(0, 64, 16)]
+    logits = classifier(x[:16]).argmax(1)
+    expected = float((logits == torch.arange(16) % 3).float().mean())
+    assert evaluate(classifier, labels[:1], nn.CrossEntropyLoss())["acc"] == pytest.approx(expected)
 
 
 def test_training_is_deterministic(tiny_idx: Path, tmp_path: Path) -> None:

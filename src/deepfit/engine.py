@@ -179,19 +179,34 @@ class FiniteGuard:
 
 
 class Totals:
-    """An epoch's summed train loss (weighted by rows) and correct predictions, on the device."""
+    """An epoch's summed train loss (weighted by rows) and correct predictions, on the device.
+    Predictions are counted only for class scores: a model of one output (a number, as in
+    regression, or one logit) has no accuracy, and `classified` stays False."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.classified = False
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.loss.add_(loss.detach(), alpha=len(y))
-        self.correct.add_((logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum())  # mixed targets (B, K): their larger share
+        if classifies(logits, y):
+            self.correct.add_((logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum())  # mixed targets (B, K): their larger share
+            self.classified = True
+
+    def accuracy(self, seen: int) -> float:
+        return float(self.correct) / max(seen, 1) if self.classified else math.nan
 
     def zero_(self) -> None:
         self.loss.zero_()
         self.correct.zero_()
+
+
+def classifies(logits: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether (logits, y) are class scores (B, K >= 2) and labels: indices (B,), or shares (B, K)."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        return False
+    return (y.dim() == 1 and not y.is_floating_point()) or y.shape == logits.shape
 
 
 def train_one_epoch(
@@ -203,7 +218,8 @@ def train_one_epoch(
     options: StepOptions | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches`; returns mean train loss and accuracy over the images seen."""
+    """One pass over `batches`; returns mean train loss and accuracy over the images seen (NaN
+    where the model's outputs are not class scores: Totals)."""
     opts = options or StepOptions()
     require_recordable(model, optimizer, opts)
     forward = graphed_forward(model, opts)
@@ -227,7 +243,7 @@ def train_one_epoch(
             on_step()
     if guard is not None:
         guard.check()
-    return {"loss": float(totals.loss) / max(seen, 1), "acc": float(totals.correct) / max(seen, 1)}
+    return {"loss": float(totals.loss) / max(seen, 1), "acc": totals.accuracy(seen)}
 
 
 def eager_step(
@@ -422,8 +438,10 @@ def predict_logits(
 
 
 def evaluate(model: nn.Module, batches: Batches, loss_fn: LossFn, *, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Mean loss and accuracy of `model` over `batches`, without gradients."""
+    """Mean loss and accuracy of `model` over `batches`, without gradients (accuracy NaN where the
+    outputs are not class scores and labels)."""
     logits, labels = predict_logits(model, batches, autocast_dtype=autocast_dtype)
     if len(labels) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": float(loss_fn(logits, labels)), "acc": float((logits.argmax(1) == labels).float().mean())}
+    acc = float((logits.argmax(1) == labels).float().mean()) if classifies(logits, labels) else math.nan
+    return {"loss": float(loss_fn(logits, labels)), "acc": acc}
