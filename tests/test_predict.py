@@ -198,6 +198,38 @@ def test_unreadable_files_fail_alone_with_exit_1(tiny_run: Path, cli, tmp_path: 
     assert any("missing.png" in line and "no such file" in line for line in lines)
 
 
+def test_a_zip_of_images_is_predicted_member_by_member_as_its_folder_is(tiny_run: Path, cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import zipfile
+
+    write_folder(tiny_run, tmp_path / "pngs")
+    (tmp_path / "pngs" / "deep" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with zipfile.ZipFile(tmp_path / "pngs.zip", "w") as archive:
+        for file in sorted((tmp_path / "pngs").rglob("*.png")):
+            archive.write(file, file.relative_to(tmp_path / "pngs").as_posix())
+        archive.writestr("__MACOSX/deep/._000.png", b"resource fork")  # left out, as training's reader does
+        archive.writestr("notes.txt", b"not an image")
+    Path(tmp_path / "notazip.zip").write_bytes(b"hello")
+    zipped = cli("predict", str(tiny_run), "pngs.zip", "notazip.zip", "--format", "json", "--no-progress")
+    assert zipped.code == 1
+    (tmp_path / "pngs" / "deep" / "broken.png").unlink()
+    folder = cli("predict", str(tiny_run), "pngs", "--format", "json", "--no-progress")
+    by_path = {row["path"]: row for row in json.loads(folder.out)}
+    rows = json.loads(zipped.out)
+    assert len(rows) == len(by_path) == 60
+    for row in rows:
+        assert row["path"].startswith("pngs.zip/deep/class-")
+        same = by_path[row["path"].replace("pngs.zip/", "pngs/", 1)]
+        assert (row["label"], row["topk"]) == (same["label"], same["topk"])
+    assert zipped.err.strip().splitlines() == [
+        "deepfit: cannot predict pngs.zip/deep/broken.png: not an image (format not recognised)",
+        "deepfit: cannot predict notazip.zip: not a readable zip file (File is not a zip file)",
+    ]
+    with zipfile.ZipFile(tmp_path / "text.zip", "w") as archive:
+        archive.writestr("notes.txt", b"not an image")
+    empty = cli("predict", str(tiny_run), "text.zip")
+    assert empty.code == 1 and "cannot predict text.zip: no images found in this .zip" in empty.err
+
+
 def test_progress_bar_for_many_files(tiny_run: Path, cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on a terminal only
     image = tiny_test_images(tiny_run)[0]

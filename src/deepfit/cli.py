@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file to write (default RUN/report.html)")
     add_evaluate_parser(commands.add_parser("evaluate", help="score a trained model: per-class metrics, confusion matrix"))
     add_export_parser(commands.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch"))
-    add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs or CSV pixel rows"))
+    add_predict_parser(commands.add_parser("predict", help="classify image files, folders, globs, zips of images or CSV pixel rows"))
     add_data_parser(commands.add_parser("data", help="describe a data source or draw a grid of its labelled samples"))
     add_lr_find_parser(commands.add_parser("lr-find", help="sweep the learning rate, plot loss against it, suggest one"))
     add_serve_parser(commands.add_parser("serve", help="serve a checkpoint as an HTTP prediction API and web page"))
@@ -635,7 +635,9 @@ def cmd_export(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def add_predict_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or checkpoint file")
-    parser.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders (recursive), globs or CSV files")
+    parser.add_argument(
+        "paths", metavar="PATH", nargs="+", help="image files, folders (recursive), globs, .zip files of images or CSV files"
+    )
     parser.add_argument("--topk", type=int, help="classes to list per image or node (default 3)")
     parser.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,14 +1,14 @@
 """Inference from a checkpoint alone: `Predictor.from_checkpoint(path).predict(inputs)` for paths,
-PIL images, numpy arrays and tensors, and `predict_paths` for files, folders, globs and CSV pixel
-rows (what `deepfit predict` runs). Images are prepared exactly as in training: decoded to the
-checkpoint's channels and H x W, then normalised by the same BatchLoader code."""
+PIL images, numpy arrays and tensors, and `predict_paths` for files, folders, globs, the images of
+a .zip and CSV pixel rows (what `deepfit predict` runs). Images are prepared exactly as in
+training: decoded to the checkpoint's channels and H x W, then normalised by the same BatchLoader code."""
 
 from __future__ import annotations
 
 import functools
 import glob
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,13 @@ import torch
 
 from deepfit.columns import display_width, pad
 from deepfit.engine import predict_logits
-from deepfit.errors import DeepfitError
+from deepfit.errors import DataError, DeepfitError
 from deepfit.runtime import select_device, set_threads
 from deepfit.trained import TrainedModel, load_trained_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pbm")
 CSV_SUFFIX = ".csv"
+ARCHIVE_SUFFIX = ".zip"
 ProgressFn = Callable[[Iterable[Any], str, int], Iterable[Any]]  # (items, description, total) -> items
 PROGRESS_MIN = 100  # fewer files than this get no progress bar
 CHUNK = 2048  # decoded images held before they are classified
@@ -138,8 +139,8 @@ class Predictor:
         return results
 
     def predict_paths(self, items: Sequence[str], *, topk: int = 5, progress: ProgressFn | None = None) -> PathPredictions:
-        """Files, folders (recursively), globs and CSV files of pixel rows; unreadable ones become
-        failures with the reason and the rest are still predicted."""
+        """Files, folders (recursively), globs, .zip files of images and CSV files of pixel rows;
+        unreadable ones (or members) become failures with the reason and the rest are still predicted."""
         files, failures = expand_paths(items)
         listed: Iterable[Path] = files
         if progress is not None and len(files) >= PROGRESS_MIN:
@@ -148,19 +149,49 @@ class Predictor:
         images: list[torch.Tensor] = []
         names: list[str] = []
         for path in listed:
-            try:
-                decoded, labels = self.read_file(path)
-            except DeepfitError as err:
-                failures.append(Failure(str(path), str(err).removeprefix(f"{path}: ")))  # the path is said once
-                continue
-            images.append(decoded)
-            names += labels
-            if len(names) >= CHUNK:  # classify as we go: memory stays bounded for any folder size
-                predictions += self.classify(torch.cat(images), names, topk=topk)
-                images, names = [], []
+            for read in self.read_path(path):
+                if isinstance(read, Failure):
+                    failures.append(read)
+                    continue
+                images.append(read[0])
+                names += read[1]
+                if len(names) >= CHUNK:  # classify as we go: memory stays bounded for any folder size
+                    predictions += self.classify(torch.cat(images), names, topk=topk)
+                    images, names = [], []
         if names:
             predictions += self.classify(torch.cat(images), names, topk=topk)
         return PathPredictions(predictions, failures)
+
+    def read_path(self, path: Path) -> Iterator[tuple[torch.Tensor, list[str]] | Failure]:
+        """The images of one input with their names, or a Failure: an image file, a CSV's rows, or
+        each image of a .zip (a member that cannot be read fails alone)."""
+        if path.suffix.lower() == ARCHIVE_SUFFIX:
+            yield from self.read_archive(path)
+            return
+        try:
+            yield self.read_file(path)
+        except DeepfitError as err:
+            yield Failure(str(path), str(err).removeprefix(f"{path}: "))  # the path is said once
+
+    def read_archive(self, path: Path) -> Iterator[tuple[torch.Tensor, list[str]] | Failure]:
+        """Each image in a .zip, named zip/member, in the archive's order (hidden files and other
+        files left out, as training's zip reader does)."""
+        from deepfit.data.folder import list_files  # as image_decoder: the data package only when a zip is read
+
+        c, h, w = self.input_shape
+        try:
+            listing = list_files(path)
+        except DataError as err:
+            yield Failure(str(path), str(err).removeprefix(f"{path} is "))
+            return
+        members = [name for name in listing.files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        if not members:
+            yield Failure(str(path), f"no images found in this .zip ({', '.join(IMAGE_SUFFIXES)})")
+        for name, blob in zip(members, listing.read(members), strict=True):
+            try:
+                yield decode(bytes(blob), channels=c, size=(h, w)).unsqueeze(0), [listing.display(name)]
+            except DeepfitError as err:
+                yield Failure(listing.display(name), str(err).removeprefix("image bytes: "))
 
     def read_file(self, path: Path) -> tuple[torch.Tensor, list[str]]:
         """(N, C, H, W) uint8 and a name per image: one for an image file, one per CSV row."""
