@@ -5,7 +5,6 @@ training: decoded to the checkpoint's channels and H x W, then normalised by the
 
 from __future__ import annotations
 
-import functools
 import glob
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -209,31 +208,11 @@ def decode(source: Path | bytes, *, channels: int, size: tuple[int, int]) -> tor
     return torch.as_tensor(image_decoder()(source, channels=channels, size=size))
 
 
-@functools.cache
 def image_decoder() -> Callable[..., Any]:
-    """The data package's decode_image, looked up once (a failed import per file cost 70 us)."""
-    try:
-        from deepfit.data.folder import decode_image
-    except ImportError:  # until the image-folder source lands (issue: data); same contract
-        return decode_with_pil
-    decoder: Callable[..., Any] = decode_image
-    return decoder
+    """The data package's decode_image, imported when the first image is decoded (it brings torchvision)."""
+    from deepfit.data.folder import decode_image
 
-
-def decode_with_pil(source: Path | bytes, *, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """PIL decode, convert to L (1 channel) or RGB (3), bilinear resize to (H, W) when it differs."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = str(source) if isinstance(source, Path) else "image bytes"
-    try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
-            converted = image.convert("L" if channels == 1 else "RGB")
-            if converted.size != (size[1], size[0]):
-                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(converted, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-        raise PredictError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
-    return torch.from_numpy(array.reshape(size[0], size[1], channels).transpose(2, 0, 1).copy())
+    return decode_image
 
 
 def read_csv_images(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
