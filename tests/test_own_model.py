@@ -134,6 +134,15 @@ class ForMnist(torch.nn.Module):
         return self.body(x)
 
 
+class Asserts(ForMnist):
+    """Checks its input as a bare assert does outside pytest (which adds a message): no message."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 28:
+            raise AssertionError
+        return self.body(x)
+
+
 class Frozen(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -147,6 +156,7 @@ BAD_MODULES = [
     (Pair, r"returns a tuple; deepfit trains on a tensor of logits \(2, 10\): return it alone"),
     (FiveClasses, r"returns shape \(2, 5\) for a batch of 2 1x12x12 images; deepfit needs \(2, 10\)"),
     (ForMnist, r"fails on a batch of 1x12x12 images \(the data's shape\): RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    (Asserts, r"fails on a batch of 1x12x12 images \(the data's shape\): AssertionError$"),
     (Frozen, r"has no trainable parameters"),
 ]
 

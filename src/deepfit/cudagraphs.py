@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepfit.errors import first_line
+
 Capture = Callable[..., Any]  # torch.cuda.make_graphed_callables(module, (sample,), num_warmup_iters=...)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, torch.Tensor], None]  # one training step's device work on a batch (engine.captured_step)
@@ -84,7 +86,7 @@ class GraphedForward:
                 self.capture(captured, (sample,), num_warmup_iters=self.WARMUP)
         except (RuntimeError, AssertionError) as err:  # a host read or hook in the model's forward, say
             self.failed = True
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             warnings.warn(f"train.cuda_graphs: {type(self.model).__name__} could not be captured ({first}); training eagerly", stacklevel=2)
             return None
         finally:  # the capture patches the module's forward: evaluation, export and saving keep the model's own
@@ -251,7 +253,7 @@ class GraphedStep:
         except (RuntimeError, AssertionError) as err:  # a host read in the model, loss or optimizer, say
             self.failed = True
             self.optimizer.zero_grad(set_to_none=True)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             then = "graphing the model alone" if self.fallback is not None else "training eagerly"
             warnings.warn(
                 f"train.cuda_graphs: the training step of {type(self.model).__name__} could not be captured ({first}); {then}", stacklevel=3

@@ -39,3 +39,13 @@ def did_you_mean(word: str, options: list[str] | tuple[str, ...], *, prefix: str
 
     matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {prefix}{matches[0]}?)" if matches else ""
+
+
+def first_line(err: BaseException, *, named: bool = False) -> str:
+    """The first line of an error's message (with `named`, after its type: 'RuntimeError: ...'),
+    for a one-line message built on it; its type's name when it says nothing."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    return f"{type(err).__name__}: {line}" if named else line

@@ -16,7 +16,7 @@ from deepfit.config import Config
 from deepfit.cudagraphs import GraphedForward, GraphedStep, kept_state, steps_can_be_graphed
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
-from deepfit.errors import ConfigError
+from deepfit.errors import ConfigError, first_line
 from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups, training_bytes
 from deepfit.optim import ScheduleSpan, build_optimizer, resolve_schedule, schedule_from_config
 from deepfit.runtime import autocast_dtype, device_memory
@@ -70,9 +70,8 @@ def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *
         with kept_state(model, device), torch.no_grad():
             out = model.eval()(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     except Exception as err:  # the user's code: whatever it raises, it does not take these images
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(
-            f"your model {name} fails on a batch of {shape} images (the data's shape): {type(err).__name__}: {first}"
+            f"your model {name} fails on a batch of {shape} images (the data's shape): {first_line(err, named=True)}"
         ) from None
     finally:
         model.train(training)
@@ -148,7 +147,7 @@ def config_choice(what: str) -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        raise ConfigError(f"{what}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+        raise ConfigError(f"{what}: {first_line(err)}") from None
 
 
 def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
