@@ -45,12 +45,13 @@ def test_a_table_reads_the_same_from_comma_semicolon_and_tab_files(tmp_path: Pat
         "comma": write(tmp_path / "comma.csv", HOUSES, ","),
         "semicolon": write(tmp_path / "semicolon.csv", HOUSES, ";", decimal=","),
         "tab": write(tmp_path / "tab.csv", HOUSES, "\t"),
+        "tsv": write(tmp_path / "houses.tsv", HOUSES, "\t"),
     }
     tables = {name: load_table(DataConfig(name=str(path), target="price", categorical="onehot")) for name, path in files.items()}
     comma = tables["comma"]
     assert comma.feature_names == ["area", "rooms", "city=north", "city=south, old town"]
     assert comma.target[1] == pytest.approx(102.25 - 0.5)
-    for name in ("semicolon", "tab"):
+    for name in ("semicolon", "tab", "tsv"):
         assert tables[name].feature_names == comma.feature_names, name
         assert (tables[name].features == comma.features).all() and (tables[name].target == comma.target).all(), name
 

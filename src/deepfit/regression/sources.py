@@ -42,8 +42,11 @@ def load_diabetes() -> Table:
     )
 
 
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")  # the delimiter is read off the header (csvtext)
+
+
 def is_csv(name: str) -> bool:
-    return name.lower().endswith((".csv", ".csv.gz"))
+    return name.lower().endswith(TABLE_SUFFIXES)
 
 
 def load_table(data: DataConfig) -> Table:
@@ -54,7 +57,7 @@ def load_table(data: DataConfig) -> Table:
             raise DataError(f"{data.name} predicts {table.schema.target!r}; --target {data.target} is not its target")
         return select_features(table, data.features) if data.features else table
     if not is_csv(data.name):
-        raise DataError(f"unknown regression dataset {data.name!r}; valid: {', '.join(TABLES.names())}, or a .csv/.csv.gz file")
+        raise DataError(f"unknown regression dataset {data.name!r}; valid: {', '.join(TABLES.names())}, or a .csv/.tsv file (.gz too)")
     path = Path(data.name)
     if data.dir is not None and not path.is_absolute():
         path = Path(data.dir) / path
