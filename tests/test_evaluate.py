@@ -252,6 +252,28 @@ def test_data_option_scores_another_source(tmp_path: Path, monkeypatch: pytest.M
     assert len(err.splitlines()) == 1 and "classes the model does not know" in err
 
 
+def test_a_folder_without_split_folders_is_scored_whole_by_default(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evaluate RUN --data photos/` on class folders alone scores all of them (a test split would
+    be a missing split, and its 'val' a random tenth); an asked-for --split test still says there is none."""
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        (tmp_path / "photos" / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(tmp_path / "photos" / str(i % 10) / f"{i}.png")
+    whole = evaluate_checkpoint(tiny_run, data=str(tmp_path / "photos"), write=False)
+    assert whole.report.split == "all" and whole.report.images == 30
+    check_against_sklearn(whole)
+    asked = evaluate_checkpoint(tiny_run, data=str(tmp_path / "photos"), split="all", write=False)
+    assert np.array_equal(asked.predictions, whole.predictions) and np.array_equal(asked.labels, whole.labels)
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "photos"), "--split", "test"]) == 2
+    assert "has no test split" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "photos")]) == 0
+    printed = capsys.readouterr().out
+    assert "photos all split: 30 images" in printed and "report-data-photos-all.json" in printed
+    assert evaluate_checkpoint(tiny_run, write=False).report.split == "test"  # the run's own data: its test split
+
+
 def test_split_all_scores_every_image_of_the_source(tiny_run: Path) -> None:
     result = evaluate_checkpoint(tiny_run, split="all", write=False)
     assert result.report.split == "all" and result.report.images == 200 + 120

@@ -582,7 +582,9 @@ def add_evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (best.pt, else last.pt) or checkpoint file")
     parser.add_argument("--data", help="dataset name or path to score on (default: the run's own data)")
     parser.add_argument("--data-dir", help="folder holding the dataset files, as in train")
-    parser.add_argument("--split", default="test", choices=["test", "val", "all"], help="which split (default test)")
+    parser.add_argument(
+        "--split", choices=["test", "val", "all"], help="which split (default test; all of a --data source without a test split)"
+    )
     parser.add_argument(
         "--tta",
         choices=TTA_MODES,
@@ -896,7 +898,7 @@ def evaluate_regression_cmd(args: argparse.Namespace) -> int:
         raise UsageError("--tta transforms images; a regression model has none")
     if args.skip_bad:
         raise UsageError("--skip-bad leaves out bad image files; a regression table has none")
-    result = evaluate_regression(args.run, data=args.data, split=args.split)
+    result = evaluate_regression(args.run, data=args.data, split=args.split or "test")
     m = result.metrics
     print(f"{result.split}: {result.rows} rows  mse {m['mse']:.4g}  rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2_text(m['r2'])}")
     print(f"report: {result.report_path}")
@@ -991,7 +993,7 @@ def evaluate_node(args: argparse.Namespace) -> int:
 
     if args.data or args.tta not in (None, "none") or args.skip_bad:
         raise UsageError("a node checkpoint is evaluated on its own graph: --data, --tta and --skip-bad do not apply")
-    result = evaluate_node_checkpoint(args.run, split=args.split)
+    result = evaluate_node_checkpoint(args.run, split=args.split or "test")
     print(format_node_report(result.report))
     print(f"report: {result.report_path}")
     return 0

@@ -90,7 +90,7 @@ def evaluate_checkpoint(
     path: str | Path,
     *,
     data: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     tta: str | None = None,
     device: str = "auto",
     write: bool = True,
@@ -98,14 +98,15 @@ def evaluate_checkpoint(
     skip_bad: bool = False,
 ) -> Evaluation:
     """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
-    files in `data_dir` as in training) and its `split`; with `write`, save report.json and
+    files in `data_dir` as in training) and its `split` (default: test; for `data` that has no
+    test split, such as a folder of class folders, all of it); with `write`, save report.json and
     plots/confusion.png beside it. Unreadable image files stop it unless `skip_bad` (or the run's
     own data.skip_bad) leaves them out; the result lists them."""
-    if split not in SPLITS:
+    if split is not None and split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
-    images, source, skipped = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
+    images, source, skipped, split = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
     report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
@@ -121,11 +122,12 @@ def evaluate_checkpoint(
 
 
 def evaluation_images(
-    trained: TrainedModel, data: str | None, split: str, *, data_dir: str | None = None, skip_bad: bool = False
-) -> tuple[ImageSet, str, list[tuple[str, str]]]:
-    """The images to score, the name of their source and its bad files left out: the run's own
-    data by default (its seeded splits rebuild exactly), else `data` decoded to the model's input
-    shape; `data_dir` says where a named dataset's files are (as --data-dir in training)."""
+    trained: TrainedModel, data: str | None, split: str | None, *, data_dir: str | None = None, skip_bad: bool = False
+) -> tuple[ImageSet, str, list[tuple[str, str]], str]:
+    """The images to score, the name of their source, its bad files left out and the split scored:
+    the run's own data by default (its seeded splits rebuild exactly), else `data` decoded to the
+    model's input shape; `data_dir` says where a named dataset's files are (as --data-dir in
+    training). No `split`: test, or all of `data` when it has no test split."""
     config = dataclasses.replace(trained.config.data, skip_bad=trained.config.data.skip_bad or skip_bad)
     c, h, w = trained.input_shape
     other = data if data != config.name else None
@@ -134,11 +136,13 @@ def evaluation_images(
     if data_dir is not None:
         config = dataclasses.replace(config, dir=str(Path(data_dir).expanduser().resolve()))
     bundle = build_data(config, seed=trained.config.train.seed)
+    if split is None:
+        split = "all" if other is not None and (bundle.test is None or len(bundle.test) == 0) else "test"
     chosen = pick_split(bundle, split, config.name, skip_bad=config.skip_bad)
     if other is not None and tuple(chosen.images.shape[1:]) != trained.input_shape and chosen.images.shape[1] == c:
         chosen = ImageSet(torch.stack([resize(image, (h, w)) for image in chosen.images]), chosen.labels)
     check_shape(chosen, trained, config.name)
-    return relabel(chosen, bundle.classes, trained.classes, config.name), config.name, list(bundle.skipped)
+    return relabel(chosen, bundle.classes, trained.classes, config.name), config.name, list(bundle.skipped), split
 
 
 def pick_split(bundle: DataBundle, split: str, source: str, *, skip_bad: bool = False) -> ImageSet:
