@@ -232,6 +232,11 @@ def test_data_info_says_which_sizes_were_resized(cli, tmp_path: Path, pipeline: 
         assert "sizes found: 10x12 (7), 16x20 (2), 9x7 (1); 3 image(s) resized to 10x12 (--data.image-size N to choose)" in mixed.out
     chosen = cli("data", "info", str(root), "--data.pipeline", pipeline, "--data.image-size", "16")
     assert "sizes found: 10x12 (7), 16x20 (2), 9x7 (1); 10 image(s) resized to 16x16" in chosen.out
+    trained = cli("train", "--data", str(root), "--data.pipeline", pipeline, "--epochs", "1", "--no-progress", "--out", "run")
+    assert trained.code == 0, trained.err
+    assert (
+        "10 images 3x10x12 (train / val / test 8 / 2 / 0), 2 classes; 3 resized to 10x12 (deepfit data info lists the sizes)" in trained.out
+    )
 
 
 def test_data_info_takes_the_train_data_flags(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

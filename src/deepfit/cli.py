@@ -235,10 +235,15 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def print_image_data(bundle: DataBundle) -> None:
     """What the run trains on, before its first epoch: images, their shape, the split, the classes."""
+    from deepfit.data.bundle import resized_count
+
     sizes = [len(s) if s is not None else 0 for s in (bundle.train, bundle.val, bundle.test)]
     shape = "x".join(map(str, bundle.input_shape))
+    resized = resized_count(bundle.sizes, bundle.input_shape)
+    note = f"; {resized} resized to {shape.split('x', 1)[1]} (deepfit data info lists the sizes)" if resized else ""
     print(
-        f"data: {bundle.source}: {sum(sizes)} images {shape} (train / val / test {' / '.join(map(str, sizes))}), {bundle.num_classes} classes",
+        f"data: {bundle.source}: {sum(sizes)} images {shape} (train / val / test {' / '.join(map(str, sizes))}),"
+        f" {bundle.num_classes} classes{note}",
         flush=True,
     )
 

@@ -181,12 +181,16 @@ def size_counts(sizes: Iterable[tuple[int, int]]) -> dict[str, int]:
     return {f"{h}x{w}": n for (h, w), n in Counter(sizes).most_common()}
 
 
+def resized_count(sizes: dict[str, int], shape: tuple[int, int, int]) -> int:
+    """How many of the images found (size_counts) were resized to the training shape (C, H, W)."""
+    return sum(n for size, n in sizes.items() if size != f"{shape[1]}x{shape[2]}")
+
+
 def resized_line(sizes: dict[str, int], shape: tuple[int, int, int]) -> str | None:
     """For data info: the sizes the files came in, when any was resized to the training shape."""
-    target = f"{shape[1]}x{shape[2]}"
-    if not sizes or list(sizes) == [target]:
+    target, resized = f"{shape[1]}x{shape[2]}", resized_count(sizes, shape)
+    if not resized:
         return None
-    resized = sum(n for size, n in sizes.items() if size != target)
     found = ", ".join(f"{size} ({n:,})" for size, n in list(sizes.items())[:4]) + (f" and {len(sizes) - 4} more" if len(sizes) > 4 else "")
     return f"sizes found: {found}; {resized:,} image(s) resized to {target} (--data.image-size N to choose)"
 
