@@ -230,6 +230,20 @@ def test_a_users_dataset_names_its_classes_or_they_come_from_the_labels(tmp_path
     assert torch.equal(inferred.train.labels, torch.tensor([["ant", "moth", "zebra"].index(w) for w in words])[inferred.train.index])  # type: ignore[attr-defined]
 
 
+def test_a_users_dataset_of_mixed_sizes_trains_at_its_most_common_size() -> None:
+    """The first item is the odd one out: the size comes from items spread over the dataset, as a
+    folder's most common size; data.image_size still decides when set."""
+
+    class Mixed(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            image = Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy())
+            return (image.resize((12, 6)) if i % 4 == 0 else image), self.labels[i]  # a quarter 6x12 (HxW), item 0 among them
+
+    assert build_data(DataConfig(), dataset=Mixed("pil")).input_shape == (3, 8, 8)
+    assert build_data(DataConfig(image_size=10), dataset=Mixed("pil")).input_shape == (3, 10, 10)
+    assert build_data(DataConfig(val_fraction=0), dataset=Mixed("pil", count=1)).input_shape == (3, 6, 12)  # one item: its own size
+
+
 def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -> None:
     class Normalised(Pictures):
         def __getitem__(self, i: int) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@ decoded into memory when it fits data.memory_budget_mb, else streamed through th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,7 +91,7 @@ def dataset_source(dataset: Dataset[Any], config: DataConfig) -> SourceData:
     count = len(dataset)  # type: ignore[arg-type]
     if count == 0:
         raise DataError("the dataset passed to fit has no items")
-    shape = first_shape(dataset, config)
+    shape = dataset_shape(dataset, config)
     names = getattr(dataset, "classes", None)
     origin = f"{type(dataset).__name__} passed to fit ({count:,} items)"
     streamed = config.pipeline == "stream" or (config.pipeline == "auto" and count * shape[0] * shape[1] * shape[2] > budget_bytes(config))
@@ -108,17 +109,29 @@ def dataset_source(dataset: Dataset[Any], config: DataConfig) -> SourceData:
     return SourceData(train=train, test=None, classes=classes, flip_ok=True, origin=origin)
 
 
-def first_shape(dataset: Dataset[Any], config: DataConfig) -> tuple[int, int, int]:
-    """(C, H, W) for a user's Dataset: data.channels / data.image_size where set, else the first item's."""
-    image, _ = image_and_label(dataset[0], 0)
-    if isinstance(image, Image.Image):
-        channels, (width, height) = 1 if image.mode in GREY_MODES else 3, image.size
-    elif isinstance(image, torch.Tensor) and image.dim() in (2, 3):
-        channels, height, width = (1 if image.dim() == 2 else min(int(image.shape[0]), 3)), int(image.shape[-2]), int(image.shape[-1])
-    else:
-        raise DataError(f"images must be PIL images or (C, H, W) tensors, not {type(image).__name__}")
+SHAPE_SAMPLE = 64  # items spread over a user's Dataset whose sizes choose the training size
+
+
+def dataset_shape(dataset: Dataset[Any], config: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) for a user's Dataset: data.channels / data.image_size where set, else the first
+    item's channels and the most common size among SHAPE_SAMPLE items spread over the dataset (the
+    first item's on a tie), as an image folder takes its most common size."""
+    count = len(dataset)  # type: ignore[arg-type]
+    picks = sorted({i * count // SHAPE_SAMPLE for i in range(min(count, SHAPE_SAMPLE))})
+    shapes = [item_shape(dataset[i], i) for i in picks]
+    (height, width), _ = Counter(shape[1:] for shape in shapes).most_common(1)[0]
     side = config.image_size
-    return config.channels or channels, side or height, side or width
+    return config.channels or shapes[0][0], side or height, side or width
+
+
+def item_shape(item: Any, i: int) -> tuple[int, int, int]:
+    """(C, H, W) of one item's image as it comes (C: 1 for grey, else 3)."""
+    image, _ = image_and_label(item, i)
+    if isinstance(image, Image.Image):
+        return 1 if image.mode in GREY_MODES else 3, image.size[1], image.size[0]
+    if isinstance(image, torch.Tensor) and image.dim() in (2, 3):
+        return (1 if image.dim() == 2 else min(int(image.shape[0]), 3)), int(image.shape[-2]), int(image.shape[-1])
+    raise DataError(f"images must be PIL images or (C, H, W) tensors, not {type(image).__name__}")
 
 
 def label_classes(raw: Sequence[Any], names: Any) -> tuple[list[str], dict[Any, int]]:
