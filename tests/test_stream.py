@@ -185,6 +185,8 @@ class Pictures(Dataset[tuple[Any, Any]]):
             return self.pixels[i].float() / 255, torch.tensor(self.labels[i])
         if self.kind == "pil":
             return Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy()), self.labels[i]
+        if self.kind == "numpy":  # (H, W, C) uint8, as OpenCV or np.asarray(pil) give
+            return self.pixels[i].permute(1, 2, 0).numpy(), self.labels[i]
         return self.pixels[i], self.labels[i]
 
 
@@ -208,7 +210,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.parametrize("kind", ["float", "pil", "uint8"])
+@pytest.mark.parametrize("kind", ["float", "pil", "uint8", "numpy"])
 def test_fit_takes_a_users_dataset_in_memory_or_streamed_with_the_same_result(tmp_path: Path, kind: str) -> None:
     dataset = Pictures(kind)
     memory = deepfit.fit(fit_config(tmp_path, "memory"), data=dataset)
@@ -242,6 +244,23 @@ def test_a_users_dataset_of_mixed_sizes_trains_at_its_most_common_size() -> None
     assert build_data(DataConfig(), dataset=Mixed("pil")).input_shape == (3, 8, 8)
     assert build_data(DataConfig(image_size=10), dataset=Mixed("pil")).input_shape == (3, 10, 10)
     assert build_data(DataConfig(val_fraction=0), dataset=Mixed("pil", count=1)).input_shape == (3, 6, 12)  # one item: its own size
+
+
+def test_numpy_images_grey_or_float_read_as_their_tensor_twins() -> None:
+    class Grey(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return self.pixels[i, 0].numpy().astype(np.float32) / 255, self.labels[i]  # (H, W) floats in 0..1
+
+    grey = build_data(DataConfig(val_fraction=0), dataset=Grey("x"))
+    assert grey.input_shape == (1, 8, 8)
+    assert sorted(map(bytes, grey.train.images.flatten(1).numpy())) == sorted(map(bytes, Grey("x").pixels[:, 0].flatten(1).numpy()))
+
+    class Strange(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return np.zeros((8, 8, 5), np.uint8), self.labels[i]
+
+    with pytest.raises(DataError, match=r"numpy images must be \(H, W\) or \(H, W, C\) with 1, 3 or 4 channels; got shape \(8, 8, 5\)"):
+        build_data(DataConfig(), dataset=Strange("x"))
 
 
 def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""A user's own torch Dataset of (image, label) as a deepfit source: PIL images or (C, H, W)
-tensors (uint8, or float in 0..1) converted to uint8, classes from `.classes` or the labels,
+"""A user's own torch Dataset of (image, label) as a deepfit source: PIL images, (C, H, W)
+tensors or (H, W, C) numpy arrays (uint8, or float in 0..1) converted to uint8, classes from `.classes` or the labels,
 decoded into memory when it fits data.memory_budget_mb, else streamed through the workers."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -52,7 +53,9 @@ def label_value(label: Any) -> Any:
 
 
 def as_uint8_image(image: Any, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """PIL image or (C, H, W) / (H, W) tensor -> uint8 (channels, *size)."""
+    """PIL image, (C, H, W) / (H, W) tensor or (H, W, C) / (H, W) numpy array -> uint8 (channels, *size)."""
+    if isinstance(image, np.ndarray):
+        image = array_tensor(image)
     if isinstance(image, Image.Image):
         from torchvision.transforms.v2 import functional as tvf  # torchvision loads its model zoo: only when used
 
@@ -61,8 +64,18 @@ def as_uint8_image(image: Any, channels: int, size: tuple[int, int]) -> torch.Te
         tensor = uint8_pixels(image if image.dim() == 3 else image.unsqueeze(0))
         tensor = conform_chunk(tensor[:3].unsqueeze(0), channels, None)[0]  # (C, H, W), alpha dropped
     else:
-        raise DataError(f"images must be PIL images or (C, H, W) tensors, not {type(image).__name__}")
+        raise DataError(f"images must be PIL images, (C, H, W) tensors or (H, W, C) numpy arrays, not {type(image).__name__}")
     return resize(tensor, size)
+
+
+def array_tensor(array: np.ndarray) -> torch.Tensor:
+    """A numpy image as PIL, OpenCV and imageio give it, (H, W) or (H, W, C), -> a (C, H, W) tensor
+    of the same dtype (uint8_pixels then reads uint8, integers or floats in 0..1)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise DataError(f"numpy images must be (H, W) or (H, W, C) with 1, 3 or 4 channels; got shape {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def uint8_pixels(image: torch.Tensor) -> torch.Tensor:
@@ -127,11 +140,13 @@ def dataset_shape(dataset: Dataset[Any], config: DataConfig) -> tuple[int, int, 
 def item_shape(item: Any, i: int) -> tuple[int, int, int]:
     """(C, H, W) of one item's image as it comes (C: 1 for grey, else 3)."""
     image, _ = image_and_label(item, i)
+    if isinstance(image, np.ndarray):
+        image = array_tensor(image)
     if isinstance(image, Image.Image):
         return 1 if image.mode in GREY_MODES else 3, image.size[1], image.size[0]
     if isinstance(image, torch.Tensor) and image.dim() in (2, 3):
         return (1 if image.dim() == 2 else min(int(image.shape[0]), 3)), int(image.shape[-2]), int(image.shape[-1])
-    raise DataError(f"images must be PIL images or (C, H, W) tensors, not {type(image).__name__}")
+    raise DataError(f"images must be PIL images, (C, H, W) tensors or (H, W, C) numpy arrays, not {type(image).__name__}")
 
 
 def label_classes(raw: Sequence[Any], names: Any) -> tuple[list[str], dict[Any, int]]:
