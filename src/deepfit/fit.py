@@ -93,7 +93,7 @@ def fit(
     **overrides: Any,
 ) -> FitResult:
     """Train `model` (default: the registered config.model.name) on `data` (default: config.data):
-    a DataBundle, or any torch Dataset of (image, label) pairs (PIL images or CxHxW tensors).
+    a DataBundle, or any torch Dataset of (image, label) pairs (PIL images, CxHxW tensors or HxWxC arrays).
     A string names a registered model or a data source; keyword `overrides` (epochs=2,
     optim={"lr": 3e-3}, ...) apply over `config` as the CLI's flags do (config_from_overrides).
     `optimizer`: any torch optimizer over `model`'s parameters (default: config.optim).
