@@ -263,6 +263,23 @@ def test_numpy_images_grey_or_float_read_as_their_tensor_twins() -> None:
         build_data(DataConfig(), dataset=Strange("x"))
 
 
+@pytest.mark.parametrize("pipeline", ["memory", "stream"])
+def test_a_dataset_item_that_is_not_an_image_and_a_class_is_named(pipeline: str) -> None:
+    class OneHot(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return self.pixels[i], torch.nn.functional.one_hot(torch.tensor(self.labels[i]), 3)
+
+    class Missing(Pictures):
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return (None if i == 4 else self.pixels[i]), self.labels[i]
+
+    config = DataConfig(pipeline=pipeline, num_workers=0)
+    with pytest.raises(DataError, match=r"item 0 of the dataset has a Tensor of 3 values as its label; .* label\.argmax\(\)"):
+        build_data(config, dataset=OneHot("x"))
+    with pytest.raises(DataError, match=r"item 4 of the dataset: images must be PIL images, .* not NoneType"):
+        build_data(config, dataset=Missing("x", count=20))
+
+
 def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -> None:
     class Normalised(Pictures):
         def __getitem__(self, i: int) -> tuple[Any, Any]:

@@ -32,7 +32,7 @@ class UserItems(Dataset[Item]):
 
     def __getitem__(self, i: int) -> Item:
         image, label = image_and_label(self.dataset[i], i)
-        label = label_value(label)
+        label = label_value(label, i)
         if self.label_index is not None:
             label = self.label_index[label]
         try:
@@ -47,8 +47,15 @@ def image_and_label(item: Any, i: int) -> tuple[Any, Any]:
     return item[0], item[1]
 
 
-def label_value(label: Any) -> Any:
-    """A plain hashable label: tensors and numpy scalars become python numbers."""
+def label_value(label: Any, i: int) -> Any:
+    """A plain hashable label: tensors and numpy scalars become python numbers; anything holding
+    several values (a one-hot vector, a list) is refused, naming item `i`."""
+    size = label.numel() if isinstance(label, torch.Tensor) else np.size(label) if isinstance(label, np.ndarray) else None
+    if size not in (None, 1) or isinstance(label, (list, tuple, dict, set)):
+        what = f"{type(label).__name__} of {size if size is not None else len(label)} values"
+        raise DataError(
+            f"item {i} of the dataset has a {what} as its label; deepfit needs one class per image (an int or a name): return label.argmax() for one-hot labels"
+        )
     return label.item() if hasattr(label, "item") else label
 
 
@@ -138,8 +145,15 @@ def dataset_shape(dataset: Dataset[Any], config: DataConfig) -> tuple[int, int, 
 
 
 def item_shape(item: Any, i: int) -> tuple[int, int, int]:
-    """(C, H, W) of one item's image as it comes (C: 1 for grey, else 3)."""
+    """(C, H, W) of item `i`'s image as it comes (C: 1 for grey, else 3)."""
     image, _ = image_and_label(item, i)
+    try:
+        return image_shape(image)
+    except DataError as err:
+        raise DataError(f"item {i} of the dataset: {err}") from None
+
+
+def image_shape(image: Any) -> tuple[int, int, int]:
     if isinstance(image, np.ndarray):
         image = array_tensor(image)
     if isinstance(image, Image.Image):
@@ -169,7 +183,7 @@ class LabelItems(Dataset[Any]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Any:
-        return label_value(image_and_label(self.dataset[i], i)[1])
+        return label_value(image_and_label(self.dataset[i], i)[1], i)
 
 
 def dataset_labels(dataset: Dataset[Any], num_workers: int) -> list[Any]:
@@ -178,7 +192,7 @@ def dataset_labels(dataset: Dataset[Any], num_workers: int) -> list[Any]:
     count = len(dataset)  # type: ignore[arg-type]
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == count:
-        return [label_value(t) for t in targets]
+        return [label_value(t, i) for i, t in enumerate(targets)]
     workers = num_workers if count >= WORKERS_FROM else 0
     loader = DataLoader(LabelItems(dataset), batch_size=CHUNK, num_workers=workers, collate_fn=list, generator=own_generator())
     return [label for part in loader for label in part]
