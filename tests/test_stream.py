@@ -280,6 +280,31 @@ def test_a_dataset_item_that_is_not_an_image_and_a_class_is_named(pipeline: str)
         build_data(config, dataset=Missing("x", count=20))
 
 
+def test_a_workers_data_error_is_its_own_line_and_leaves_no_worker_behind() -> None:
+    """Enough items for worker processes: the bad label's DataError comes back as its message, not
+    torch's 'Caught DataError in DataLoader worker' traceback, and the broken pass's workers are
+    stopped at once (left to the garbage collector, a later load's forked worker could collect
+    their iterator and print torch's 'can only test a child process')."""
+    import multiprocessing
+
+    class Tiny(Dataset[tuple[Any, Any]]):
+        def __init__(self, bad: int) -> None:
+            self.bad = bad
+
+        def __len__(self) -> int:
+            return 1100
+
+        def __getitem__(self, i: int) -> tuple[Any, Any]:
+            return torch.zeros(1, 4, 4, dtype=torch.uint8), (torch.tensor([0, 1]) if i == self.bad else i % 2)
+
+    config = DataConfig(num_workers=2, val_fraction=0)
+    with pytest.raises(DataError) as caught:
+        build_data(config, dataset=Tiny(1050))
+    assert str(caught.value).startswith("item 1050 of the dataset has a Tensor of 2 values as its label")
+    assert multiprocessing.active_children() == []  # the error (still held here) keeps no worker alive
+    assert len(build_data(config, dataset=Tiny(-1)).train) == 1100
+
+
 def test_a_normalised_float_dataset_is_refused_with_the_reason(tmp_path: Path) -> None:
     class Normalised(Pictures):
         def __getitem__(self, i: int) -> tuple[Any, Any]:

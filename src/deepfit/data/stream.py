@@ -11,7 +11,7 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,11 +183,37 @@ def decode_all(
     labels: list[Any] = []
     failures: list[tuple[int, str]] = []
     loader = DataLoader(items, batch_sampler=chunks, num_workers=workers, collate_fn=collate, generator=own_generator())
-    for images_part, labels_part, failed in loader:
+    for images_part, labels_part, failed in drained(loader):
         failures += [(len(labels) + i, reason) for i, reason in failed]
         images.append(images_part)
         labels += list(labels_part)
     return torch.cat(images), labels, failures
+
+
+def drained(loader: DataLoader[Any]) -> Iterator[Any]:
+    """The loader's batches, for a pass that reads them all. A DataError raised in a worker comes
+    out as its own one-line message, not torch's 'Caught DataError in DataLoader worker process N'
+    and the worker's traceback. On any error the workers are stopped here: a DataLoader forked
+    later would otherwise collect this iterator in its worker and print torch's 'can only test a
+    child process' (seen when a notebook calls fit again after a bad Dataset)."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except DataError as err:
+        raise DataError(worker_message(err)) from None
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's own cleanup (its __del__ calls it too); none without workers
+        if shutdown is not None:
+            shutdown()
+
+
+def worker_message(err: DataError) -> str:
+    """The original message of a DataError re-raised from a DataLoader worker (the last line of the
+    traceback torch puts in its message); any other DataError's own."""
+    text = str(err)
+    if not text.startswith("Caught DataError in DataLoader worker"):
+        return text
+    return text.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
 def load_images(split: ImageSet, *, num_workers: int = 2, skip_bad: bool = False) -> ImageSet:

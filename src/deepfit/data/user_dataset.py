@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from deepfit.config import DataConfig
 from deepfit.data.bundle import ImageSet, SourceData, conform_chunk
 from deepfit.data.decode import GREY_MODES, resize
-from deepfit.data.stream import CHUNK, WORKERS_FROM, Item, budget_bytes, decode_all, own_generator, raise_failures, stream_set
+from deepfit.data.stream import CHUNK, WORKERS_FROM, Item, budget_bytes, decode_all, drained, own_generator, raise_failures, stream_set
 from deepfit.errors import DataError
 
 
@@ -195,4 +195,4 @@ def dataset_labels(dataset: Dataset[Any], num_workers: int) -> list[Any]:
         return [label_value(t, i) for i, t in enumerate(targets)]
     workers = num_workers if count >= WORKERS_FROM else 0
     loader = DataLoader(LabelItems(dataset), batch_size=CHUNK, num_workers=workers, collate_fn=list, generator=own_generator())
-    return [label for part in loader for label in part]
+    return [label for part in drained(loader) for label in part]
