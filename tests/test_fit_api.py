@@ -58,6 +58,18 @@ def test_fit_trains_any_module(tiny_idx: Path, tmp_path: Path) -> None:
     assert result.history[-1]["train_acc"] > result.history[0]["train_acc"] or result.history[-1]["train_acc"] == 1.0
 
 
+def test_an_optimizer_of_another_module_is_refused_before_the_run_folder(tiny_idx: Path, tmp_path: Path) -> None:
+    """It would train nothing: the model would end as it began."""
+    from deepfit.errors import ConfigError
+
+    model, other = TwoLayer(), TwoLayer()
+    with pytest.raises(ConfigError, match=r"steps 4 parameter tensor\(s\) of another module, none of the model's"):
+        deepfit.fit(tiny_config(tiny_idx, tmp_path / "other"), model=model, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    assert not (tmp_path / "other" / "run").exists()
+    head = torch.optim.SGD(model.net[-1].parameters(), lr=0.1)  # some of the model's own: fine-tuning a part
+    assert deepfit.fit(tiny_config(tiny_idx, tmp_path / "head"), model=model, optimizer=head).history
+
+
 def test_the_loop_can_be_called_directly(tiny_idx: Path) -> None:
     """engine works with any module and any iterable of (x, y) batches."""
     config = Config()

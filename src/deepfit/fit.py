@@ -37,6 +37,7 @@ from deepfit.fitparts import (
     cuda_graphs,
     make_optimizer,
     require_logits,
+    require_model_parameters,
     require_training_memory,
     save_skipped,
     warn_unsafe_tta,
@@ -172,6 +173,8 @@ def prepare_run(
         skip_bad=config.data.skip_bad, drop_last=config.data.drop_last,
     )  # fmt: skip
     warn_unsafe_tta(config.train.tta, bundle)
+    if optimizer is not None:
+        require_model_parameters(optimizer, net)
     optimizer = optimizer if optimizer is not None else make_optimizer(config, net, device)
     schedule, interval = choose_schedule(config, optimizer, scheduler, loader.batches_per_epoch)
     if config.data.sampler == "balanced":

@@ -87,6 +87,18 @@ def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *
         )
 
 
+def require_model_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """fit(optimizer=...) must step the model's own parameters: one built on another module's
+    (a second `Net()`, say) would leave the trained model as it started, without a word."""
+    own = {id(p) for p in model.parameters()}
+    given = [p for group in optimizer.param_groups for p in group["params"]]
+    if given and not any(id(p) in own for p in given):
+        raise ConfigError(
+            f"fit(optimizer=...) steps {len(given)} parameter tensor(s) of another module, none of the model's:"
+            " build it on the parameters of the model passed as fit(model=...)"
+        )
+
+
 PROBE_ABOVE = 3 * 96 * 96  # input values per image above which training's memory is estimated first (MNIST, CIFAR: not)
 
 
