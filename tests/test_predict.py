@@ -123,6 +123,16 @@ def test_unusable_inputs_raise_clear_errors(predictor: Predictor) -> None:
             predictor.predict(bad)
 
 
+@pytest.mark.parametrize("scale", [255.0, -1.0])
+def test_float_pixels_outside_0_to_1_are_refused_not_clipped(predictor: Predictor, scale: float) -> None:
+    """A 0..255 float image, or one already normalised (negative values), used to be clipped to
+    white or black and classified without a word."""
+    image = torch.rand(1, 12, 12, generator=torch.Generator().manual_seed(0)) * scale
+    with pytest.raises(PredictError, match=r"float image pixels must be in 0\.\.1 \(as ToTensor gives\); these run .*Normalize"):
+        predictor.predict(image)
+    assert len(predictor.predict(image.abs() / abs(scale))) == 1  # the same image in 0..1
+
+
 def write_folder(tiny_run: Path, root: Path) -> dict[str, int]:
     """Test images as PNGs in nested class folders; returns file -> index in the IDX test set."""
     index = {}

@@ -293,7 +293,8 @@ def hwc(array: np.ndarray, *, channels_first: bool) -> np.ndarray:
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 stays; floats are read as 0..1 (torchvision's ToTensor scale) and rounded to 0..255."""
+    """uint8 stays; integers are clipped to 0..255; floats must be in 0..1 (torchvision's ToTensor
+    scale; a normalised image, negative or over 1, is refused rather than clipped) and are rounded to 0..255."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
@@ -302,7 +303,13 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
         return np.clip(array, 0, 255).astype(np.uint8)
     if not np.isfinite(array).all():
         raise PredictError("image array holds NaN or infinite values")
-    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if low < 0 or high > 1:
+        raise PredictError(
+            f"float image pixels must be in 0..1 (as ToTensor gives); these run {low:.3g}..{high:.3g}:"
+            " pass the image before any Normalize (deepfit normalises with the checkpoint's mean and std)"
+        )
+    return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
