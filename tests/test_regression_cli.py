@@ -383,3 +383,16 @@ def test_data_info_and_show_take_target_as_train_does(cli, tmp_path: Path) -> No
     one = cli("data", "show", "table.csv", "--target", "y", "--count", "1", "--out", "one.png")
     with Image.open(tmp_path / "one.png") as image:
         assert one.code == 0 and image.width < 600  # --count 1: the most correlated feature alone
+
+
+def test_the_image_python_api_refuses_a_regression_run_in_one_line(trained: tuple[Path, Path]) -> None:
+    """The command line dispatches by task first; the Python API's image entry points are reached
+    directly, and load_run used to fail with an IndexError on the table's input shape."""
+    import deepfit
+    from deepfit.errors import CheckpointError
+    from deepfit.inspect import load_run
+
+    run = trained[0]
+    for reach in (load_run, deepfit.Predictor.from_checkpoint, lambda r: deepfit.evaluate_checkpoint(r, write=False)):
+        with pytest.raises(CheckpointError, match=r"holds a regression model, not an image classifier"):
+            reach(run)

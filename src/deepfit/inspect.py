@@ -22,6 +22,7 @@ from deepfit.errors import ConfigError, DataError, DeepfitError
 from deepfit.history import LR_FILE, read_lr_csv, read_metrics_csv
 from deepfit.metrics import confusion_matrix
 from deepfit.models import build_model
+from deepfit.trained import require_image_task
 
 FIGURE_KINDS = ("curves", "samples", "predictions", "confusion", "mistakes", "filters", "features", "gradcam")
 
@@ -91,6 +92,7 @@ def load_run(path: str | Path) -> LoadedRun:
     """Rebuild a run's model from a run folder (best.pt, else last.pt) or a checkpoint file."""
     path = Path(path)
     state = load_checkpoint(path)
+    require_image_task(state, path)
     config = config_from_dict(state["config"])  # as the run saved it, for reports
     architecture = config_from_dict(state["config"]).model
     architecture.weights = None  # the checkpoint holds the weights: never fetch pretrained ones

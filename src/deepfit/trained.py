@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,6 +75,16 @@ def load_trained_model(
     return load_into(path, device=device, channels_last=channels_last, given=model)
 
 
+def require_image_task(state: dict[str, Any], path: Path) -> None:
+    """A CheckpointError unless the checkpoint `path` stands for holds an image classifier (the
+    other tasks' commands dispatch before the image code; the Python API reaches it directly)."""
+    if (task := checkpoint_task(state)) != "image":
+        file = path if path.is_file() else resolved_file(path)
+        raise CheckpointError(
+            f"{file} holds a {task} model, not an image classifier; deepfit evaluate, predict, export, show and report take {task} runs"
+        )
+
+
 def load_into(path: str | Path, *, device: torch.device | None, channels_last: bool | None, given: nn.Module | None) -> TrainedModel:
     """Rebuild the model a checkpoint (or a run folder: best.pt, else last.pt) describes.
     Every problem with the file is a CheckpointError: missing, empty, corrupt, unsafe, another
@@ -81,10 +92,7 @@ def load_into(path: str | Path, *, device: torch.device | None, channels_last: b
     path = Path(path)
     state = load_checkpoint(path)
     file = path if path.is_file() else resolved_file(path)
-    if (task := checkpoint_task(state)) != "image":  # the other tasks' commands dispatch before this
-        raise CheckpointError(
-            f"{file} holds a {task} model, not an image classifier; deepfit evaluate, predict, export, show and report take {task} runs"
-        )
+    require_image_task(state, path)
     try:
         config = config_from_dict(state["config"])
         architecture = config_from_dict(state["config"]).model
