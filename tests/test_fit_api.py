@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +69,22 @@ def test_an_optimizer_of_another_module_is_refused_before_the_run_folder(tiny_id
     assert not (tmp_path / "other" / "run").exists()
     head = torch.optim.SGD(model.net[-1].parameters(), lr=0.1)  # some of the model's own: fine-tuning a part
     assert deepfit.fit(tiny_config(tiny_idx, tmp_path / "head"), model=model, optimizer=head).history
+
+
+@pytest.mark.parametrize(
+    ("overrides", "task", "function"),
+    [({"task": "node"}, "node", "fit_node"), ({"data": "line"}, "regression", "fit_regression"),
+     ({"data": {"name": "houses.csv", "target": "price"}}, "regression", "fit_regression")],
+)  # fmt: skip
+def test_fit_refuses_another_tasks_config_naming_what_trains_it(
+    tmp_path: Path, overrides: dict[str, Any], task: str, function: str
+) -> None:
+    """A node config used to train the digits as images and save a checkpoint that said `node`."""
+    from deepfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"deepfit.fit trains image classifiers; this config is a {task} run: .*{function}\\(config\\)"):
+        deepfit.fit(epochs=1, out=str(tmp_path / "run"), progress=False, **overrides)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_loop_can_be_called_directly(tiny_idx: Path) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from deepfit import checkpoint as ckpt
 from deepfit import distributed
-from deepfit.config import Config, config_from_overrides, parse_duration, save_config, validate
+from deepfit.config import Config, config_from_overrides, infer_task, parse_duration, save_config, validate
 from deepfit.cudagraphs import GraphedForward, GraphedStep
 from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, require_classes
 from deepfit.data.balance import balanced_sample_weights
@@ -106,6 +106,7 @@ def fit(
     config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
     model = None if isinstance(model, (str, dict)) else model
     data = None if isinstance(data, (str, dict)) else data
+    require_image_task(config)
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
@@ -133,6 +134,22 @@ def fit(
                 train_epochs(run, progress, on_epoch)
             with after_training(run.run_dir):
                 return finish(run)
+
+
+OTHER_TASKS = {  # what trains the tasks deepfit.fit does not, with their own defaults
+    "regression": "from deepfit.regression import default_config, fit_regression; fit_regression(config) (defaults: default_config())",
+    "node": "from deepfit.graph import fit_node, node_defaults; fit_node(config) (defaults: node_defaults())",
+}
+
+
+def require_image_task(config: Config) -> None:
+    """deepfit.fit trains image classifiers: a config whose task is another (data.task, or the
+    one --data, --target or --data.nodes implies, as on the command line) is refused in one line
+    naming the function that trains it, rather than trained as images (a node config trained
+    the digits and saved a checkpoint that said `node`)."""
+    task = infer_task(config.data)
+    if task != "image":
+        raise ConfigError(f"deepfit.fit trains image classifiers; this config is a {task} run: {OTHER_TASKS[task]}")
 
 
 def open_trackers(run: Run, *, resumed: bool) -> Trackers:
