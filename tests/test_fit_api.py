@@ -135,6 +135,13 @@ def test_training_is_deterministic(tiny_idx: Path, tmp_path: Path) -> None:
     assert not all(torch.equal(sa[k], c.model.state_dict()[k]) for k in sa)
 
 
+def test_build_data_takes_a_name_as_fit_does() -> None:
+    named = build_data("digits")
+    configured = build_data(Config().data)  # digits is the default source
+    assert named.input_shape == configured.input_shape == (1, 8, 8)
+    assert torch.equal(named.train.labels, configured.train.labels) and named.classes == configured.classes
+
+
 def test_digits_split_is_seeded_and_stratified() -> None:
     bundle = build_data(Config().data)
     again = build_data(Config().data)
