@@ -71,6 +71,13 @@ def test_bad_ranges_are_config_errors(digits) -> None:  # type: ignore[no-untype
         find_lr(digits_config(), data=digits, steps=5)
 
 
+def test_your_own_module_that_does_not_fit_the_data_is_one_line(digits) -> None:  # type: ignore[no-untyped-def]
+    """As in fit: a module of 5 outputs for 10 classes said 'Target 9 is out of bounds' mid-sweep."""
+    five = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    with pytest.raises(ConfigError, match=r"returns shape \(2, 5\) for a batch of 2 1x8x8 images; deepfit needs \(2, 10\)"):
+        find_lr(digits_config(), model=five, data=digits, steps=20)
+
+
 def test_save_writes_the_plot_and_the_table(digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     result = find_lr(digits_config(**{"model.name": "mlp"}), data=digits, steps=40)
     png, table = save_lr_find(result, tmp_path / "out")

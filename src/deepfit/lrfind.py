@@ -24,6 +24,7 @@ from deepfit.config import Config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader, require_classes
 from deepfit.engine import StepOptions, train_one_epoch
 from deepfit.errors import ConfigError, NonFiniteError
+from deepfit.fitparts import require_logits
 from deepfit.models import build_model, freeze_backbone, parameter_groups
 from deepfit.optim import LossFn, build_loss, build_optimizer
 from deepfit.plots import save_figure
@@ -76,7 +77,8 @@ def find_lr(
         bundle = data if data is not None else build_data(config.data, seed=config.train.seed)
         require_classes(bundle)
         net = sweep_model(config, bundle, model)
-        return sweep(config, bundle, net, start_lr=start_lr, end_lr=end_lr, steps=steps)
+        own = model is not None or bool(config.model.class_path)  # your own module: tried on the data's shape first, as fit does
+        return sweep(config, bundle, net, start_lr=start_lr, end_lr=end_lr, steps=steps, own=own)
 
 
 def check_range(start_lr: float, end_lr: float, steps: int) -> None:
@@ -99,9 +101,13 @@ def sweep_model(config: Config, bundle: DataBundle, model: nn.Module | None) -> 
     return net
 
 
-def sweep(config: Config, bundle: DataBundle, net: nn.Module, *, start_lr: float, end_lr: float, steps: int) -> LRFindResult:
+def sweep(
+    config: Config, bundle: DataBundle, net: nn.Module, *, start_lr: float, end_lr: float, steps: int, own: bool = False
+) -> LRFindResult:
     device = select_device(config.train.device)
     net, channels_last = place_model(net, config.model.channels_last, device)
+    if own:
+        require_logits(net, bundle, device, channels_last=channels_last)
     loader = build_loader(
         bundle.train, batch_size=config.data.batch_size, mean=bundle.mean, std=bundle.std, device=device,
         shuffle=True, augment=config.data.augment, seed=config.train.seed, channels_last=channels_last, crop_pad=config.data.crop_pad,
