@@ -106,7 +106,7 @@ def fit(
     config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
     model = None if isinstance(model, (str, dict)) else model
     data = None if isinstance(data, (str, dict)) else data
-    require_image_task(config)
+    require_image_config(config)
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
@@ -142,7 +142,7 @@ OTHER_TASKS = {  # what trains the tasks deepfit.fit does not, with their own de
 }
 
 
-def require_image_task(config: Config) -> None:
+def require_image_config(config: Config) -> None:
     """deepfit.fit trains image classifiers: a config whose task is another (data.task, or the
     one --data, --target or --data.nodes implies, as on the command line) is refused in one line
     naming the function that trains it, rather than trained as images (a node config trained
