@@ -64,6 +64,9 @@ def test_karate_through_train_evaluate_predict_export_show_report(cli, tmp_path:
     agreement = sum(p["label"] == p["true_label"] for p in test) / len(test)
     assert agreement == pytest.approx(report["accuracy"])  # predict and evaluate agree node by node
     assert {p["node"] for p in items} == {str(i) for i in range(34)}
+    by_number = predict_nodes(run, [0, 33])  # the Python API with karate's ids as numbers: their text
+    assert [p.node for p in by_number.predictions] == ["0", "33"] and by_number.unknown == []
+    assert [p.label for p in by_number.predictions] == [next(i["label"] for i in items if i["node"] == n) for n in ("0", "33")]
 
     for fmt in ("onnx", "torchscript"):
         exported = cli("export", str(run), "--format", fmt)

@@ -4,6 +4,7 @@ report on the test nodes, written to report.json) and predict (node ids -> class
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,15 @@ class NodePredictions:
     unknown: list[str]  # requested ids that are not nodes of the graph
 
 
-def predict_nodes(path: str | Path, nodes: list[str], *, topk: int = 3) -> NodePredictions:
-    """Class probabilities of the named nodes ('all' names every node) of the checkpoint's graph."""
+def predict_nodes(path: str | Path, nodes: Sequence[str | int], *, topk: int = 3) -> NodePredictions:
+    """Class probabilities of the named nodes ('all' names every node) of the checkpoint's graph.
+    Node ids are text, as the command line and CSV files give them; numbers are read as their text
+    (karate's node 0 is '0')."""
     trained = load_node_model(path)
     graph = trained.graph
     index = {node: i for i, node in enumerate(graph.node_ids)}
-    wanted = graph.node_ids if nodes == ["all"] else nodes
+    named = [str(node) for node in nodes]
+    wanted = graph.node_ids if named == ["all"] else named
     probabilities = torch.softmax(trained.logits(), dim=1)
     k = min(topk, len(graph.classes))
     found = [node for node in wanted if node in index]
