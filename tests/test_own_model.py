@@ -103,35 +103,34 @@ def test_report_and_show_all_draw_what_needs_no_model(cli, own_run) -> None:  # 
     assert "id='predictions'" in (run / "report.html").read_text(encoding="utf-8")
 
 
-class Pair(torch.nn.Module):
-    """Logits and something else: a tuple."""
+class Flat(torch.nn.Module):
+    """One linear layer over the flattened image: `inputs` pixels to `outputs` scores."""
+
+    inputs, outputs = 144, 10
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10))
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(self.inputs, self.outputs))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Pair(Flat):
+    """Logits and something else: a tuple."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return self.body(x), x.mean()
 
 
-class FiveClasses(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+class FiveClasses(Flat):
+    outputs = 5
 
 
-class ForMnist(torch.nn.Module):
+class ForMnist(Flat):
     """Made for 28x28 images, given 12x12 ones."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    inputs = 784
 
 
 class Asserts(ForMnist):
@@ -143,13 +142,10 @@ class Asserts(ForMnist):
         return self.body(x)
 
 
-class Frozen(torch.nn.Module):
+class Frozen(Flat):
     def __init__(self) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10)).requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        self.body.requires_grad_(False)
 
 
 BAD_MODULES = [

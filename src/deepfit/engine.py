@@ -181,18 +181,20 @@ class FiniteGuard:
 class Totals:
     """An epoch's summed train loss (weighted by rows) and correct predictions, on the device.
     Predictions are counted only for class scores: a model of one output (a number, as in
-    regression, or one logit) has no accuracy, and `classified` stays False."""
+    regression, or one logit) has no accuracy. Which it is, is decided at the first batch (the
+    outputs' kind does not change between batches), not per step."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.classified = False
+        self.classified: bool | None = None  # None until the first batch
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.loss.add_(loss.detach(), alpha=len(y))
-        if classifies(logits, y):
+        if self.classified is None:
+            self.classified = classifies(logits, y)
+        if self.classified:
             self.correct.add_((logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum())  # mixed targets (B, K): their larger share
-            self.classified = True
 
     def accuracy(self, seen: int) -> float:
         return float(self.correct) / max(seen, 1) if self.classified else math.nan
