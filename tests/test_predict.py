@@ -9,6 +9,7 @@ import gzip
 import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,19 @@ def test_unusable_inputs_raise_clear_errors(predictor: Predictor) -> None:
     for bad in (object(), np.zeros((2, 3, 4, 5, 6)), np.zeros((7, 7, 7)), np.full((5, 5), np.nan), np.zeros((5, 5), dtype=bool)):
         with pytest.raises(PredictError):
             predictor.predict(bad)
+
+
+def test_many_image_paths_given_to_predict_name_predict_paths(predictor: Predictor, tiny_run: Path, tmp_path: Path) -> None:
+    """predict() takes one image per item: a folder, .zip, CSV or glob used to fail as 'not an
+    image' or 'cannot read', with no word of the call that reads it."""
+    write_folder(tiny_run, tmp_path / "images")
+    (tmp_path / "rows.csv").write_text("0\n")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        archive.write(next((tmp_path / "images").rglob("*.png")), "a.png")
+    for many in (tmp_path / "images", tmp_path / "images.zip", str(tmp_path / "rows.csv"), str(tmp_path / "images" / "*" / "*.png")):
+        with pytest.raises(PredictError, match=r"predict\(\) reads one image per item; use predict_paths"):
+            predictor.predict(many)
+    assert len(predictor.predict_paths([str(tmp_path / "images.zip")]).predictions) == 1
 
 
 @pytest.mark.parametrize("scale", [255.0, -1.0])

@@ -111,7 +111,7 @@ class Predictor:
         """Any accepted input -> uint8 (C, H, W) in the model's channels and size."""
         c, h, w = self.input_shape
         if isinstance(item, (str, Path)):
-            return decode(Path(item), channels=c, size=(h, w))
+            return decode(one_image_path(item), channels=c, size=(h, w))
         array = to_hwc_uint8(item)
         if array.shape == (h, w, c):
             return torch.from_numpy(array.transpose(2, 0, 1).copy())  # already the model's size
@@ -216,31 +216,20 @@ def image_decoder() -> Callable[..., Any]:
 
 
 def read_csv_images(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """CSV pixel rows -> uint8 (N, C, H, W) by the data package's reader."""
-    try:
-        from deepfit.data.csv_rows import read_pixel_csv
-    except ImportError:  # until the CSV source lands (issue: data)
-        return read_csv_with_numpy(path, shape)
+    """CSV pixel rows -> uint8 (N, C, H, W) by the data package's reader (imported when a CSV is read)."""
+    from deepfit.data.csv_rows import read_pixel_csv
+
     # "CxHxW", as data.image_shape; rows without a label column are the usual case for prediction
     return read_pixel_csv(path, image_shape="x".join(map(str, shape)), unlabelled_ok=True).images
 
 
-def read_csv_with_numpy(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Rows of C*H*W pixel values 0..255, optionally after a label column; a header row is skipped."""
-    pixels = shape[0] * shape[1] * shape[2]
-    try:
-        text = path.read_text(encoding="utf-8")
-        lines = [line for line in text.splitlines() if line.strip()]
-        if lines and not lines[0].replace(",", "").replace(" ", "").replace(".", "").isdigit():
-            lines = lines[1:]  # header
-        table = np.array([[float(v) for v in line.split(",")] for line in lines], dtype=np.float64).reshape(len(lines), -1)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise PredictError(f"{path}: cannot read pixel rows ({type(err).__name__}: {err})") from None
-    if table.shape[1] == pixels + 1:
-        table = table[:, 1:]  # a leading label column
-    if table.shape[1] != pixels or not len(table):
-        raise PredictError(f"{path}: rows have {table.shape[1]} values, the model needs {pixels} ({'x'.join(map(str, shape))})")
-    return torch.from_numpy(np.clip(table, 0, 255).astype(np.uint8).reshape(-1, *shape))
+def one_image_path(item: str | Path) -> Path:
+    """`item` as the path of one image file; a folder, .zip, CSV or glob is refused with the call that reads it."""
+    path = Path(item)
+    many = path.is_dir() or path.suffix.lower() in (ARCHIVE_SUFFIX, CSV_SUFFIX) or (not path.exists() and glob.has_magic(str(item)))
+    if many:
+        raise PredictError(f"{item}: predict() reads one image per item; use predict_paths([...]) for folders, globs, .zip and CSV files")
+    return path
 
 
 def as_items(inputs: Any) -> list[Any]:
