@@ -157,14 +157,20 @@ BAD_MODULES = [
 ]
 
 
-@pytest.mark.parametrize(("module", "message"), BAD_MODULES, ids=[m[0].__name__ for m in BAD_MODULES])
-def test_a_module_that_cannot_train_on_the_data_is_one_line_before_the_run_folder(
-    tmp_path: Path, module: type[torch.nn.Module], message: str
-) -> None:
+def tiny_config(tmp_path: Path) -> Config:
+    """One epoch on 40 tiny MNIST-like images, into tmp_path/run."""
     config = Config()
     for key, value in {"data.name": "mnist", "data.dir": str(write_tiny_idx(tmp_path / "idx", train=40, test=10)),
                        "train.epochs": 1, "train.progress": False, "train.out": str(tmp_path / "run")}.items():  # fmt: skip
         set_value(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(("module", "message"), BAD_MODULES, ids=[m[0].__name__ for m in BAD_MODULES])
+def test_a_module_that_cannot_train_on_the_data_is_one_line_before_the_run_folder(
+    tmp_path: Path, module: type[torch.nn.Module], message: str
+) -> None:
+    config = tiny_config(tmp_path)
     with pytest.raises(ConfigError, match=f"your model tests.test_own_model:{module.__name__} {message}"):
         fit(config, model=module())
     assert not (tmp_path / "run").exists()
@@ -188,3 +194,21 @@ def test_trying_a_module_leaves_its_statistics_mode_and_the_random_state_as_they
     require_logits(model, bundle, torch.device("cpu"), channels_last=False)
     assert not model.training  # the mode it was in
     assert torch.equal(rng, torch.get_rng_state())
+
+
+class AuxInTraining(Flat):
+    """Inception-style: logits alone in evaluation, logits and an auxiliary head in training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        logits = self.body(x)
+        return (logits, logits.detach()) if self.training else logits
+
+
+def test_a_module_with_more_outputs_in_training_stops_in_one_line_at_its_first_batch(tmp_path: Path) -> None:
+    """It passes the evaluation-mode check before the run; its first training batch used to end
+    in cross_entropy's TypeError ('must be Tensor, not tuple')."""
+    config = tiny_config(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"^your model AuxInTraining returns a tuple in training mode; .* return it alone in training too$"
+    ):
+        fit(config, model=AuxInTraining())

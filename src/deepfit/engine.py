@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from deepfit.config import TTA_MODES
 from deepfit.cudagraphs import GraphedForward, GraphedStep
-from deepfit.errors import NonFiniteError
+from deepfit.errors import ConfigError, NonFiniteError
 from deepfit.runtime import autocast
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -266,6 +266,8 @@ def eager_step(
     x, y = batch_xy
     with autocast(totals.loss.device, opts.autocast_dtype):
         logits = forward(x)
+        if batch == 1:
+            require_tensor(logits, model)
         loss = loss_fn(logits, y)
     if guard is not None:
         guard.record_loss(batch, loss)
@@ -273,6 +275,17 @@ def eager_step(
     if batch % opts.accumulate == 0 or batch == last:
         optimizer_step(model, optimizer, opts, guard, batch=batch)
     totals.add(loss, logits, y)
+
+
+def require_tensor(logits: object, model: nn.Module) -> None:
+    """A model that returns more than its logits in training mode (Inception's auxiliary outputs, a
+    dict) passes the evaluation-mode check before the run (fitparts.require_logits): stop in one
+    line at its first training batch, not in the loss function's TypeError."""
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(
+            f"your model {type(model).__name__} returns a {type(logits).__name__} in training mode; deepfit trains on one"
+            " tensor of logits (batch, classes): return it alone in training too"
+        )
 
 
 def captured_step(
