@@ -212,3 +212,11 @@ def test_a_module_with_more_outputs_in_training_stops_in_one_line_at_its_first_b
         ConfigError, match=r"^your model AuxInTraining returns a tuple in training mode; .* return it alone in training too$"
     ):
         fit(config, model=AuxInTraining())
+
+
+@pytest.mark.parametrize(("given", "example"), [("pkg.models.Net", "pkg.models:Net"), ("Net", "my_models:Net"), (":Net", "my_models:Net")])
+def test_a_class_path_without_its_colon_is_refused_with_the_colon_form(cli, given: str, example: str) -> None:  # type: ignore[no-untyped-def]
+    """'pkg.models.Net' (the dotted form other tools take) used to fail as a module that cannot be imported."""
+    result = cli("train", "--model.class", given, "--epochs", "1")
+    assert result.code == 2
+    assert result.err.strip() == f"deepfit: error: model.class takes module:Class, e.g. --model.class {example}; got {given!r}"

@@ -435,7 +435,16 @@ def validate(config: Config) -> None:
             raise ConfigError(message)
     if config.train.time_limit is not None:
         parse_duration(config.train.time_limit)
+    require_class_path(config.model.class_path)
     refuse_unused(config, infer_task(config.data))
+
+
+def require_class_path(class_path: str | None) -> None:
+    """model.class as 'module:Class' (how deepfit records it); a dotted path is refused with its colon form."""
+    if class_path is not None and ":" not in class_path.strip(":"):
+        module, _, name = class_path.rpartition(".")
+        example = f"{module}:{name}" if module and name else "my_models:Net"
+        raise ConfigError(f"model.class takes module:Class, e.g. --model.class {example}; got {class_path!r}")
 
 
 IMAGE_ONLY = (
