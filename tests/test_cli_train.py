@@ -12,6 +12,9 @@ import torch
 import yaml
 
 from deepfit.checkpoint import load_checkpoint
+from deepfit.config import Config
+from deepfit.errors import CheckpointError
+from deepfit.fit import fit
 from tests.conftest import run_deepfit, write_tiny_idx
 
 TINY = ("--data", "mnist", "--epochs", "2", "--no-progress", "--data.batch-size", "32")
@@ -172,3 +175,18 @@ def test_a_recipe_without_its_data_says_what_it_read_and_why_the_model_cannot_tr
     assert lines[0] == f"deepfit: warning: data.dir {tmp_path} is not read: the dataset is digits, embedded in scikit-learn"
     assert lines[1].startswith("deepfit: error: model airbench_whiten_small cannot take 1x8x8 input: ")
     assert len(lines) == 2 and "Traceback" not in result.err
+
+
+def test_resume_of_a_folder_without_last_pt_says_to_train_it_anew(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A run stopped before its first checkpoint keeps its config.yaml alone; --resume named
+    checkpoints/last.pt as 'no such run folder or checkpoint' of a folder that exists."""
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "config.yaml").write_text("train:\n  epochs: 1\n")
+    result = cli("train", "--resume", str(tmp_path / "r"))
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
+        f"deepfit: error: --resume {tmp_path / 'r'}: it holds no checkpoints/last.pt (a run stopped before its first checkpoint,"
+        f" or not a run folder); train it anew with --out {tmp_path / 'r'}"
+    ]
+    with pytest.raises(CheckpointError, match=r"it holds no checkpoints/last\.pt"):
+        fit(Config(), resume=tmp_path / "r")

@@ -148,10 +148,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def last_checkpoint(run_dir: Path) -> Path:
+    """RUN_DIR/checkpoints/last.pt, the one --resume reads; a folder without it is one line saying
+    what it may be and how to train it (a run that stopped before its first checkpoint keeps only
+    its config.yaml)."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: no such run folder")
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {run_dir}: it holds no checkpoints/last.pt (a run stopped before its first checkpoint, or not a run folder);"
+            f" train it anew with --out {run_dir}"
+        )
+    return path
+
+
 def load_resumed(run_dir: Path, config: Config) -> dict[str, Any]:
     """RUN_DIR/checkpoints/last.pt for --resume, refused in one line when `config` changes what it
     restores (config.RESUME_FIXED), before any data is read."""
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state = load_checkpoint(last_checkpoint(run_dir))
     refuse_resume_changes(config_from_dict(state["config"]), config, run_dir)
     return state
 

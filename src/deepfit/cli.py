@@ -168,11 +168,9 @@ def set_flag(config: Config, key: str, value: str) -> None:
 
 
 def resumed_config(run_dir: Path) -> Config:
-    from deepfit.checkpoint import load_checkpoint
+    from deepfit.checkpoint import last_checkpoint, load_checkpoint
 
-    if not run_dir.is_dir():
-        raise UsageError(f"--resume {run_dir}: no such run folder")
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state = load_checkpoint(last_checkpoint(run_dir))
     return config_from_dict(state["config"])
 
 
