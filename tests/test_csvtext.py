@@ -29,7 +29,19 @@ def write(path: Path, rows: list[list[str]], delimiter: str, *, decimal: str = "
 
 @pytest.mark.parametrize(
     ("line", "delimiter"),
-    [("a,b,c", ","), ("a;b;c", ";"), ("a\tb\tc", "\t"), ("a|b|c", "|"), ("a", ","), ("", ","), ("a;b,c", ","), ("\n\na;b\n1,5;2", ";")],
+    [
+        ("a,b,c", ","),
+        ("a;b;c", ";"),
+        ("a\tb\tc", "\t"),
+        ("a|b|c", "|"),
+        ("a", ","),
+        ("", ","),
+        ("a;b,c", ","),
+        ("\n\na;b\n1,5;2", ";"),
+        ('"price, EUR";rooms', ";"),
+        ('"a;b",c', ","),
+        ('"x, y"\t"z"', "\t"),
+    ],
 )
 def test_the_delimiter_is_read_off_the_first_line(line: str, delimiter: str) -> None:
     assert delimiter_of(line) == delimiter

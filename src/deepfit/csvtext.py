@@ -10,12 +10,14 @@ import re
 from collections.abc import Iterator
 
 OTHER_DELIMITERS = ";\t|"
+QUOTED = re.compile(r'"[^"]*"')
 DECIMAL_COMMA = re.compile(r"\s*[+-]?\d+,\d+\s*")
 
 
 def delimiter_of(text: str) -> str:
-    """',' unless the first non-empty line has no comma but a ';', tab or '|' (the most frequent)."""
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    """',' unless the first non-empty line has no comma but a ';', tab or '|' (the most frequent);
+    a quoted name ("price, EUR") is not looked into."""
+    first = QUOTED.sub("", next((line for line in text.splitlines() if line.strip()), ""))
     if "," in first:
         return ","
     counts = {delimiter: first.count(delimiter) for delimiter in OTHER_DELIMITERS}
