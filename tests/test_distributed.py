@@ -19,7 +19,7 @@ from torch import nn
 from deepfit.data import BatchLoader, ImageSet
 from deepfit.data.loader import share_rows
 from deepfit.fit import fit
-from deepfit.launch import describe_failure, rank_threads, resolve_resume, without_devices
+from deepfit.launch import available_cores, describe_failure, rank_threads, resolve_resume, without_devices
 from tests.conftest import run_deepfit
 from tests.ranks import deepfit_process, digits_config, end_tree, forked_ranks, max_diff, run_ranks, wait_for, weights
 
@@ -238,6 +238,29 @@ def test_devices_checks_bad_input_before_starting_ranks(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "optim.lr must be positive" in result.stderr
     assert "torch.distributed" not in result.stderr  # no launcher, no rank was started
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_ranks_than_the_machine_holds_are_one_line_before_any_starts(tmp_path: Path) -> None:
+    """--devices 99 on a 2-core machine started 99 ranks, each with its own torch, until memory
+    ran out; --device cuda without a GPU printed the same error once a rank, then advised --resume."""
+    cores = available_cores()
+    result = run_deepfit(["train", "--devices", str(cores + 1), "--device", "cpu", "--out", "r"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"deepfit: error: --devices {cores + 1} on the CPU: this machine has {cores} core(s), one a rank: at most --devices {cores}\n"
+    )
+    gpus = torch.cuda.device_count()
+    result = run_deepfit(["train", "--devices", str(gpus + 1), "--device", "cuda", "--out", "r"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    if gpus:
+        assert (
+            result.stderr
+            == f"deepfit: error: --devices {gpus + 1}: this machine has {gpus} CUDA GPU(s), one a rank: at most --devices {gpus}\n"
+        )
+    else:
+        assert result.stderr == "deepfit: error: --device cuda was asked for, but no CUDA GPU is available\n"
     assert not (tmp_path / "r").exists()
 
 

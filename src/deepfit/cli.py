@@ -321,6 +321,7 @@ def train_on_devices(args: argparse.Namespace, config: Config) -> int:
     from deepfit.config import validate
 
     validate(config)
+    launch.require_devices(config.train.device, args.devices)
     code, message = launch.launch(args.argv, args.devices)
     if message:
         print(f"deepfit: {message}", file=sys.stderr)

@@ -67,11 +67,34 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
     return 0, None
 
 
+def require_devices(device_name: str, devices: int) -> None:
+    """Refuse, before any rank starts, ranks this machine cannot hold: on CUDA one GPU a rank; on
+    the CPU one core a rank (more only share the cores, each with its own copy of torch and the
+    data). Every rank would otherwise fail alone with the same line, or the machine would swap."""
+    from deepfit.runtime import select_device
+
+    device = select_device(device_name)  # an absent --device is one line here, not one per rank
+    if device.type == "cuda" and devices > (count := torch_cuda_count()):
+        raise ConfigError(f"--devices {devices}: this machine has {count} CUDA GPU(s), one a rank: at most --devices {count}")
+    if device.type == "cpu" and devices > (cores := available_cores()):
+        raise ConfigError(f"--devices {devices} on the CPU: this machine has {cores} core(s), one a rank: at most --devices {cores}")
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, as a container or taskset limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def rank_threads(devices: int) -> int:
     """Intra-op threads for each of `devices` ranks: this process's cores shared out among them.
     torchrun's own default is 1 thread a rank, with a warning banner, whatever the machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // devices)
+    return max(1, available_cores() // devices)
 
 
 def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
