@@ -203,6 +203,18 @@ def test_hidden_files_and_other_extensions_are_ignored_silently(tmp_path: Path) 
         assert len(source.train) == 4  # type: ignore[attr-defined]
 
 
+def test_a_run_folder_given_as_data_is_named_as_one(tmp_path: Path) -> None:
+    """Its plots/ of PNGs made a class, and checkpoints/ an empty one: it trained on its own figures."""
+    run = tmp_path / "run"
+    save_image(run / "plots" / "curves.png", "RGB", (0, 0, 0))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"weights")
+    with pytest.raises(
+        DataError, match=f"^{run} is a deepfit run folder, not images in class folders: start from its weights with --init-from"
+    ):
+        source_of(run)
+
+
 def test_bad_files_are_all_listed_and_skip_bad_leaves_them_out(tmp_path: Path) -> None:
     root = noise_folder(tmp_path / "bad", {"a": 3, "b": 3})
     (root / "a" / "broken.png").write_bytes((root / "a" / "000.png").read_bytes()[:60])

@@ -46,6 +46,7 @@ def load_path_source(path: Path, config: DataConfig) -> SourceData:
     """A folder, .zip or CSV path; bad image files stop here unless data.skip_bad."""
     if is_csv(path):
         return load_csv_path(path, config)
+    refuse_run_folder(path)
     # a zip's own size and mtime stand for its members: the cache is found without reading its
     # directory (0.6 s for CIFAR-10's 60,000 members); a folder is listed to see its files
     listing = list_files(path) if path.is_dir() else None
@@ -57,6 +58,15 @@ def load_path_source(path: Path, config: DataConfig) -> SourceData:
     if source.skipped and not config.skip_bad:
         raise DataError(bad_files_message(path, source.skipped))
     return source
+
+
+def refuse_run_folder(path: Path) -> None:
+    """A run folder given as data would train on its plots/ as a class of images."""
+    if any((path / "checkpoints" / name).is_file() for name in ("last.pt", "best.pt")):
+        raise DataError(
+            f"{path} is a deepfit run folder, not images in class folders: start from its weights with --init-from {path},"
+            f" or score it with `deepfit evaluate {path}`"
+        )
 
 
 def csv_files(path: Path) -> list[Path]:
