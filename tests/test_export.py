@@ -19,7 +19,7 @@ import torch
 from deepfit.checkpoint import FORMAT_VERSION, KIND, save_checkpoint
 from deepfit.config import Config
 from deepfit.export import export_checkpoint, read_onnx_metadata
-from deepfit.exportfile import EXTRA_FILE
+from deepfit.exportfile import EXTRA_FILE, SUFFIXES
 from deepfit.models import build_model, list_models
 
 CLASSES = [f"class-{i}" for i in range(10)]
@@ -205,13 +205,40 @@ def test_a_failed_export_keeps_the_earlier_file_and_leaves_nothing_else(cli, tmp
 def test_an_export_to_a_place_that_cannot_be_written_is_one_line(cli, tmp_path: Path, format: str) -> None:  # type: ignore[no-untyped-def]
     checkpoint = write_checkpoint(tmp_path / "model.pt")
     (tmp_path / "notes.txt").write_text("a file, not a folder")
-    (tmp_path / "taken.onnx").mkdir()
-    for out in (tmp_path / "notes.txt" / "model.out", tmp_path / "taken.onnx"):
+    taken = tmp_path / f"taken{SUFFIXES[format]}"
+    taken.mkdir()
+    for out in (tmp_path / "notes.txt" / "model.out", taken):
         result = cli("export", str(checkpoint), "--format", format, "--out", str(out))
         assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result.err
         assert f"cannot write {out}" in result.err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "notes.txt", "taken.onnx"]
-    assert not any((tmp_path / "taken.onnx").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "notes.txt", taken.name]
+    assert not any(taken.iterdir())
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_an_export_never_replaces_a_checkpoint_nor_takes_the_other_formats_name(cli, tmp_path: Path, format: str) -> None:  # type: ignore[no-untyped-def]
+    """`--out runs/x/checkpoints/best.pt` wrote the ONNX file over the very weights it exported."""
+    checkpoint = write_checkpoint(tmp_path / "model.pt")
+    other = write_checkpoint(tmp_path / "other.torchscript.pt", seed=1)
+    before = {path: path.read_bytes() for path in (checkpoint, other)}
+    wrong = tmp_path / ("model.pth" if format == "onnx" else "model.onnx")
+    said = {
+        checkpoint: ".pt is not for an ONNX file; name it *.onnx"
+        if format == "onnx"
+        else "is a PyTorch checkpoint; an export does not replace weights",
+        other: ".pt is not for an ONNX file; name it *.onnx"
+        if format == "onnx"
+        else "is a PyTorch checkpoint; an export does not replace weights",
+        wrong: ".pth is not for an ONNX file" if format == "onnx" else ".onnx is not for a TorchScript file; name it *.torchscript.pt",
+    }
+    for out, message in said.items():
+        result = cli("export", str(checkpoint), "--format", format, "--out", str(out))
+        assert result.code == 2 and result.err.count("\n") == 1 and message in result.err, result.err
+    assert {path: path.read_bytes() for path in before} == before and not wrong.exists()
+    written = cli("export", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "again.pt"))
+    assert written.code == 0, written.err
+    again = cli("export", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "again.pt"))
+    assert again.code == 0, again.err  # an earlier TorchScript export is replaced: it is not a checkpoint
 
 
 def test_an_exported_file_that_cannot_run_is_one_line_and_removed(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -62,7 +62,7 @@ def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None =
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
     example = sample_inputs(trained, 2, seed=0)
     exporter = ""
-    with staged_file(target, error=ExportError) as staging:
+    with staged_file(target, format=format, error=ExportError) as staging:
         if format == "onnx":
             exporter = write_onnx(trained, example, staging)
         else:

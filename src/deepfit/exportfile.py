@@ -36,12 +36,40 @@ def export_path(run_dir: Path | None, checkpoint: Path, format: str) -> Path:
     return checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
 
 
+WRONG_SUFFIXES = {"onnx": (".pt", ".pth", ".ckpt"), "torchscript": (".onnx",)}
+
+
+def require_export_target(target: Path, format: str, *, error: ErrorType) -> None:
+    """An export never replaces a checkpoint (`--out runs/x/checkpoints/best.pt` overwrote the very
+    weights it exported), and its name says its format: ONNX in a .pt file, or TorchScript in a
+    .onnx one, would be opened by the wrong runtime."""
+    if target.suffix.lower() in WRONG_SUFFIXES[format]:
+        written = "an ONNX" if format == "onnx" else "a TorchScript"
+        raise error(f"--out {target}: {target.suffix} is not for {written} file; name it *{SUFFIXES[format]}")
+    if is_checkpoint(target):
+        raise error(f"--out {target} is a PyTorch checkpoint; an export does not replace weights: write it to another file")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A torch.save archive (data.pkl) that is not TorchScript's (which also has constants.pkl)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.rsplit("/", 1)[-1] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return False  # absent, a folder (staged_file names it) or not a zip: not a checkpoint
+    return "data.pkl" in names and "constants.pkl" not in names
+
+
 @contextlib.contextmanager
-def staged_file(target: Path, *, error: ErrorType) -> Iterator[Path]:
+def staged_file(target: Path, *, format: str, error: ErrorType) -> Iterator[Path]:
     """A hidden file of its own beside `target` to write and check an export in. It takes `target`'s
     name only when the block ends without an error, so a failed export writes nothing and leaves an
     earlier file of that name as it was; folders made for it are removed again (only when empty). A
-    place that cannot be written is one `error` naming `target`, before any export work."""
+    place that cannot be written, or a target require_export_target refuses, is one `error` naming
+    `target`, before any export work."""
+    require_export_target(target, format, error=error)
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     staging: Path | None = None
     try:

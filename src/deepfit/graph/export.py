@@ -54,7 +54,7 @@ def export_node_checkpoint(path: str | Path, *, format: str, out: str | Path | N
     folder = run_folder(Path(path))
     target = Path(out) if out is not None else export_path(folder, trained.path, format)
     inputs = (trained.graph.features, trained.graph.edge_index)
-    with staged_file(target, error=NodeExportError) as staging:
+    with staged_file(target, format=format, error=NodeExportError) as staging:
         (write_onnx if format == "onnx" else write_torchscript)(model, inputs, staging, metadata(trained))
         diff, checks = verify(model, trained, staging, format)
         if not diff <= TOLERANCE:

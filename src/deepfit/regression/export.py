@@ -71,7 +71,7 @@ def export_regression(path: str | Path, *, format: str, out: str | Path | None =
     target = Path(out) if out is not None else default_out(Path(path), trained.path, format)
     example = sample_rows(trained, 2, seed=0)
     tolerance = TOLERANCE * max(1.0, trained.scaling.target_std)
-    with staged_file(target, error=RegressionExportError) as staging:
+    with staged_file(target, format=format, error=RegressionExportError) as staging:
         (write_onnx if format == "onnx" else write_torchscript)(module, example, staging, metadata(trained))
         diff = verify(module, trained, staging, format)
         if not diff <= tolerance:  # also catches NaN
