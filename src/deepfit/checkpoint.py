@@ -322,6 +322,7 @@ def new_run_dir(out: str | None, *, data: str, model: str, make: bool = True) ->
     if out is not None:
         if (Path(out) / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
+        require_run_or_empty(Path(out))
         return Path(out)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("runs") / f"{Path(data).name.split('.')[0]}-{model}-{stamp}"  # photos.zip, rows.csv.gz -> photos, rows
@@ -336,6 +337,20 @@ def new_run_dir(out: str | None, *, data: str, model: str, make: bool = True) ->
         except FileExistsError:
             n += 1
             candidate = base.with_name(f"{base.name}-{n}")
+
+
+def require_run_or_empty(out: Path) -> None:
+    """--out is a new or empty folder, or one a run started (its .lock: a run stopped before its
+    first checkpoint): a run writes config.yaml and metrics.csv there, over any of the same name."""
+    if not out.is_dir() or (out / LOCK_FILE).is_file():
+        return
+    entries = sorted(path.name + ("/" if path.is_dir() else "") for path in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(
+            f"--out {out} holds files that are not a deepfit run ({shown}); a run writes config.yaml, metrics.csv,"
+            " checkpoints/ and plots/ there: give a new or empty folder"
+        )
 
 
 LOCK_FILE = ".lock"  # in the run folder: flock-ed by the process training it, holding "PID on HOST"
