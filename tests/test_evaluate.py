@@ -329,3 +329,20 @@ def test_train_tta_flip_on_data_mirrors_may_change_warns(tmp_path: Path, capsys:
     data = write_tiny_idx(tmp_path / "idx", train=100, test=30, side=12)
     train(tmp_path / "run", data, "--train.tta", "flip")
     assert "train.tta flip flips test images, but a mirrored mnist image may change class" in capsys.readouterr().err
+
+
+def test_another_sources_images_resized_to_the_model_say_from_what(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 12x12 model scored on 8x8 digits, or on 20x20 photos, said nothing of the resize (a digits
+    model on MNIST scored 16% without a word of 28x28 becoming 8x8)."""
+    assert evaluate_checkpoint(tiny_run, write=False).report.resized == ""  # its own data: as trained
+    assert evaluate_checkpoint(tiny_run, data="digits", write=False).report.resized == "8x8 to 12x12"
+    for i in range(30):
+        (tmp_path / "photos" / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 20), 8 * i, dtype=np.uint8), mode="L").save(tmp_path / "photos" / str(i % 10) / f"{i}.png")
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "photos")]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[0]
+        == f"{tmp_path / 'photos'} all split: 30 images, resized from 20x20 to 12x12 (the model's input size)"
+    )

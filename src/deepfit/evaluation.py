@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from deepfit import metrics
 from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
+from deepfit.data.bundle import resized_count
 from deepfit.data.decode import resize
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
@@ -67,6 +68,7 @@ class EvaluationReport:
     confusion: list[list[int]]  # (K, K): rows are true classes, columns predicted
     most_confused: list[ConfusedPair]
     classes: list[str] = field(default_factory=list)
+    resized: str = ""  # "28x28 to 8x8": another --data source's images, resized from the size they came in to the model's
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
@@ -106,10 +108,12 @@ def evaluate_checkpoint(
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
-    images, source, skipped, split = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
+    scored = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
+    images, source, skipped, split = scored.images, scored.source, scored.skipped, scored.split
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
     report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
+    report.resized = scored.resized
     result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy(), skipped)
     if write:
         label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode)
@@ -121,9 +125,17 @@ def evaluate_checkpoint(
     return result
 
 
+class ScoredImages(NamedTuple):
+    images: ImageSet
+    source: str  # the data's name or path
+    skipped: list[tuple[str, str]]  # its bad files left out: (path, reason)
+    split: str
+    resized: str  # "28x28 to 8x8" when another source's images were resized to the model's input; "" when not
+
+
 def evaluation_images(
     trained: TrainedModel, data: str | None, split: str | None, *, data_dir: str | None = None, skip_bad: bool = False
-) -> tuple[ImageSet, str, list[tuple[str, str]], str]:
+) -> ScoredImages:
     """The images to score, the name of their source, its bad files left out and the split scored:
     the run's own data by default (its seeded splits rebuild exactly), else `data` decoded to the
     model's input shape; `data_dir` says where a named dataset's files are (as --data-dir in
@@ -139,10 +151,14 @@ def evaluation_images(
     if split is None:
         split = "all" if other is not None and (bundle.test is None or len(bundle.test) == 0) else "test"
     chosen = pick_split(bundle, split, config.name, skip_bad=config.skip_bad)
+    resized_from = next(iter(bundle.sizes), "") if resized_count(bundle.sizes, trained.input_shape) else ""  # decoded to it
     if other is not None and tuple(chosen.images.shape[1:]) != trained.input_shape and chosen.images.shape[1] == c:
+        resized_from = "x".join(map(str, chosen.images.shape[2:]))
         chosen = ImageSet(torch.stack([resize(image, (h, w)) for image in chosen.images]), chosen.labels)
     check_shape(chosen, trained, config.name)
-    return relabel(chosen, bundle.classes, trained.classes, config.name), config.name, list(bundle.skipped), split
+    images = relabel(chosen, bundle.classes, trained.classes, config.name)
+    resized = f"{resized_from} to {h}x{w}" if other is not None and resized_from else ""
+    return ScoredImages(images, config.name, list(bundle.skipped), split, resized)
 
 
 def pick_split(bundle: DataBundle, split: str, source: str, *, skip_bad: bool = False) -> ImageSet:
@@ -279,8 +295,9 @@ def write_report_json(report: EvaluationReport, path: Path) -> None:
 def format_report(report: EvaluationReport) -> str:
     """The readable table `deepfit evaluate` prints."""
     width = max([display_width(s.name) for s in report.per_class] + [12])
+    resized = f", resized from {report.resized} (the model's input size)" if report.resized else ""
     lines = [
-        f"{report.data} {report.split} split: {report.images} images{f' (test-time {report.tta})' if report.tta != 'none' else ''}",
+        f"{report.data} {report.split} split: {report.images} images{resized}{f' (test-time {report.tta})' if report.tta != 'none' else ''}",
         f"accuracy {report.accuracy:.2%}   top-{report.topk} {report.topk_accuracy:.2%}   loss {report.loss:.4f}",
         "",
         f"{'class':<{width}}  precision  recall      f1  support",

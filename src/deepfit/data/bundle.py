@@ -127,10 +127,20 @@ def conform(source: SourceData, *, channels: int | None, image_size: int | None)
     require_memory_for(source, channels, image_size)
     return replace(
         source,
+        sizes=source.sizes or (tensor_sizes(source) if image_size else {}),
         train=conform_set(source.train, channels, image_size),
         val=conform_set(val, channels, image_size) if val is not None else None,
         test=conform_set(test, channels, image_size) if test is not None else None,
     )
+
+
+def tensor_sizes(source: SourceData) -> dict[str, int]:
+    """size_counts of a source held as tensors (a named dataset): each split's one size."""
+    counts: Counter[str] = Counter()
+    for split in (source.train, source.val, source.test):
+        if split is not None:
+            counts[f"{split.images.shape[2]}x{split.images.shape[3]}"] += len(split)
+    return dict(counts.most_common())
 
 
 def require_memory_for(source: SourceData, channels: int | None, image_size: int | None) -> None:
