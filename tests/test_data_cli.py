@@ -270,6 +270,7 @@ def test_data_info_describes_the_readable_images_and_lists_the_bad_ones(cli, tmp
         (["data", "info", "digits", "--optim.lr", "1"], "takes only --data.* settings"),
         (["data", "show", "digits", "--count", "0"], "--count must be at least 1"),
         (["data", "list", "digits"], "invalid choice"),
+        (["data", "show", "digits", "--out", "grid.foo"], "--out grid.foo: a figure is written as *.eps, "),  # was a traceback
     ],
 )
 def test_data_command_errors_are_one_line(cli, args: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]

@@ -167,3 +167,18 @@ def test_the_chromium_check_catches_a_broken_page(tmp_path: Path) -> None:
     state = body_state(dumped.stdout)
     assert state["data-rendered"] == "no" and state["data-images-loaded"] == "0" and state["data-errors"] == "1"
     assert any("Uncaught" in line for line in console_errors(dumped.stderr))
+
+
+def test_report_never_writes_over_a_checkpoint_nor_into_a_name_not_html(cli, tiny_run: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`report RUN --out RUN/checkpoints/best.pt` wrote the page over the weights it reports on."""
+    best = tiny_run / "checkpoints" / "best.pt"
+    weights = best.read_bytes()
+    for out, said in ((best, "a report is written as *.html, *.htm; name it so"), (tmp_path / "notes.txt", "a report is written as")):
+        result = cli("report", str(tiny_run), "--out", str(out))
+        assert result.code == 2 and result.err.startswith(f"deepfit: error: --out {out}: {said}"), result.err
+    assert best.read_bytes() == weights and not (tmp_path / "notes.txt").exists()
+    disguised = tmp_path / "page.html"
+    shutil.copy(best, disguised)  # a checkpoint under any name is still refused
+    result = cli("report", str(tiny_run), "--out", str(disguised))
+    assert result.code == 2 and "is a PyTorch checkpoint; a report does not replace weights" in result.err, result.err
+    assert disguised.read_bytes() == weights

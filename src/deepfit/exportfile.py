@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from deepfit.errors import DeepfitError
+from deepfit.outfiles import require_output
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -46,20 +47,7 @@ def require_export_target(target: Path, format: str, *, error: ErrorType) -> Non
     if target.suffix.lower() in WRONG_SUFFIXES[format]:
         written = "an ONNX" if format == "onnx" else "a TorchScript"
         raise error(f"--out {target}: {target.suffix} is not for {written} file; name it *{SUFFIXES[format]}")
-    if is_checkpoint(target):
-        raise error(f"--out {target} is a PyTorch checkpoint; an export does not replace weights: write it to another file")
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A torch.save archive (data.pkl) that is not TorchScript's (which also has constants.pkl)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {name.rsplit("/", 1)[-1] for name in archive.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return False  # absent, a folder (staged_file names it) or not a zip: not a checkpoint
-    return "data.pkl" in names and "constants.pkl" not in names
+    require_output(target, what="an export", error=error)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from deepfit.errors import ConfigError
+from deepfit.outfiles import require_output
+
 Row = dict[str, float]
 
 # Fonts matplotlib falls back to, glyph by glyph, for class names in any script: the Hangul font
@@ -79,6 +82,12 @@ def plot_curves(rows: list[Row], *, lrs: list[tuple[float, float]] | None = None
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int = 110) -> Path:
+    """`fig` into `path` in the format its suffix names (matplotlib's: .png, .pdf, .svg, ...)."""
+    try:
+        require_output(path, what="a figure", suffixes=[f".{s}" for s in fig.canvas.get_supported_filetypes()])
+    except ConfigError:
+        plt.close(fig)
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

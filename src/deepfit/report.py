@@ -16,6 +16,7 @@ import yaml
 from deepfit.errors import DeepfitError
 from deepfit.history import read_metrics_csv
 from deepfit.inspect import FIGURE_KINDS, LoadedRun, load_run, make_figure
+from deepfit.outfiles import REPORT_SUFFIXES, require_output
 from deepfit.plots import figure_png
 
 FIGURE_TITLES = {
@@ -62,6 +63,7 @@ def write_report(run: str | Path, *, out: str | Path | None = None) -> Path:
     """Write the run's report (default runs/<name>/report.html) and return its path."""
     loaded = load_run(run)
     path = Path(out) if out is not None else loaded.run_dir / "report.html"
+    require_output(path, what="a report", suffixes=REPORT_SUFFIXES)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(loaded), encoding="utf-8")
     return path

@@ -14,6 +14,7 @@ import yaml
 from deepfit.errors import DeepfitError
 from deepfit.graph.figures import NODE_FIGURES, node_figure
 from deepfit.graph.trained import TrainedNodeModel, load_node_model, run_folder
+from deepfit.outfiles import REPORT_SUFFIXES, require_output
 from deepfit.plots import figure_png
 
 CAPTIONS = {
@@ -34,6 +35,7 @@ def write_node_report(run: str | Path, *, out: str | Path | None = None) -> Path
     trained = load_node_model(run)
     folder = run_folder(Path(run)) or trained.path.parent
     path = Path(out) if out is not None else folder / "report.html"
+    require_output(path, what="a report", suffixes=REPORT_SUFFIXES)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_node_report(trained, folder), encoding="utf-8")
     return path

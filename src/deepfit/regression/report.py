@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from deepfit.history import read_metrics_csv
+from deepfit.outfiles import REPORT_SUFFIXES, require_output
 from deepfit.regression.views import FIGURE_KINDS, load_regression_run, make_regression_figure
 
 TITLES = {
@@ -33,6 +34,8 @@ def write_regression_report(run: str | Path, *, out: str | Path | None = None) -
     from deepfit.plots import figure_png
 
     trained, data, run_dir = load_regression_run(run)
+    path = Path(out) if out is not None else run_dir / "report.html"
+    require_output(path, what="a report", suffixes=REPORT_SUFFIXES)
     history = read_metrics_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else trained.history
     summary = {
         "data": trained.config.data.name,
@@ -59,7 +62,6 @@ def write_regression_report(run: str | Path, *, out: str | Path | None = None) -
         f"<h2>Config</h2><pre>{esc(yaml.safe_dump(trained.config.to_dict(), sort_keys=False))}</pre>",
     ]
     page = f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(run_dir.name)}</title><style>{STYLE}</style></head>\n<body>\n"
-    path = Path(out) if out is not None else run_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page + "\n".join(body) + "\n</body></html>\n", encoding="utf-8")
     return path
