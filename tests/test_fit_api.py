@@ -136,6 +136,7 @@ def test_training_is_deterministic(tiny_idx: Path, tmp_path: Path) -> None:
 
 
 def test_build_data_takes_a_name_as_fit_does() -> None:
+    assert build_data(Path("digits")).input_shape == (1, 8, 8)  # a Path as its text: it failed on a missing attribute
     named = build_data("digits")
     configured = build_data(Config().data)  # digits is the default source
     assert named.input_shape == configured.input_shape == (1, 8, 8)
@@ -188,3 +189,18 @@ def test_cnn_bn_two_epochs_on_real_data(name: str, target: float, tmp_path: Path
     }.items():
         set_value(config, key, value)
     assert deepfit.fit(config).metrics["test_acc"] >= target
+
+
+def test_fit_takes_a_path_for_data_and_refuses_callbacks_that_are_not_functions(tiny_idx: Path, tmp_path: Path) -> None:
+    """data=Path(...) failed in len() on the Path; progress="no" or True got as far as the first
+    epoch, after the run folder, and failed as 'object is not callable'."""
+    from deepfit.errors import ConfigError, DataError
+
+    for bad in ("no", True):
+        with pytest.raises(ConfigError, match=f"^fit\\(progress=...\\) takes a function or None, not {type(bad).__name__} {bad!r}$"):
+            deepfit.fit(tiny_config(tiny_idx, tmp_path / "bad"), progress=bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "bad" / "run").exists()
+    with pytest.raises(DataError, match=r"it holds IDX files \(MNIST's format\): name the dataset, --data mnist"):
+        deepfit.fit(data=tiny_idx, out=str(tmp_path / "idx"))  # the IDX folder given as if it were class folders
+    result = deepfit.fit(data=Path("digits"), epochs=1, out=str(tmp_path / "digits"), progress=False)
+    assert result.data.source == "digits" and result.history

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from deepfit.fitparts import (
     class_weights,
     cuda_graphs,
     make_optimizer,
+    require_callbacks,
     require_logits,
     require_model_parameters,
     require_training_memory,
@@ -102,6 +104,8 @@ def fit(
     lambda epoch -> lr factor), stepped after each epoch unless wrapped in
     Schedule(..., interval="step"); default: config.sched, stepped after each optimizer step.
     `on_start` sees the data once it is built, before the first epoch."""
+    data = os.fspath(data) if isinstance(data, os.PathLike) else data  # a Path names a source as its text does
+    require_callbacks(progress=progress, on_epoch=on_epoch, on_start=on_start)
     named = {key: value for key, value in (("model", model), ("data", data)) if isinstance(value, (str, dict))}
     config = config_from_overrides(config, **named, **overrides) if named or overrides or config is None else config
     model = None if isinstance(model, (str, dict)) else model

@@ -87,6 +87,14 @@ def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *
         )
 
 
+def require_callbacks(**callbacks: object) -> None:
+    """fit()'s progress, on_epoch and on_start are functions (or None; progress also False): a
+    string or True failed as 'object is not callable' at the first epoch, after the run folder."""
+    for name, value in callbacks.items():
+        if value is not None and value is not False and not callable(value):
+            raise ConfigError(f"fit({name}=...) takes a function or None, not {type(value).__name__} {value!r}")
+
+
 def require_model_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     """fit(optimizer=...) must step the model's own parameters: one built on another module's
     (a second `Net()`, say) would leave the trained model as it started, without a word."""

@@ -4,6 +4,7 @@ build_data() -> DataBundle."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -108,12 +109,12 @@ def check_settings(config: DataConfig) -> None:
         raise DataError(f"data.image_size {config.image_size} is over the decoded-image limit of {MAX_PIXELS} pixels: at most {most}")
 
 
-def build_data(config: DataConfig | str, *, seed: int = 0, dataset: Dataset[Any] | None = None) -> DataBundle:
+def build_data(config: DataConfig | str | os.PathLike[str], *, seed: int = 0, dataset: Dataset[Any] | None = None) -> DataBundle:
     """Load a source, fit it to the asked channels/size, hold out a seeded validation split
     and measure normalisation stats on the training split. `config`: a DataConfig, or a source's
     name or path with the defaults (build_data("digits")). `dataset`: a user's Dataset of
     (image, label) instead of config.name. data.pipeline decides memory or streaming (stream.py)."""
-    config = DataConfig(name=config) if isinstance(config, str) else config
+    config = DataConfig(name=os.fspath(config)) if isinstance(config, (str, os.PathLike)) else config
     check_settings(config)
 
     def load() -> SourceData:

@@ -150,6 +150,8 @@ def no_classes_message(path: Path, listing: Listing) -> str:
     message = f"{path} has no class folders with images (expected CLASS/IMAGE or train/CLASS/IMAGE)"
     if {"edges.csv", "nodes.csv"} <= {name.lower() for name in listing.files}:
         message += "; it holds edges.csv and nodes.csv: for node classification on that graph add --task node"
+    elif any("-idx3-ubyte" in name for name in listing.files):  # MNIST's own files
+        message += f"; it holds IDX files (MNIST's format): name the dataset, --data mnist (or fashion-mnist) --data-dir {path}"
     return message
 
 
