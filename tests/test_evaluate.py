@@ -337,7 +337,8 @@ def test_another_sources_images_resized_to_the_model_say_from_what(
     """A 12x12 model scored on 8x8 digits, or on 20x20 photos, said nothing of the resize (a digits
     model on MNIST scored 16% without a word of 28x28 becoming 8x8)."""
     assert evaluate_checkpoint(tiny_run, write=False).report.resized == ""  # its own data: as trained
-    assert evaluate_checkpoint(tiny_run, data="digits", write=False).report.resized == "8x8 to 12x12"
+    by_path = evaluate_checkpoint(tiny_run, data=Path("digits"), write=False)  # a Path as its text (it failed: not iterable)
+    assert by_path.report.resized == "8x8 to 12x12" and by_path.report.data == "digits"
     for i in range(30):
         (tmp_path / "photos" / str(i % 10)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((20, 20), 8 * i, dtype=np.uint8), mode="L").save(tmp_path / "photos" / str(i % 10) / f"{i}.png")

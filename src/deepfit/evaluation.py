@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +92,12 @@ class Evaluation:
 def evaluate_checkpoint(
     path: str | Path,
     *,
-    data: str | None = None,
+    data: str | os.PathLike[str] | None = None,
     split: str | None = None,
     tta: str | None = None,
     device: str = "auto",
     write: bool = True,
-    data_dir: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
 ) -> Evaluation:
     """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
@@ -104,6 +105,7 @@ def evaluate_checkpoint(
     test split, such as a folder of class folders, all of it); with `write`, save report.json and
     plots/confusion.png beside it. Unreadable image files stop it unless `skip_bad` (or the run's
     own data.skip_bad) leaves them out; the result lists them."""
+    data, data_dir = (os.fspath(p) if p is not None else None for p in (data, data_dir))  # a Path as its text
     if split is not None and split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
