@@ -98,6 +98,16 @@ def test_cli_lr_find(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
     assert bad.code == 2 and "start lr < end lr" in bad.err
 
 
+def test_train_only_flags_are_refused_not_ignored(cli) -> None:  # type: ignore[no-untyped-def]
+    """--devices 2, --epochs, --log ... were taken by lr-find's parser (it shares train's) and ignored."""
+    result = cli("lr-find", "--data", "digits", "--devices", "2", "--epochs", "3", "--log", "mlflow")
+    assert result.code == 2
+    assert (
+        result.err
+        == "deepfit: error: --epochs, --devices, --log: not used by lr-find, which sweeps --steps batches in one process; leave them out\n"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.data
 def test_fashion_mnist_suggestion_trains_well(cli, fashion_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -58,7 +58,7 @@ SECTION_RUNS: dict[str, str] = {"Regression": "{regression_run}", "Node classifi
 # flags that keep each command quick, appended when the command does not give them
 FAST_FLAGS: dict[str, list[str]] = {
     "train": ["--epochs", "1"],
-    "lr-find": ["--steps", "20", "--epochs", "1"],  # 20: lr-find's minimum
+    "lr-find": ["--steps", "20"],  # 20: lr-find's minimum
 }
 
 # README commands a test cannot run -> why (matched as a prefix of the command after step 1)

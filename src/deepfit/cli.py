@@ -456,6 +456,7 @@ def add_lr_find_parser(parser: argparse.ArgumentParser) -> None:
 def cmd_lr_find(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if args.resume:
         raise UsageError("lr-find starts from scratch (or --init-from); --resume is for train")
+    refuse_train_only(args)
     config = resolve_train_config(args, extra)
     if config.data.task != "image":
         raise UsageError(f"lr-find sweeps image classifiers; for a {config.data.task} run set --optim.lr directly")
@@ -471,6 +472,19 @@ def cmd_lr_find(args: argparse.Namespace, extra: Sequence[str]) -> int:
     print(f"train with: --optim.lr {result.suggestion:.3g}")
     print(f"plot: {files[0]}")
     return 0
+
+
+TRAIN_ONLY = ("epochs", "devices", "checkpoint_every", "keep_last", "monitor", "time_limit", "log")
+
+
+def refuse_train_only(args: argparse.Namespace) -> None:
+    """lr-find shares train's flags; those of a whole run (its length, ranks, checkpoints, trackers)
+    were taken and ignored without a word."""
+    given = [f"--{name.replace('_', '-')}" for name in TRAIN_ONLY if getattr(args, name) is not None]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: not used by lr-find, which sweeps --steps batches in one process; leave {'it' if len(given) == 1 else 'them'} out"
+        )
 
 
 def lr_find_folder(config: Config) -> Path:
