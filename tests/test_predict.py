@@ -286,3 +286,13 @@ def test_batch_size_does_not_change_the_answer(tiny_run: Path) -> None:
         Predictor.from_checkpoint(tiny_run).predict(images[:, 0])  # (N, H, W): one image or N? refused
     assert [p.index for p in together] == [p.index for p in one_by_one]
     assert [p.probability for p in together] == pytest.approx([p.probability for p in one_by_one], abs=1e-5)
+
+
+def test_csv_rows_of_another_width_name_the_models_pixels(predictor: Predictor, tmp_path: Path) -> None:
+    """Rows of 28x28 pixels for a 12x12 model said 'expected 145 (label + pixels)', though rows
+    without a label are read too."""
+    (tmp_path / "rows.csv").write_text("\n".join(",".join(["7"] * 784) for _ in range(3)) + "\n")
+    failures = predictor.predict_paths([str(tmp_path / "rows.csv")]).failures
+    assert [f.reason for f in failures] == [
+        f"{tmp_path / 'rows.csv'} line 1: 784 values, expected 144 pixels (1x12x12), or 145 with a label first; 3 row(s) like this"
+    ]
