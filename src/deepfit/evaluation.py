@@ -20,7 +20,6 @@ import torch
 from deepfit import metrics
 from deepfit.columns import display_width, pad
 from deepfit.data import DataBundle, ImageSet, build_data, load_images
-from deepfit.data.bundle import resized_count
 from deepfit.data.decode import resize
 from deepfit.engine import predict_logits
 from deepfit.errors import DataError, DeepfitError
@@ -110,12 +109,11 @@ def evaluate_checkpoint(
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
-    scored = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
-    images, source, skipped, split = scored.images, scored.source, scored.skipped, scored.split
+    images, source, skipped, split, resized = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
     report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
-    report.resized = scored.resized
+    report.resized = resized
     result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy(), skipped)
     if write:
         label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode)
@@ -153,7 +151,7 @@ def evaluation_images(
     if split is None:
         split = "all" if other is not None and (bundle.test is None or len(bundle.test) == 0) else "test"
     chosen = pick_split(bundle, split, config.name, skip_bad=config.skip_bad)
-    resized_from = next(iter(bundle.sizes), "") if resized_count(bundle.sizes, trained.input_shape) else ""  # decoded to it
+    resized_from = next((size for size in bundle.sizes if size != f"{h}x{w}"), "")  # files decoded to the model's size
     if other is not None and tuple(chosen.images.shape[1:]) != trained.input_shape and chosen.images.shape[1] == c:
         resized_from = "x".join(map(str, chosen.images.shape[2:]))
         chosen = ImageSet(torch.stack([resize(image, (h, w)) for image in chosen.images]), chosen.labels)

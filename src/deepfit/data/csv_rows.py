@@ -78,7 +78,7 @@ def read_pixel_csv(path: str | Path, *, image_shape: str | None = None, unlabell
     wrong = [(n, w) for (n, _), w in zip(numbered, widths, strict=True) if w != width]
     if wrong:
         n, w = wrong[0]
-        expected = f"{width} (pixels, no label)" if not labelled else f"{width} (label + pixels)"
+        expected = f"{width} (label + pixels)" if labelled else f"{width} (pixels, no label)"
         if unlabelled_ok and image_shape is not None:  # prediction: the model's shape, with or without a label
             size = math.prod(parse_image_shape(image_shape))
             expected = f"{size} pixels ({image_shape}), or {size + 1} with a label first"
