@@ -54,6 +54,7 @@ def test_out_with_files_of_its_own_is_refused_and_left_as_it_was(cli, tmp_path: 
     assert (project / "config.yaml").read_text() == "mine: true\n"
     for folder in (tmp_path / "empty", tmp_path / "started"):  # new or empty; or a run that stopped before its first checkpoint
         folder.mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\x00")  # hidden files do not count
     (tmp_path / "started" / ".lock").write_text("1 on host\n")
     (tmp_path / "started" / "config.yaml").write_text("train:\n  epochs: 1\n")
     assert new_run_dir(str(tmp_path / "empty"), data="d", model="m") == tmp_path / "empty"

@@ -340,11 +340,12 @@ def new_run_dir(out: str | None, *, data: str, model: str, make: bool = True) ->
 
 
 def require_run_or_empty(out: Path) -> None:
-    """--out is a new or empty folder, or one a run started (its .lock: a run stopped before its
-    first checkpoint): a run writes config.yaml and metrics.csv there, over any of the same name."""
+    """--out is a new or empty folder (hidden files such as .DS_Store aside), or one a run started
+    (its .lock: a run stopped before its first checkpoint): a run writes config.yaml and
+    metrics.csv there, over any of the same name."""
     if not out.is_dir() or (out / LOCK_FILE).is_file():
         return
-    entries = sorted(path.name + ("/" if path.is_dir() else "") for path in out.iterdir())
+    entries = sorted(path.name + ("/" if path.is_dir() else "") for path in out.iterdir() if not path.name.startswith("."))
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ConfigError(

@@ -90,7 +90,7 @@ def add_train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", help="passes over the training split")
     parser.add_argument("--seed", help="random seed")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
-    parser.add_argument("--out", help="run folder (default runs/<data>-<model>-<time>)")
+    parser.add_argument("--out", help="run folder, new or empty (default runs/<data>-<model>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from checkpoints/last.pt (auto: --out's)")
     parser.add_argument("--devices", metavar="N", type=int, help="train on N ranks of this machine via torchrun")
     parser.add_argument("--checkpoint-every", metavar="STEPS", help="also checkpoint every STEPS batches")
