@@ -105,7 +105,7 @@ BAD_SOURCES = {
     "csv shape mismatch": (csv_lines("0,1,2,3,4"), ["--data.image-shape", "1x3x3"], "line 1: 5 values, expected 10"),
     "idx wrong magic": (idx_folder(lambda b: b"\x01\x02" + b[2:]), ["--data", "mnist"], "wrong magic number"),
     "idx size mismatch": (idx_folder(lambda b: b[:-9]), ["--data", "mnist"], "IDX header declares shape"),
-    "unknown name": (lambda tmp: tmp / "imagenet-42", [], "unknown dataset"),
+    "missing path": (lambda tmp: tmp / "imagenet-42", [], "imagenet-42 (moved or deleted?); a run whose data moved takes its new place"),
     "not a data file": (not_data, [], "neither a folder nor a .zip, .csv or .csv.gz"),
     "broken zip": (broken_zip, [], "is not a readable zip file"),
     "no class folders": (no_classes, [], "has no class folders with images"),

@@ -13,7 +13,7 @@ from PIL import Image
 
 import deepfit
 from deepfit.config import Config, config_from_dict, moved, resume_changes, set_value
-from deepfit.errors import ConfigError
+from deepfit.errors import ConfigError, DataError
 
 FAST = ("--model", "mlp", "--no-progress", "--data.batch-size", "64", "--epochs", "1")
 
@@ -67,6 +67,8 @@ def test_fit_resumes_from_data_that_moved_but_not_onto_other_settings(tmp_path: 
         set_value(config, key, value)
     deepfit.fit(config)
     shutil.move(tmp_path / "shades", tmp_path / "moved")
+    with pytest.raises(DataError, match=f"^no folder or file at {tmp_path / 'shades'} \\(moved or deleted\\?\\); .* --data NEW"):
+        deepfit.fit(config, resume=tmp_path / "run")  # it said: unknown dataset ..., not a registered name
     set_value(config, "data.name", str(tmp_path / "moved"))
     set_value(config, "train.epochs", 2)
     assert len(deepfit.fit(config, resume=tmp_path / "run").history) == 2
