@@ -190,3 +190,17 @@ def test_resume_of_a_folder_without_last_pt_says_to_train_it_anew(cli, tmp_path:
     ]
     with pytest.raises(CheckpointError, match=r"it holds no checkpoints/last\.pt"):
         fit(Config(), resume=tmp_path / "r")
+
+
+def test_a_runs_own_config_trained_again_names_where_its_folder_came_from(cli, tiny_idx: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--config RUN/config.yaml records train.out: RUN; the refusal read as if --out had been given."""
+    first = cli("train", "--data", "mnist", "--data-dir", str(tiny_idx), "--model", "mlp", "--epochs", "1", "--out", "r", "--no-progress")
+    assert first.code == 0, first.err
+    again = cli("train", "--config", "r/config.yaml")
+    assert again.code == 2
+    assert again.err == (
+        "deepfit: error: r already holds a run (train.out in r/config.yaml); continue it with --resume r,"
+        " or train this config again with --out NEW\n"
+    )
+    elsewhere = cli("train", "--config", "r/config.yaml", "--out", "r2", "--no-progress")
+    assert elsewhere.code == 0 and (tmp_path / "r2" / "checkpoints" / "last.pt").is_file(), elsewhere.err

@@ -216,6 +216,7 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
         raise UsageError(f"--devices must be at least 1, got {args.devices}")
     args.resume = launch.resolve_resume(args.resume, args.out)
     config = resolve_train_config(args, extra)  # bad flags fail before torch loads
+    refuse_config_out(args, config, extra)
     if args.console and not launch.wants_launch(args.devices):
         import_for_training()
     if config.data.task in ("regression", "node"):
@@ -229,6 +230,18 @@ def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
     echo, progress = rank_outputs(args, config) if main_rank else (None, None)
     result = fit(config, resume=args.resume, progress=progress, on_epoch=echo, on_start=print_image_data if main_rank else None)
     return print_fit_result(result, config.train.monitor) if main_rank else 0
+
+
+def refuse_config_out(args: argparse.Namespace, config: Config, extra: Sequence[str]) -> None:
+    """--config RUN/config.yaml (training a run's config again) names that run as train.out: say
+    where the folder came from, and the flag that trains the config again elsewhere."""
+    given = args.out is not None or args.resume or any(item.startswith("--train.out") for item in extra)
+    out = config.train.out
+    if args.config and not given and out and (Path(out) / "checkpoints" / "last.pt").is_file():
+        raise UsageError(
+            f"{out} already holds a run (train.out in {args.config}); continue it with --resume {out}, or train this config"
+            " again with --out NEW"
+        )
 
 
 def print_image_data(bundle: DataBundle) -> None:
