@@ -41,11 +41,12 @@ def did_you_mean(word: str, options: list[str] | tuple[str, ...], *, prefix: str
     return f" (did you mean {prefix}{matches[0]}?)" if matches else ""
 
 
-def first_line(err: BaseException, *, named: bool = False) -> str:
-    """The first line of an error's message (with `named`, after its type: 'RuntimeError: ...'),
-    for a one-line message built on it; its type's name when it says nothing."""
+def first_line(err: BaseException, *, named: bool = False, limit: int | None = None) -> str:
+    """The first line of an error's message (with `named`, after its type: 'RuntimeError: ...';
+    with `limit`, cut to that many characters), for a one-line message built on it; its type's
+    name when it says nothing."""
     text = str(err).strip()
     if not text:
         return type(err).__name__
-    line = text.splitlines()[0]
+    line = text.splitlines()[0][:limit]
     return f"{type(err).__name__}: {line}" if named else line

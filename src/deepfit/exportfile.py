@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepfit.errors import DeepfitError
+from deepfit.errors import DeepfitError, first_line
 from deepfit.outfiles import require_output
 
 FORMATS = ("onnx", "torchscript")
@@ -82,9 +82,7 @@ def staged_file(target: Path, *, format: str, error: ErrorType) -> Iterator[Path
         raise
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+CAUSE_CHARS = 300  # of each exporter error's first line in a message: ONNX's can be a whole graph dump
 
 
 def export_onnx(
@@ -142,7 +140,7 @@ def describe(err: BaseException) -> str:
     current: BaseException | None = err
     while current is not None and id(current) not in seen and len(parts) < 4:
         seen.add(id(current))
-        parts.append(f"{type(current).__name__}: {first_line(current)}")
+        parts.append(f"{first_line(current, named=True, limit=CAUSE_CHARS)}")
         current = current.__cause__ or current.__context__
     return " <- caused by ".join(parts)
 
@@ -167,7 +165,7 @@ def save_torchscript(
             traced = torch.jit.trace(module, inputs, check_trace=False)
             torch.jit.save(traced, str(target), _extra_files={EXTRA_FILE: json.dumps(meta)})
     except Exception as err:  # tracing raises many types; all mean "this model cannot be traced"
-        raise error(f"TorchScript export of {what} failed: {type(err).__name__}: {first_line(err)}") from None
+        raise error(f"TorchScript export of {what} failed: {first_line(err, named=True, limit=CAUSE_CHARS)}") from None
 
 
 def onnx_session(target: Path, *, error: ErrorType) -> Any:
@@ -177,7 +175,7 @@ def onnx_session(target: Path, *, error: ErrorType) -> Any:
     try:
         return onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own types for graphs it cannot load
-        raise error(f"onnxruntime cannot load the exported file: {type(err).__name__}: {first_line(err)}") from None
+        raise error(f"onnxruntime cannot load the exported file: {first_line(err, named=True, limit=CAUSE_CHARS)}") from None
 
 
 def load_torchscript(target: Path, *, error: ErrorType) -> torch.jit.ScriptModule:
@@ -206,7 +204,7 @@ def difference(
     try:
         got = run(*inputs)
     except Exception as err:  # any runtime failure means the file is not usable as written
-        raise error(f"the {format} file could not be run on {on}: {type(err).__name__}: {first_line(err)}") from None
+        raise error(f"the {format} file could not be run on {on}: {first_line(err, named=True, limit=CAUSE_CHARS)}") from None
     if got.shape != expected.shape:
         raise (shape_error or error)(f"{format} export returns shape {got.shape} on {on}, the model {expected.shape}")
     return float(np.abs(got - expected).max())

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfit.errors import DeepfitError
+from deepfit.errors import DeepfitError, first_line
 from deepfit.exportfile import (
+    CAUSE_CHARS,
     FORMATS,
     difference,
     export_path,
-    first_line,
     load_torchscript,
     onnx_session,
     save_onnx,
@@ -92,7 +92,7 @@ def write_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Path,
                 dynamic_axes={"features": {0: "nodes"}, "edge_index": {1: "edges"}, "logits": {0: "nodes"}}, opset_version=17,
             )  # fmt: skip
     except Exception as err:  # the exporter raises many types; all mean "this model cannot be exported"
-        raise NodeExportError(f"ONNX export of the node model failed: {type(err).__name__}: {first_line(err)}") from None
+        raise NodeExportError(f"ONNX export of the node model failed: {first_line(err, named=True, limit=CAUSE_CHARS)}") from None
     save_onnx(onnx.load(str(target)), meta, target)
 
 
