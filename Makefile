@@ -7,8 +7,12 @@ DATASETS ?= $(abspath ../shared/datasets)
 
 .PHONY: demo test test-slow test-gpu lint bench bench-gpu install clean
 
+# A failed recipe removes its target, so a half-made .venv (say, from a full disk) is made again
+# on the next run rather than taken as ready.
+.DELETE_ON_ERROR:
+
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { echo "make: '$(PYTHON) -m venv $(VENV)' failed; is the disk full? ($$(df -h . | awk 'NR==2 {print $$4}') free here)" >&2; exit 1; }
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
