@@ -74,6 +74,18 @@ def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_folder_given_as_config_is_named_and_a_runs_folder_gets_its_two_flags(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder; --config takes a YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path)
+    assert str(raised.value) == (
+        f"config file {tmp_path} is a run's folder: continue it with --resume {tmp_path}, or train its config"
+        f" again with --config {tmp_path / 'config.yaml'} --out NEW"
+    )
+
+
 def test_round_trip_through_a_dict() -> None:
     config = Config()
     set_value(config, "sched.name", "onecycle")

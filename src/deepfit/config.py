@@ -206,6 +206,8 @@ def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
 
 def load_config(path: str | Path, base: Config | None = None) -> Config:
     """Read a YAML config file over `base`."""
+    if Path(path).is_dir():
+        raise ConfigError(folder_config_message(Path(path)))
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -218,6 +220,16 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
         return config_from_dict(raw, base)
     except ConfigError as err:  # a bad key or value: which of the user's files holds it
         raise ConfigError(f"config file {path}: {err}") from None
+
+
+def folder_config_message(path: Path) -> str:
+    """--config given a folder: for a run's folder, the flags that continue it or train it again."""
+    if (path / "config.yaml").is_file():
+        return (
+            f"config file {path} is a run's folder: continue it with --resume {path}, or train its config again"
+            f" with --config {path / 'config.yaml'} --out NEW"
+        )
+    return f"config file {path} is a folder; --config takes a YAML file"
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
