@@ -295,6 +295,15 @@ def test_cli_models_lists_and_summarizes(cli) -> None:  # type: ignore[no-untype
         assert failed.code == 2 and failed.err.count("\n") == 1, failed.err
 
 
+def test_cli_models_name_alone_is_its_summary(cli) -> None:  # type: ignore[no-untyped-def]
+    alone = cli("models", "cnn3", "--input", "1x28x28")
+    assert alone.code == 0, alone.err
+    assert alone.out == cli("models", "summary", "cnn3", "--input", "1x28x28").out
+    assert "total parameters: 123,222" in alone.out
+    two = cli("models", "cnn3", "lenet")
+    assert two.code == 2 and two.err.strip().endswith("models: unknown action 'cnn3'; use list, or summary NAME")
+
+
 @pytest.mark.parametrize(("task", "names"), [("regression", ["linear", "mlp"]), ("node", ["gcn", "mlp"])])
 def test_cli_models_lists_the_other_tasks_models(cli, task: str, names: list[str]) -> None:  # type: ignore[no-untyped-def]
     listing = cli("models", "--task", task)

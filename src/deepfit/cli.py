@@ -361,7 +361,9 @@ def print_epoch(epochs: int) -> Callable[[Row], None]:
 
 
 def add_models_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=["list", "summary"], default="list", help="list (default) or summary")
+    parser.add_argument(
+        "action", nargs="?", default="list", metavar="ACTION", help="list (default), or summary (NAME alone means summary NAME)"
+    )
     parser.add_argument("name", nargs="?", metavar="NAME", help="summary: the registered model")
     parser.add_argument("--input", metavar="CxHxW|F", help="summary: image shape (default 1x28x28), or features per row or node")
     parser.add_argument("--classes", type=int, default=10, metavar="N", help="summary: number of classes (default 10)")
@@ -390,6 +392,10 @@ def task_models(task: str) -> Any:
 def cmd_models(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from deepfit.models import format_summary, summarize_model
 
+    if args.action not in ("list", "summary"):  # deepfit models cnn_bn: the summary of cnn_bn
+        if args.name:
+            raise UsageError(f"models: unknown action {args.action!r}; use list, or summary NAME")
+        args.action, args.name = "summary", args.action
     if args.action == "list":
         if args.name or extra:
             raise UsageError("deepfit models lists them all; use deepfit models summary NAME --input CxHxW")
