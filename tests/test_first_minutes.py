@@ -45,6 +45,8 @@ def class_folders(root: Path, classes: list[str], count: int, *, seed: int = 0) 
         (["train", "--lr", "0.01"], "did you mean --optim.lr?"),
         (["train", "--data.batchsize", "8"], "did you mean --data.batch_size?"),
         (["train", "--model", "cnn4"], "unknown model 'cnn4' (did you mean cnn3?)"),
+        (["train", "--model", "CNN_BN"], "unknown model 'CNN_BN' (did you mean cnn_bn?)"),  # case ignored
+        (["evaluate", "run", "--split", "TEST"], "invalid choice: 'TEST' (did you mean test?)"),
         (["train", "--data", "mnst"], "unknown dataset 'mnst' (did you mean mnist?)"),
         (["train", "--optim.name", "adan"], "unknown optimizer 'adan' (did you mean adam?)"),
         (["evaluate", "run", "--split", "tst"], "evaluate: argument --split: invalid choice: 'tst' (did you mean test?)"),

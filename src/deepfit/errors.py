@@ -34,11 +34,13 @@ class StopRequested(Exception):
 
 
 def did_you_mean(word: str, options: list[str] | tuple[str, ...], *, prefix: str = "") -> str:
-    """' (did you mean --optim.lr?)' for the closest option (difflib), or '' when none is close."""
+    """' (did you mean --optim.lr?)' for the closest option (difflib, ignoring case: CNN_BN finds
+    cnn_bn), or '' when none is close."""
     import difflib  # light, but only needed on the error path
 
-    matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{matches[0]}?)" if matches else ""
+    lowered = {option.lower(): option for option in options}
+    matches = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{lowered[matches[0]]}?)" if matches else ""
 
 
 def first_line(err: BaseException, *, named: bool = False, limit: int | None = None) -> str:
