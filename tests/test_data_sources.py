@@ -215,6 +215,39 @@ def test_a_run_folder_given_as_data_is_named_as_one(tmp_path: Path) -> None:
         source_of(run)
 
 
+@pytest.mark.parametrize("inside", ["run", "runs/photos-cnn_bn-1", "cat/run"])
+def test_a_run_inside_the_image_folder_is_named_not_read_as_a_class(tmp_path: Path, inside: str) -> None:
+    """Its plots/ made one class more: training again gained a class, and resuming it failed on a
+    size mismatch of the last layer."""
+    root = noise_folder(tmp_path / "photos", {"cat": 2, "dog": 2})
+    run = root / inside
+    save_image(run / "plots" / "curves.png", "RGB", (0, 0, 0))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.pt").write_bytes(b"weights")
+    with pytest.raises(DataError) as raised:
+        source_of(root)
+    assert str(raised.value) == (
+        f"{run} is a deepfit run inside the image folder {root}: its plots would be read as images of a class; move it out of {root}"
+    )
+
+
+def test_a_run_is_not_started_inside_the_image_folder_it_trains_on(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = noise_folder(tmp_path / "photos", {"cat": 2, "dog": 2})
+    inside = cli("train", "--data", "photos", "--epochs", "1", "--out", "photos/run1")
+    assert inside.code == 2
+    assert inside.err.strip() == (
+        f"deepfit: error: the run would be written in photos/run1, inside the image folder {root} it trains on, which"
+        " would then read its plots as images of a class: give an --out outside that folder"
+    )
+    os.chdir(root)  # no --out: runs/ would be made in the data folder
+    default = cli("train", "--data", ".", "--epochs", "1")
+    assert default.code == 2 and "the run would be written in runs, inside the image folder" in default.err
+    assert sorted(p.name for p in root.iterdir()) == ["cat", "dog"]  # nothing written there
+    os.chdir(tmp_path)
+    beside = cli("train", "--data", "photos", "--epochs", "1", "--out", "photos-run", "--data.cache", "false")
+    assert beside.code == 0, beside.err
+
+
 def test_bad_files_are_all_listed_and_skip_bad_leaves_them_out(tmp_path: Path) -> None:
     root = noise_folder(tmp_path / "bad", {"a": 3, "b": 3})
     (root / "a" / "broken.png").write_bytes((root / "a" / "000.png").read_bytes()[:60])

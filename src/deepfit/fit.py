@@ -22,7 +22,7 @@ from deepfit import checkpoint as ckpt
 from deepfit import distributed
 from deepfit.config import Config, config_from_overrides, infer_task, parse_duration, save_config, validate
 from deepfit.cudagraphs import GraphedForward, GraphedStep
-from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, require_classes
+from deepfit.data import DataBundle, anchor_paths, build_data, build_loader, refuse_run_in_folder, require_classes
 from deepfit.data.balance import balanced_sample_weights
 from deepfit.data.mix import Mix, MixedBatches
 from deepfit.ema import WeightAverage
@@ -117,6 +117,8 @@ def fit(
     if model is not None and not type(model).__module__.startswith("deepfit."):  # config.yaml and the checkpoint say whose model
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="custom", class_path=class_path_of(model)))
     anchor_paths(config.data)
+    if resume is None and data is None:
+        refuse_run_in_folder(config.data, Path(config.train.out or "runs"))
     set_threads(config.train.threads)
     set_deterministic(config.train.deterministic)  # before any CUDA work: cuBLAS reads its setting once
     seed_everything(config.train.seed)

@@ -38,6 +38,7 @@ __all__ = [
     "list_datasets",
     "load_images",
     "load_source",
+    "refuse_run_in_folder",
     "require_classes",
 ]
 
@@ -89,6 +90,18 @@ def anchor_paths(config: DataConfig) -> None:
         config.name = str(path.resolve())
     if config.dir is not None:
         config.dir = str(Path(config.dir).expanduser().resolve())
+
+
+def refuse_run_in_folder(config: DataConfig, out: Path) -> None:
+    """--out (or runs/, where it is not given) inside the image folder being trained on: refused
+    before anything is written there, as the folder would read the run's plots as images of a
+    class (paths.refuse_runs_inside)."""
+    folder = Path(config.name).expanduser()
+    if config.name not in DATASETS and folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+        raise DataError(
+            f"the run would be written in {out}, inside the image folder {folder} it trains on, which would then read"
+            " its plots as images of a class: give an --out outside that folder"
+        )
 
 
 def unknown_source_message(name: str, path: Path) -> str:

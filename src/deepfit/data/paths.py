@@ -47,6 +47,8 @@ def load_path_source(path: Path, config: DataConfig) -> SourceData:
     if is_csv(path):
         return load_csv_path(path, config)
     refuse_run_folder(path)
+    if path.is_dir():
+        refuse_runs_inside(path)
     # a zip's own size and mtime stand for its members: the cache is found without reading its
     # directory (0.6 s for CIFAR-10's 60,000 members); a folder is listed to see its files
     listing = list_files(path) if path.is_dir() else None
@@ -66,6 +68,18 @@ def refuse_run_folder(path: Path) -> None:
         raise DataError(
             f"{path} is a deepfit run folder, not images in class folders: start from its weights with --init-from {path},"
             f" or score it with `deepfit evaluate {path}`"
+        )
+
+
+def refuse_runs_inside(folder: Path) -> None:
+    """A run folder among the class folders (or in one, as runs/NAME) is read as images of a class:
+    its plots. Training again on the folder would add that class, and resuming the run would
+    find one class more than its weights have."""
+    runs = sorted({p.parents[1] for pattern in ("*/checkpoints/*.pt", "*/*/checkpoints/*.pt") for p in folder.glob(pattern)})
+    if runs:
+        raise DataError(
+            f"{runs[0]} is a deepfit run inside the image folder {folder}: its plots would be read as images of a class;"
+            f" move it out of {folder}"
         )
 
 
