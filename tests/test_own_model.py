@@ -220,3 +220,44 @@ def test_a_class_path_without_its_colon_is_refused_with_the_colon_form(cli, give
     result = cli("train", "--model.class", given, "--epochs", "1")
     assert result.code == 2
     assert result.err.strip() == f"deepfit: error: model.class takes module:Class, e.g. --model.class {example}; got {given!r}"
+
+
+def test_a_model_no_class_name_can_rebuild_says_to_pass_the_model(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An nn.Sequential, a class made inside a function: the CLI advised `--model.class
+    torch.nn.modules.container:Sequential`, which built an empty Sequential."""
+
+    class Local(Flat):
+        pass
+
+    cases = [
+        (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 10)), "torch's own Sequential (Sequential() has none of its layers)"),
+        (Local(), "defined inside a function"),
+    ]
+    for i, (model, reason) in enumerate(cases):
+        config = tiny_config(tmp_path)
+        config.train.out = str(tmp_path / f"run{i}")
+        fit(config, model=model)
+        class_path = yaml.safe_load((tmp_path / f"run{i}" / "config.yaml").read_text())["model"]["class_path"]
+        refused = cli("evaluate", f"run{i}")
+        assert refused.code == 2 and refused.err.strip() == (
+            f"deepfit: error: run{i}/checkpoints/best.pt: cannot rebuild its model: {class_path} is {reason}, so deepfit"
+            " cannot build it by name: pass the model itself in Python (model=..., as in Predictor.from_checkpoint(RUN,"
+            " model=...)), or define its class in a module file and name it with --model.class module:Class"
+        )
+        assert cli("evaluate", f"run{i}", "--model.class", class_path).code == 2  # named: still not rebuildable
+        assert Predictor.from_checkpoint(tmp_path / f"run{i}", model=model).classes  # the model itself: fine
+
+
+def test_a_scripts_own_class_is_built_where_that_script_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """__main__:Net names the training script's class: a script that allows it gets it; where
+    __main__ is another program (deepfit's command line, pytest), it is named as the script's."""
+    import sys
+
+    import deepfit.models.user as user
+
+    monkeypatch.setattr(user, "ALLOWED", set())
+    user.allow_model_class("__main__:OwnNet")
+    with pytest.raises(ConfigError, match=r"^__main__:OwnNet is defined in the script that trained it, so deepfit cannot build it by name"):
+        user.build_user_model("__main__:OwnNet")
+    monkeypatch.setattr(sys.modules["__main__"], "OwnNet", Flat, raising=False)
+    assert isinstance(user.build_user_model("__main__:OwnNet"), Flat)

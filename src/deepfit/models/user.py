@@ -29,8 +29,38 @@ def class_path_of(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def unbuildable(class_path: str) -> str | None:
+    """Why Class() from this path cannot be the model that trained, or None: a class of the
+    script that trained (__main__ is deepfit's own when it runs), one defined inside a function,
+    or torch's own (an nn.Sequential of layers, whose Sequential() is empty)."""
+    module_name, _, qualname = class_path.partition(":")
+    if module_name == "__main__":
+        return "defined in the script that trained it"
+    if "<locals>" in qualname:
+        return "defined inside a function"
+    if module_name_of(class_path) == "torch":
+        return f"torch's own {qualname} ({qualname}() has none of its layers)"
+    return None
+
+
+def module_name_of(class_path: str) -> str:
+    """The top-level package: 'torch' for torch.nn.modules.container:Sequential."""
+    return class_path.partition(":")[0].split(".")[0]
+
+
+def unbuildable_message(class_path: str, reason: str) -> str:
+    return (
+        f"{class_path} is {reason}, so deepfit cannot build it by name: pass the model itself in Python (model=...,"
+        " as in Predictor.from_checkpoint(RUN, model=...)), or define its class in a module file and name it with"
+        " --model.class module:Class"
+    )
+
+
 def build_user_model(class_path: str) -> nn.Module:
     """Class() from 'module:Class', only for a class the user named; otherwise how to supply it."""
+    reason = unbuildable(class_path)
+    if reason is not None and (class_path not in ALLOWED or module_name_of(class_path) == "torch"):
+        raise ConfigError(unbuildable_message(class_path, reason))
     if class_path not in ALLOWED:
         raise ConfigError(
             f"this run was trained with your own model {class_path}; deepfit never imports code a checkpoint names: "
@@ -42,6 +72,8 @@ def build_user_model(class_path: str) -> nn.Module:
         for part in qualname.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as err:
+        if reason is not None:  # a script's own class, named where that script is not what runs
+            raise ConfigError(unbuildable_message(class_path, reason)) from None
         raise ConfigError(
             f"--model.class {class_path}: cannot import it ({type(err).__name__}: {err}); is its folder on PYTHONPATH?"
         ) from None
