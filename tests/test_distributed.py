@@ -185,7 +185,9 @@ def test_failure_names_the_killed_rank() -> None:
     code, message = describe_failure({0: Failure(1, 100), 1: Failure(-15, 101), 2: Failure(-15, 102)})
     assert code == 1 and message.startswith("rank 0 (pid 100) exited with code 1; ranks 1, 2 were stopped")
     code, message = describe_failure({0: Failure(2, 100), 1: Failure(2, 101), 2: Failure(-15, 102)})
-    assert (code, message) == (2, "ranks 0, 1 exited with code 2; rank 2 was stopped. The last checkpoint resumes with --resume RUN_DIR")
+    assert (code, message) == (2, "ranks 0, 1 exited with code 2; rank 2 was stopped. The error above names what to fix")
+    code, message = describe_failure({0: Failure(1, 100), 1: Failure(-15, 101)})  # a crash: resuming may go on
+    assert message.endswith(". The last checkpoint resumes with --resume RUN_DIR")
     code, message = describe_failure({0: Failure(3, 100), 1: Failure(3, 101)})  # a non-finite loss: every rank stops at one check
     assert (code, message) == (3, "ranks 0, 1 exited with code 3.")
     code, message = describe_failure({1: Failure(4, 101)})
@@ -219,6 +221,19 @@ def test_a_diverging_run_on_two_ranks_says_so_once(tmp_path: Path) -> None:
     ), said[1]
     assert "Traceback" not in err and "OMP_NUM_THREADS" not in err  # the launcher sets the ranks' threads: no torchrun banner
     assert [p.name for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's shared cache stays
+
+
+def test_bad_input_the_ranks_meet_alike_is_said_once(tmp_path: Path) -> None:
+    """Each rank printed the same error line, then torchrun's own 'failed (exitcode: 2)' log line,
+    and the launcher advised --resume of a run that never started."""
+    args = ["train", "--devices", "2", "--device", "cpu", "--data", "nosuchdata", "--epochs", "1", "--out", "run"]
+    result = run_deepfit(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr[-2000:]
+    assert lines[0].startswith("deepfit: error: unknown dataset 'nosuchdata': not a registered name")
+    assert re.fullmatch(r"deepfit: (ranks 0, 1|rank [01] \(pid \d+\)) exited with code 2.* The error above names what to fix", lines[1])
+    assert not (tmp_path / "run").exists()
 
 
 def test_ranks_share_the_cores_out(monkeypatch: pytest.MonkeyPatch) -> None:

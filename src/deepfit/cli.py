@@ -1212,7 +1212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings_as_lines(), early_interrupts():  # a Ctrl-C while starting is never lost
             return run(arguments, console=argv is None)
     except DeepfitError as err:
-        print(f"deepfit: error: {err}", file=sys.stderr)
+        from deepfit.launch import first_to_say
+
+        if first_to_say(f"error: {err}"):  # --devices N: once, not from every rank
+            print(f"deepfit: error: {err}", file=sys.stderr)
         print_resume_hint(err)
         return err.exit_code
     except BrokenPipeError:  # `deepfit predict ... | head`: the reader has gone, so stop quietly

@@ -5,6 +5,7 @@ The training itself runs in the N worker processes, each `python -m deepfit trai
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deepfit.errors import ConfigError, NonFiniteError
+from deepfit.errors import ConfigError, DeepfitError, NonFiniteError
 
 NO_LAUNCH = "LOCAL_RANK"  # set by torchrun in every worker: --devices is then already in effect
 
@@ -53,10 +54,13 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # its "failed (exitcode: 2) local_rank: 0 (pid: ...) of binary: ..." line: describe_failure says that in words
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(rank_threads(devices)))  # the ranks' default; --train.threads still sets it
     with tempfile.TemporaryDirectory(prefix="deepfit-ranks-") as logs:  # torchrun's own would stay in /tmp, one per launch
         launcher = ["--standalone", f"--nproc-per-node={devices}", f"--log-dir={logs}", "--module", "deepfit"]
         args = get_args_parser().parse_args([*launcher, *without_devices(argv)])
+        os.environ[SAID] = os.path.join(logs, "said.txt")
         try:
             run(args)
         except ChildFailedError as err:
@@ -64,7 +68,34 @@ def launch(argv: Sequence[str], devices: int) -> tuple[int, str | None]:
         except SignalException as err:
             said = f"stopped by {signal.Signals(err.sigval).name}: every rank stopped after the same step and rank 0 wrote a resumable checkpoint"
             return 128 + int(err.sigval), said
+        finally:
+            del os.environ[SAID]
     return 0, None
+
+
+SAID = "DEEPFIT_RANKS_SAID"  # a file the ranks of one launch share: the error lines printed so far
+
+
+def first_to_say(line: str) -> bool:
+    """Whether this process prints `line`: yes, unless it is a rank of `--devices N` and another
+    rank printed it already. The ranks meet the same bad input alike (a missing file, a class that
+    will not import), and N copies of one line told people nothing more; whichever rank gets there
+    first says it, so it is never lost to a rank the launcher stopped."""
+    path = os.environ.get(SAID)
+    if not path or not in_worker():
+        return True
+    import fcntl
+
+    try:
+        with open(path, "a+", encoding="utf-8") as said:
+            fcntl.flock(said, fcntl.LOCK_EX)  # released as the file closes
+            said.seek(0)
+            if line in said.read().split("\0"):
+                return False
+            said.write(line + "\0")
+    except OSError:  # the shared file is not there to ask: say it
+        return True
+    return True
 
 
 def require_devices(device_name: str, devices: int) -> None:
@@ -120,6 +151,8 @@ def describe_failure(failures: dict[int, Any]) -> tuple[int, str]:
     else:
         stopped = "; the other ranks were stopped" if len(alike) == 1 else ""
     message = f"{who} {how}{stopped}."
+    if code == DeepfitError.exit_code:  # a file, flag or config the ranks refused: their line above says which
+        return code, f"{message} The error above names what to fix"
     if code == NonFiniteError.exit_code:  # the ranks' own line says where; resuming would meet it again
         return code, message
     return code, f"{message} The last checkpoint resumes with --resume RUN_DIR"
