@@ -34,6 +34,12 @@ def save_image(path: Path, mode: str, colour: int | tuple[int, ...], *, size: tu
     return path
 
 
+def save_grey16(path: Path, value: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((SIZE[1], SIZE[0]), value, dtype=np.uint16)).save(path)  # mode I;16
+    return path
+
+
 def save_palette(path: Path, colour: tuple[int, int, int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", SIZE, colour).convert("P", palette=Image.Palette.ADAPTIVE).save(path)
@@ -91,6 +97,9 @@ FORMATS = {  # class folder -> (writer, expected RGB after decoding)
     "gif first frame": (lambda p: save_gif(p / "a.gif", (255, 0, 0), (0, 0, 255)), (255, 0, 0)),
     "jpeg": (lambda p: save_image(p / "a.jpg", "RGB", (120, 130, 140), quality=95), (120, 130, 140)),
     "café": (lambda p: save_image(p / "a.png", "RGB", (7, 8, 9)), (7, 8, 9)),
+    # 16-bit grey by its top byte (30000 >> 8 = 117): PIL's convert clipped it to 255, white
+    "png 16-bit grey": (lambda p: save_grey16(p / "a.png", 30000), (117, 117, 117)),
+    "tiff 16-bit grey": (lambda p: save_grey16(p / "a.tif", 51400), (200, 200, 200)),
     "кошка 猫": (lambda p: save_image(p / "a.JPEG", "RGB", (90, 90, 200), quality=95), (90, 90, 200)),
 }
 

@@ -260,6 +260,9 @@ def to_hwc_uint8(item: Any) -> np.ndarray:
 
 
 def pil_array(image: Any) -> np.ndarray:
+    from deepfit.data.decode import eight_bit  # 16-bit grey by its top byte, as from a file
+
+    image = eight_bit(image)
     if image.mode not in ("L", "RGB", "RGBA"):
         image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
     return np.asarray(image)

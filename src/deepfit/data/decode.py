@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -16,7 +17,8 @@ from deepfit.errors import DataError
 
 MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's bomb limit: width * height above this is refused
 JPEG_BATCH = 512  # files per batched decode_jpeg call
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F", "La"}
+SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}  # grey PNGs and TIFFs of 16 bits a pixel
+GREY_MODES = {"1", "L", "LA", "I", "F", "La", *SIXTEEN_BIT}
 # JPEG start-of-frame markers carry the dimensions (all 0xC0..0xCF except DHT, JPG, DAC)
 SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -90,7 +92,7 @@ def decode_pil(data: bytes | memoryview, channels: int) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as opened:
             opened.seek(0)
             opened.load()
-            image: Image.Image = opened
+            image: Image.Image = eight_bit(opened)
             if "A" in image.getbands() or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -99,6 +101,15 @@ def decode_pil(data: bytes | memoryview, channels: int) -> torch.Tensor:
         raise DataError(f"corrupt or truncated image ({err})") from None
     array = torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8)
     return array.view(converted.height, converted.width, channels).permute(2, 0, 1).contiguous()
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey (a scan, a microscope's PNG or TIFF) to 8 bits by its top byte, as torchvision
+    and OpenCV read it; PIL's own convert("L") clips at 255, which turned such images white."""
+    if image.mode not in SIXTEEN_BIT:
+        return image
+    pixels = np.asarray(image).astype(np.uint16)  # numbers, whatever the file's byte order
+    return Image.fromarray((pixels >> 8).astype(np.uint8))  # mode L
 
 
 def as_buffer(data: bytes | memoryview) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepfit.config import DataConfig
 from deepfit.data.bundle import ImageSet, SourceData, conform_chunk
-from deepfit.data.decode import GREY_MODES, resize
+from deepfit.data.decode import GREY_MODES, eight_bit, resize
 from deepfit.data.stream import CHUNK, WORKERS_FROM, Item, budget_bytes, decode_all, drained, own_generator, raise_failures, stream_set
 from deepfit.errors import DataError
 
@@ -66,7 +66,7 @@ def as_uint8_image(image: Any, channels: int, size: tuple[int, int]) -> torch.Te
     if isinstance(image, Image.Image):
         from torchvision.transforms.v2 import functional as tvf  # torchvision loads its model zoo: only when used
 
-        tensor = tvf.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+        tensor = tvf.pil_to_tensor(eight_bit(image).convert("L" if channels == 1 else "RGB"))
     elif isinstance(image, torch.Tensor):
         tensor = uint8_pixels(image if image.dim() == 3 else image.unsqueeze(0))
         tensor = conform_chunk(tensor[:3].unsqueeze(0), channels, None)[0]  # (C, H, W), alpha dropped
