@@ -40,7 +40,12 @@ def predict_csv(trained: RegressionModel, paths: list[str], *, id_column: str | 
     result = RowPredictions(trained.target, id_column)
     features: list[list[float]] = []
     for name in paths:
-        header, rows = read_csv_rows(Path(name))
+        try:
+            header, rows = read_csv_rows(Path(name))
+        except DataError as err:  # an image, say, given to a regression run: what it reads instead
+            raise DataError(
+                f"{err}; this run predicts {trained.target} from CSV rows with the columns {', '.join(trained.schema.columns)}"
+            ) from None
         check_columns(header, trained, id_column, name)
         for line, row in enumerate(rows, start=2):
             record = dict(zip(header, row, strict=True))
