@@ -77,6 +77,24 @@ def test_fit_resumes_from_data_that_moved_but_not_onto_other_settings(tmp_path: 
         deepfit.fit(config, resume=tmp_path / "run")
 
 
+def test_show_draws_a_run_whose_data_moved_from_its_new_place(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    write_folder(tmp_path / "shades")
+    assert cli("train", "--data", "shades", "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run").code == 0
+    shutil.move(tmp_path / "shades", tmp_path / "moved")
+    lost = cli("show", "predictions", "run")
+    assert lost.code == 2 and lost.err.strip().endswith("or show KIND RUN --data NEW")
+    found = cli("show", "predictions", "run", "--data", "moved")
+    assert found.code == 0, found.err
+    assert (tmp_path / "run" / "plots" / "predictions.png").is_file()
+    (tmp_path / "moved" / "grey").mkdir()
+    shutil.copy(tmp_path / "moved" / "dark" / "0.png", tmp_path / "moved" / "grey" / "0.png")
+    grown = cli("show", "confusion", "run", "--data", "moved")  # a class added since: its figures would misname them
+    assert grown.code == 2 and grown.err.strip() == (
+        f"deepfit: error: {tmp_path / 'moved'} has the classes dark, grey, light; the run was trained on dark, light:"
+        " its figures need the data it was trained on"
+    )
+
+
 def test_resume_changes_names_each_fixed_key_and_lets_the_rest_through(tmp_path: Path) -> None:
     saved = Config()
     config = config_from_dict(saved.to_dict())

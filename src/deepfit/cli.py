@@ -524,6 +524,7 @@ def add_show_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", help="layer name for filters, features and gradcam (a wrong name lists them)")
     parser.add_argument("--count", type=int, help="how many images (or feature maps) to draw")
     parser.add_argument("--data-dir", help="folder holding the run's dataset files, as in train (figures of its test images)")
+    parser.add_argument("--data", metavar="PATH", help="where the run's own image folder, zip or CSV is now, when it moved")
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -547,6 +548,11 @@ def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
     run = load_run(args.run)  # once: `show all` draws every figure from one loaded model
     if args.data_dir is not None:
         run.config.data.dir = str(Path(args.data_dir).expanduser().resolve())
+    if args.data is not None:  # the run's data, moved: its classes are checked when its images are read
+        from deepfit.data import anchor_paths
+
+        run.config.data.name = args.data
+        anchor_paths(run.config.data)
     options = ShowOptions(image=args.image, layer=args.layer, count=args.count)
     variant = "".join(f"-{Path(part).stem if part == args.image else part}" for part in (args.layer, args.image) if part)
     if args.kind != "all":
@@ -978,9 +984,9 @@ def show_regression(args: argparse.Namespace) -> int:
     from deepfit.plots import save_figure
     from deepfit.regression.views import load_regression_run, make_regression_figure
 
-    if args.image or args.layer or args.count or args.data_dir:
+    if args.image or args.layer or args.count or args.data_dir or args.data:
         raise UsageError(
-            "--image, --layer, --count and --data-dir are for image runs; regression figures: curves, predicted, residuals, feature"
+            "--image, --layer, --count, --data-dir and --data are for image runs; regression figures: curves, predicted, residuals, feature"
         )
     trained, data, run_dir = load_regression_run(args.run)
     if args.kind == "all":  # every figure the run can draw, as for an image run
@@ -1071,9 +1077,9 @@ def show_node(args: argparse.Namespace) -> int:
     from deepfit.graph.trained import run_folder
     from deepfit.plots import save_figure
 
-    if args.image or args.layer or args.count or args.data_dir:
+    if args.image or args.layer or args.count or args.data_dir or args.data:
         raise UsageError(
-            "--image, --layer, --count and --data-dir are for image runs; a node run shows curves, embeddings, graph or inputs"
+            "--image, --layer, --count, --data-dir and --data are for image runs; a node run shows curves, embeddings, graph or inputs"
         )
     trained = load_node_model(args.run)
     history = list(trained.state["history"])

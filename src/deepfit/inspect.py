@@ -62,6 +62,11 @@ class LoadedRun:
         """The run's test split (its validation split when there is no test split)."""
         if "eval_set" not in self.cache:
             bundle = build_data(self.config.data, seed=self.config.train.seed)
+            if list(bundle.classes) != list(self.classes):  # a class folder added or renamed since training
+                raise DataError(
+                    f"{self.config.data.name} has the classes {', '.join(bundle.classes[:10])}; the run was trained on"
+                    f" {', '.join(self.classes[:10])}: its figures need the data it was trained on"
+                )
             split = bundle.test if bundle.test is not None else bundle.val
             if split is None or len(split) == 0:
                 raise DataError(f"{self.config.data.name} has no test or validation images to show")

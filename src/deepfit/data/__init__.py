@@ -111,7 +111,7 @@ def unknown_source_message(name: str, path: Path) -> str:
     if path.is_absolute():  # how a run records its data: a folder or file that was there
         return (
             f"no folder or file at {name} (moved or deleted?); a run whose data moved takes its new place with"
-            " train --resume RUN --data NEW or evaluate RUN --data NEW"
+            " train --resume RUN --data NEW, evaluate RUN --data NEW or show KIND RUN --data NEW"
         )
     hint = did_you_mean(name, list_datasets())
     return f"unknown dataset {name!r}{hint}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
