@@ -401,3 +401,19 @@ def test_the_image_python_api_refuses_a_regression_run_in_one_line(trained: tupl
     for reach in (load_run, deepfit.Predictor.from_checkpoint, lambda r: deepfit.evaluate_checkpoint(r, write=False)):
         with pytest.raises(CheckpointError, match=r"holds a regression model, not an image classifier"):
             reach(run)
+
+
+def test_a_regression_run_whose_csv_moved_is_named_and_drawn_from_its_new_place(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    table = write_table(tmp_path / "houses.csv")
+    assert cli("train", "--data", "houses.csv", "--target", "y", "--epochs", "3", "--no-progress", "--out", "run").code == 0
+    table.rename(tmp_path / "moved.csv")
+    for args in (["show", "predicted", "run"], ["evaluate", "run"]):  # they said: /.../houses.csv: no such file
+        lost = cli(*args)
+        assert lost.code == 2 and lost.err.strip() == (
+            f"deepfit: error: no folder or file at {table} (moved or deleted?); a run whose data moved takes its new place"
+            " with train --resume RUN --data NEW, evaluate RUN --data NEW or show KIND RUN --data NEW"
+        )
+    found = cli("show", "predicted", "run", "--data", "moved.csv")
+    assert found.code == 0, found.err
+    assert found.out.strip() == str(Path("run") / "plots" / "predicted.png")
+    assert (tmp_path / "run" / "plots" / "predicted.png").is_file()

@@ -524,7 +524,7 @@ def add_show_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", help="layer name for filters, features and gradcam (a wrong name lists them)")
     parser.add_argument("--count", type=int, help="how many images (or feature maps) to draw")
     parser.add_argument("--data-dir", help="folder holding the run's dataset files, as in train (figures of its test images)")
-    parser.add_argument("--data", metavar="PATH", help="where the run's own image folder, zip or CSV is now, when it moved")
+    parser.add_argument("--data", metavar="PATH", help="where the run's own data (image folder, zip or CSV) is now, when it moved")
 
 
 def cmd_show(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -984,11 +984,11 @@ def show_regression(args: argparse.Namespace) -> int:
     from deepfit.plots import save_figure
     from deepfit.regression.views import load_regression_run, make_regression_figure
 
-    if args.image or args.layer or args.count or args.data_dir or args.data:
+    if args.image or args.layer or args.count or args.data_dir:
         raise UsageError(
-            "--image, --layer, --count, --data-dir and --data are for image runs; regression figures: curves, predicted, residuals, feature"
+            "--image, --layer, --count and --data-dir are for image runs; regression figures: curves, predicted, residuals, feature"
         )
-    trained, data, run_dir = load_regression_run(args.run)
+    trained, data, run_dir = load_regression_run(args.run, data_path=args.data)
     if args.kind == "all":  # every figure the run can draw, as for an image run
         from deepfit.regression.views import save_run_figures
 

@@ -52,3 +52,11 @@ def first_line(err: BaseException, *, named: bool = False, limit: int | None = N
         return type(err).__name__
     line = text.splitlines()[0][:limit]
     return f"{type(err).__name__}: {line}" if named else line
+
+
+def moved_data_message(name: str) -> str:
+    """An absolute data path (how a run records its data) with nothing there: where to give its new place."""
+    return (
+        f"no folder or file at {name} (moved or deleted?); a run whose data moved takes its new place with"
+        " train --resume RUN --data NEW, evaluate RUN --data NEW or show KIND RUN --data NEW"
+    )

@@ -20,7 +20,7 @@ from deepfit.data.paths import is_data_path, load_cifar10, load_idx_cached, load
 from deepfit.data.sources import load_digits_source
 from deepfit.data.stream import StreamSet, load_images, pipeline_source, settle, stats_images
 from deepfit.data.user_dataset import dataset_source
-from deepfit.errors import DataError, did_you_mean
+from deepfit.errors import DataError, did_you_mean, moved_data_message
 from deepfit.registry import Registry
 
 __all__ = [
@@ -109,10 +109,7 @@ def unknown_source_message(name: str, path: Path) -> str:
     if path.exists():
         return f"--data {name} is neither a folder nor a .zip, .csv or .csv.gz file; registered datasets: {names}"
     if path.is_absolute():  # how a run records its data: a folder or file that was there
-        return (
-            f"no folder or file at {name} (moved or deleted?); a run whose data moved takes its new place with"
-            " train --resume RUN --data NEW, evaluate RUN --data NEW or show KIND RUN --data NEW"
-        )
+        return moved_data_message(name)
     hint = did_you_mean(name, list_datasets())
     return f"unknown dataset {name!r}{hint}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from deepfit.config import Config, DataConfig
-from deepfit.errors import DataError
+from deepfit.errors import DataError, moved_data_message
 from deepfit.registry import Registry
 from deepfit.regression.split import RegressionData, build_regression_data
 from deepfit.regression.table import Schema, Table, load_csv_table
@@ -61,6 +61,8 @@ def load_table(data: DataConfig) -> Table:
     path = Path(data.name)
     if data.dir is not None and not path.is_absolute():
         path = Path(data.dir) / path
+    if path.is_absolute() and not path.exists():  # a run's recorded CSV, moved
+        raise DataError(moved_data_message(str(path)))
     return load_csv_table(
         path, target=data.target, features=list(data.features), onehot=data.categorical == "onehot", drop_missing=data.drop_missing
     )

@@ -3,6 +3,7 @@ report), and all of them saved into a run's plots/ folder after training."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,13 +90,17 @@ def save_run_figures(model: nn.Module, data: RegressionData, history: list[Row],
     return [save_figure(make_regression_figure(kind, model, data, history), folder / f"{kind}.png") for kind in kinds]
 
 
-def load_regression_run(path: str | Path) -> tuple[RegressionModel, RegressionData, Path]:
-    """A regression checkpoint's model, its run's data rebuilt from the saved config, and the folder figures go to."""
-    from deepfit.regression.sources import load_regression_data
+def load_regression_run(path: str | Path, *, data_path: str | None = None) -> tuple[RegressionModel, RegressionData, Path]:
+    """A regression checkpoint's model, its run's data rebuilt from the saved config (from
+    `data_path`, where its CSV moved), and the folder figures go to."""
+    from deepfit.regression.sources import anchored, load_regression_data
     from deepfit.regression.trained import load_regression_model
 
     trained = load_regression_model(path)
-    data = load_regression_data(trained.config)
+    config = trained.config
+    if data_path is not None:
+        config = anchored(dataclasses.replace(config, data=dataclasses.replace(config.data, name=data_path, dir=None)))
+    data = load_regression_data(config)
     given = Path(path)
     run_dir = given if given.is_dir() else trained.path.parent.parent if trained.path.parent.name == "checkpoints" else trained.path.parent
     return trained, data, run_dir
