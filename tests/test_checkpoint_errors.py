@@ -5,6 +5,7 @@ called with weights_only=False."""
 from __future__ import annotations
 
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,22 @@ def missing_classes(tmp_path: Path) -> Path:
     return edit_state(tmp_path, lambda s: s.pop("classes"))
 
 
+def torchscript_export(tmp_path: Path) -> Path:
+    """What `deepfit export --format torchscript` writes: torch.load warned, then advised weights_only=False."""
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation: the format is still what export writes
+        torch.jit.trace(torch.nn.Linear(3, 2), torch.zeros(1, 3)).save(str(path))
+    return path
+
+
+def onnx_export(tmp_path: Path) -> Path:
+    """An ONNX file's opening bytes: ir_version 10, then producer_name 'pytorch'."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x0a\x12\x07pytorch\x1a\x052.14.1" + bytes(200))
+    return path
+
+
 def empty_run_folder(tmp_path: Path) -> Path:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     return tmp_path / "run"
@@ -106,6 +123,8 @@ BAD = {
     "unknown model": (unknown_model, "no_such_net"),
     "missing classes": (missing_classes, "lacks classes"),
     "run folder without checkpoints": (empty_run_folder, "no checkpoints/best.pt"),
+    "torchscript export": (torchscript_export, "model.pt is not a checkpoint: it is a TorchScript export; give the run folder"),
+    "onnx export": (onnx_export, "model.onnx is not a checkpoint: it is an ONNX export"),
 }
 
 

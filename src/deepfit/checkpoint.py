@@ -221,7 +221,11 @@ def safe_torch_load(path: Path) -> Any:
         raise CheckpointError("unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: deepfit always loads with weights_only=True")
     data = path.read_bytes()
     if not data.startswith(CHECKPOINT_MAGIC):
-        raise CheckpointError(f"{path} is not a checkpoint: {what_file(data)}; give a run folder or a .pt file that train wrote")
+        raise CheckpointError(f"{path} is not a checkpoint: {what_file(data, path)}; give a run folder or a .pt file that train wrote")
+    if is_torchscript(data):  # torch.load's own answer: a warning, then advice to load it unsafely
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it is a TorchScript export; give the run folder it came from, or its checkpoints/best.pt"
+        )
     try:
         # From memory, not the open file: a real file's read(n) allocates n bytes before reading,
         # so a 7-byte pickle declaring a 2 GiB string cost 2 GiB (found by tests/test_fuzz.py);
@@ -236,16 +240,27 @@ def safe_torch_load(path: Path) -> Any:
 CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip container; the legacy format opens with a pickle protocol byte
 
 
-def what_file(data: bytes) -> str:
+def what_file(data: bytes, path: Path) -> str:
     """A few words on what a file that is not a checkpoint seems to be."""
     head = data[:512]
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")):
         return "it is an image"
+    if path.suffix.lower() == ".onnx" and head.startswith(b"\x08"):  # ModelProto's first field, ir_version
+        return "it is an ONNX export (serve --backend onnx serves a run's own)"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
         return "its bytes are not torch.save's format"
     return "it is a text file"
+
+
+def is_torchscript(data: bytes) -> bool:
+    """A zip that torch.jit.save wrote (its code/ and constants.pkl), rather than torch.save."""
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return False  # torch.load says what is wrong with it
+    return any(name.endswith("/constants.pkl") for name in names)
 
 
 def refusal(err: BaseException) -> str:
