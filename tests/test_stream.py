@@ -220,7 +220,21 @@ def test_fit_takes_a_users_dataset_in_memory_or_streamed_with_the_same_result(tm
     stored = torch.cat([memory.data.train.images, memory.data.val.images])  # type: ignore[union-attr]
     assert sorted(map(bytes, stored.flatten(1).numpy())) == sorted(map(bytes, dataset.pixels.flatten(1).numpy()))  # no pixel lost
     assert weights_digest(memory.model) == weights_digest(streamed.model)
-    assert "name: Pictures" in (tmp_path / "memory" / "config.yaml").read_text()  # not the default source's name
+    assert "name: tests.test_stream:Pictures" in (tmp_path / "memory" / "config.yaml").read_text()  # not the default source's name
+
+
+def test_a_run_on_a_users_dataset_records_its_class_and_says_to_give_data(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """It recorded the bare class name, and evaluate then said: unknown dataset 'Pictures'."""
+    config = fit_config(tmp_path, "run")
+    config.train.out = None  # the folder is named after the class, not its module
+    result = deepfit.fit(config, data=Pictures("uint8"))
+    assert result.run_dir.name.startswith("Pictures-")
+    for args in (["evaluate", str(result.run_dir)], ["show", "predictions", str(result.run_dir)]):
+        said = cli(*args)
+        assert said.code == 2 and said.err.strip() == (
+            "deepfit: error: this run trained on your own Dataset tests.test_stream:Pictures, which deepfit does not"
+            " rebuild from its name: give --data PATH (a folder, .zip or .csv of images of the run's classes)"
+        )
 
 
 def test_a_users_dataset_names_its_classes_or_they_come_from_the_labels(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def fit(
     require_image_config(config)
     validate(config)
     if data is not None and not isinstance(data, DataBundle):  # the saved config names what the run trained on
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=type(data).__name__))
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, name=class_path_of(data)))  # module:Class
     if model is not None and not type(model).__module__.startswith("deepfit."):  # config.yaml and the checkpoint say whose model
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, name="custom", class_path=class_path_of(model)))
     anchor_paths(config.data)
@@ -212,7 +212,9 @@ def prepare_run(
     run_dir = (
         Path(resume)
         if resume is not None
-        else distributed.agree(ckpt.new_run_dir(config.train.out, data=config.data.name, model=config.model.name, make=main))
+        else distributed.agree(
+            ckpt.new_run_dir(config.train.out, data=config.data.name.rpartition(":")[2], model=config.model.name, make=main)
+        )
     )
     run = Run(config, bundle, net, optimizer, schedule, loader, loss_fn, device, run_dir, schedule_interval=interval, init=init)
     run.scaler = build_scaler(config.train.precision, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -104,12 +105,20 @@ def refuse_run_in_folder(config: DataConfig, out: Path) -> None:
         )
 
 
+OWN_DATASET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.<>]*")  # fit(data=Flowers()) records mypkg.data:Flowers
+
+
 def unknown_source_message(name: str, path: Path) -> str:
     names = ", ".join(list_datasets())
     if path.exists():
         return f"--data {name} is neither a folder nor a .zip, .csv or .csv.gz file; registered datasets: {names}"
     if path.is_absolute():  # how a run records its data: a folder or file that was there
         return moved_data_message(name)
+    if OWN_DATASET.fullmatch(name):  # how a run records a Dataset of yours: module:Class
+        return (
+            f"this run trained on your own Dataset {name}, which deepfit does not rebuild from its name: give --data"
+            " PATH (a folder, .zip or .csv of images of the run's classes)"
+        )
     hint = did_you_mean(name, list_datasets())
     return f"unknown dataset {name!r}{hint}: not a registered name ({names}) nor an existing folder, .zip, .csv or .csv.gz"
 

@@ -22,9 +22,9 @@ def allow_model_class(class_path: str) -> None:
     ALLOWED.add(class_path)
 
 
-def class_path_of(model: nn.Module) -> str:
+def class_path_of(model: object) -> str:
     """'module:Class' of a model's class (one defined in __main__ or inside a function is
-    recorded too, and rebuilding it then asks for the model itself)."""
+    recorded too, and rebuilding it then asks for the model itself), or of a Dataset's."""
     cls = type(model)
     return f"{cls.__module__}:{cls.__qualname__}"
 
