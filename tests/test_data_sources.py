@@ -365,6 +365,43 @@ def test_a_table_read_as_pixel_rows_names_the_target_flag_and_its_columns(tmp_pa
         assert "--target" not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["label", "Class", "y"])
+def test_a_header_that_names_the_label_column_elsewhere_is_read_by_it(tmp_path: Path, name: str) -> None:
+    """'pixel0,...,pixel15,label': the first pixel was read as the label, 253 classes of them."""
+    labels, pixels = random_rows(6, 16)
+    path = tmp_path / "last.csv"
+    rows = [",".join([*(f"pixel{i}" for i in range(16)), name])]
+    path.write_text("\n".join(rows + [",".join(map(str, (*row, label))) for label, row in zip(labels, pixels, strict=True)]) + "\n")
+    source = source_of(path)
+    assert source.classes == ["0", "1", "2"] and source.train.labels.tolist() == labels.tolist()  # type: ignore[attr-defined]
+    assert source.train.images.flatten(1).tolist() == pixels.tolist()  # type: ignore[attr-defined]
+
+
+def test_a_header_of_pixels_alone_is_refused_for_training_and_read_for_prediction(tmp_path: Path) -> None:
+    labels, pixels = random_rows(6, 16)
+    path = tmp_path / "digit.csv"  # the label column named otherwise: pixel0 was the label
+    path.write_text(
+        "\n".join(
+            [
+                ",".join([*(f"pixel{i}" for i in range(16)), "digit"]),
+                *(",".join(map(str, (*r, label))) for label, r in zip(labels, pixels, strict=True)),
+            ]
+        )
+    )
+    with pytest.raises(DataError) as caught:
+        source_of(path)
+    assert str(caught.value) == (
+        f"{path}: the header names no label column and its first column, pixel0, is a pixel; name the column of class"
+        " numbers label (or labels, class, target, y)"
+    )
+    unlabelled = tmp_path / "pixels.csv"
+    unlabelled.write_text("\n".join([",".join(f"pixel{i}" for i in range(16)), *(",".join(map(str, r)) for r in pixels)]))
+    from deepfit.data.csv_rows import read_pixel_csv
+
+    read = read_pixel_csv(unlabelled, image_shape="1x4x4", unlabelled_ok=True)
+    assert read.images.flatten(1).tolist() == pixels.tolist()
+
+
 def test_a_train_csv_finds_its_test_sibling(tmp_path: Path) -> None:
     write_csv(tmp_path / "digits_train.csv", *random_rows(6, 16), header=True)
     write_csv(tmp_path / "digits_test.csv", *random_rows(3, 16, seed=1), header=True)

@@ -1,10 +1,12 @@
 """CSV pixel rows (.csv or .csv.gz): one image per row, the label first, then its pixels 0..255;
-a header row is optional; the shape comes from data.image_shape (CxHxW) or a square guess."""
+a header row is optional (where it names a label column elsewhere, that one is the label); the
+shape comes from data.image_shape (CxHxW) or a square guess."""
 
 from __future__ import annotations
 
 import gzip
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -60,6 +62,29 @@ def is_header(line: bytes) -> bool:
     return False
 
 
+LABEL_NAMES = ("label", "labels", "class", "target", "y")  # a header's name for the label column, wherever it stands
+PIXEL_NAME = re.compile(r"(pixel|pix|p)?_?\d+", re.IGNORECASE)  # pixel0, pixel_12, p3, 7
+
+
+def label_column(header: bytes) -> int | None:
+    """Where a header row puts the label: the column named label (or class, target, y), else the
+    first; None when no column is so named and the first is named as a pixel (pixel0): pixels
+    only, whose first values were read as labels, 253 classes of them."""
+    names = [name.strip().strip('"').lower() for name in header.decode(errors="replace").split(",")]
+    found = [i for i, name in enumerate(names) if name in LABEL_NAMES]
+    if found:
+        return found[0]
+    return None if PIXEL_NAME.fullmatch(names[0]) else 0
+
+
+def no_label_message(path: Path, header: bytes) -> str:
+    first = header.split(b",", 1)[0].strip().strip(b'"').decode(errors="replace")
+    return (
+        f"{path}: the header names no label column and its first column, {first}, is a pixel; name the column of"
+        f" class numbers label (or {', '.join(LABEL_NAMES[1:])})"
+    )
+
+
 def read_pixel_csv(path: str | Path, *, image_shape: str | None = None, unlabelled_ok: bool = False) -> ImageSet:
     """CSV rows 'label,p0,p1,...' -> ImageSet uint8 (N, C, H, W) + int64 labels; every malformed
     row is reported with its line number (1-based, header included). unlabelled_ok (prediction,
@@ -67,13 +92,18 @@ def read_pixel_csv(path: str | Path, *, image_shape: str | None = None, unlabell
     path = Path(path)
     lines = read_lines(path)
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    if numbered and is_header(numbered[0][1]):
+    label_at: int | None = 0
+    header = numbered[0][1] if numbered and is_header(numbered[0][1]) else None
+    if header is not None:
+        label_at = label_column(header)
         numbered = numbered[1:]
     if not numbered:
         raise DataError(f"{path} has no data rows")
     widths = [line.count(b",") + 1 for _, line in numbered]
     width = widths[0] if image_shape is None else math.prod(parse_image_shape(image_shape)) + 1
     labelled = not (unlabelled_ok and image_shape is not None and widths[0] == width - 1)
+    if labelled and label_at is None and header is not None:
+        raise DataError(no_label_message(path, header))
     width -= 0 if labelled else 1
     wrong = [(n, w) for (n, _), w in zip(numbered, widths, strict=True) if w != width]
     if wrong:
@@ -85,6 +115,8 @@ def read_pixel_csv(path: str | Path, *, image_shape: str | None = None, unlabell
         raise DataError(f"{path} line {n}: {w} values, expected {expected}; {len(wrong)} row(s) like this")
     shape = parse_image_shape(image_shape) if image_shape else guess_shape(width - 1)
     values = parse_values(path, numbered, width)
+    if label_at:  # 'pixel0,...,pixel63,label': the label moved to the front, as the rest expects it
+        values = np.concatenate([values[:, label_at : label_at + 1], np.delete(values, label_at, axis=1)], axis=1)
     if not labelled:
         values = np.concatenate([np.zeros((len(values), 1)), values], axis=1)
     pixels = values[:, 1:]
@@ -139,7 +171,7 @@ def table_hint(path: Path) -> str:
     as a table instead."""
     first = next((line for line in read_lines(path) if line.strip()), b"")
     columns = [c.strip().strip(b'"').decode(errors="replace") for c in first.split(b",")]
-    if not is_header(first) or columns[0].lower() == "label":
+    if not is_header(first) or columns[0].lower() in LABEL_NAMES or PIXEL_NAME.fullmatch(columns[0]):  # pixel rows, named
         return ""
     shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
     return f"; {path.name} was read as image rows (a label, then pixels 0-255): for a table, name the column to predict with --target COLUMN (columns: {shown})"
