@@ -116,7 +116,13 @@ BAD_SOURCES = {
         [],
         "one class (cats) to train on; a classifier needs at least 2",
     ),
-    "one label value": (csv_lines("3,1,2,3,4", "3,5,6,7,8"), [], "one class (3) to train on; a classifier needs at least 2"),
+    "one label value": (csv_lines("3,1,2,3,4", "3,5,6,7,8"), [], "the first column, read as the label, is 3 in every row; is the label in"),
+    # no header and the label last: the first pixel read as labels, more classes than rows
+    "csv label last": (
+        csv_lines("200,1,2,3,1", "17,5,6,7,0", "0,5,6,7,2"),
+        [],
+        "the first column, read as the label, runs 0..200 (201 classes) over 3 rows",
+    ),
 }
 
 

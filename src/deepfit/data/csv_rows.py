@@ -16,7 +16,7 @@ import torch
 from deepfit.data.bundle import ImageSet, SourceData
 from deepfit.errors import DataError
 
-__all__ = ["load_csv_source", "parse_image_shape", "read_pixel_csv"]
+__all__ = ["load_csv_source", "parse_image_shape", "read_pixel_csv", "require_label_column"]
 
 
 def parse_image_shape(text: str) -> tuple[int, int, int]:
@@ -164,6 +164,19 @@ def load_csv_source(path: Path, *, image_shape: str | None) -> SourceData:
     classes = [str(i) for i in range(top + 1)]
     origin = str(path) + (f" (test: {test_path})" if test_path else "")
     return SourceData(train=train, test=test, classes=classes, flip_ok=False, origin=origin)
+
+
+def require_label_column(path: Path, train: ImageSet) -> None:
+    """Labels that cannot be a label column's (more classes than rows, or one value in every row)
+    are a file whose label stands elsewhere, read from its first pixel: said, not trained."""
+    values = train.labels.unique()
+    top, rows = int(values.max()), len(train.labels)
+    if top + 1 > rows or len(values) == 1:
+        found = f"runs 0..{top} ({top + 1} classes) over {rows} rows" if len(values) > 1 else f"is {top} in every row"
+        raise DataError(
+            f"{path}: the first column, read as the label, {found}; is the label in another column? Put it first, or"
+            " give the file a header that names it label"
+        )
 
 
 def table_hint(path: Path) -> str:

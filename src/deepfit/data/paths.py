@@ -10,7 +10,7 @@ from deepfit.config import DataConfig
 from deepfit.data.bundle import SourceData
 from deepfit.data.cache import cache_key, cache_path, cached_source
 from deepfit.data.cifar import load_cifar_source, locate_cifar
-from deepfit.data.csv_rows import load_csv_source, sibling_test
+from deepfit.data.csv_rows import load_csv_source, require_label_column, sibling_test
 from deepfit.data.folder import bad_files_message, list_files, load_folder_source
 from deepfit.data.sources import IDX_DATASETS, IDX_FILES, download_idx, find_idx_folder, idx_path, load_idx_source, not_found_message
 from deepfit.errors import DataError
@@ -91,7 +91,9 @@ def csv_files(path: Path) -> list[Path]:
 
 def load_csv_path(path: Path, config: DataConfig) -> SourceData:
     where = cache_file(config, "csv", file_fingerprint(csv_files(path)), {"image_shape": config.image_shape})
-    return cached_source(where, lambda: load_csv_source(path, image_shape=config.image_shape))
+    source = cached_source(where, lambda: load_csv_source(path, image_shape=config.image_shape))
+    require_label_column(path, source.train)  # checked on every load: caches made before the check hold such files
+    return source
 
 
 def load_cifar10(config: DataConfig) -> SourceData:
