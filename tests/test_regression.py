@@ -164,11 +164,22 @@ def test_csv_text_columns_one_hot_and_non_numeric_target(tmp_path: Path) -> None
     table = load_table(config.data)
     assert table.feature_names == ["size", "city=paris", "city=rome"]
     assert table.features[0].tolist() == [50.0, 1.0, 0.0] and table.features[1].tolist() == [80.0, 0.0, 1.0]
+    set_value(config, "data.features", "size")
     set_value(config, "data.target", "city")
     with pytest.raises(DataError, match="target column 'city' is not numeric \\('paris' in data row 1\\)"):
         load_table(config.data)
     set_value(config, "data.target", "cost")
     with pytest.raises(DataError, match="no column 'cost'; columns: id, size, rooms, city, price"):
+        load_table(config.data)
+    set_value(config, "data.target", "Price")
+    with pytest.raises(DataError, match="no column 'Price' \\(did you mean price\\?\\); columns: id, size"):
+        load_table(config.data)
+    set_value(config, "data.target", "price")
+    set_value(config, "data.features", "size,price")  # the answer as an input: R^2 1.0
+    with pytest.raises(DataError, match="'price' is the target; it cannot be one of the --features too"):
+        load_table(config.data)
+    set_value(config, "data.features", "size,rooms,size")
+    with pytest.raises(DataError, match="--features names 'size' more than once"):
         load_table(config.data)
 
 

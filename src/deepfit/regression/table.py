@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from deepfit.csvtext import csv_lines
-from deepfit.errors import DataError
+from deepfit.errors import DataError, did_you_mean
 from deepfit.history import plural
 
 MISSING = {"", "na", "nan", "n/a", "null", "none", "?"}  # cells read as "no value" (case-insensitive)
@@ -193,7 +193,13 @@ def choose_schema(
         raise DataError(f"{path}: column names appear twice: {', '.join(duplicated)}")
     unknown = [name for name in [target, *features] if name not in header]
     if unknown:
-        raise DataError(f"{path}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(header)}")
+        hint = did_you_mean(unknown[0], header) if len(unknown) == 1 else ""
+        raise DataError(f"{path}: no column {', '.join(map(repr, unknown))}{hint}; columns: {', '.join(header)}")
+    if target in features:  # the answer given as an input: R^2 1.0, and a model that predicts nothing
+        raise DataError(f"{path}: {target!r} is the target; it cannot be one of the --features too")
+    repeated = sorted({name for name in features if features.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: --features names {', '.join(map(repr, repeated))} more than once")
     numeric = numeric_columns(header, rows)
     if target not in numeric:
         number, cell = next((n, c) for n, c in present_cells(rows, header.index(target)) if not is_number(c))
