@@ -16,9 +16,9 @@ import torch
 from deepfit.data.bundle import ImageSet, SourceData
 from deepfit.runtime import default_cache_dir
 
-CACHE_FORMAT = (
-    3  # bump when the stored layout or the decoding changes meaning (2: 16-bit grey scaled, not clipped; 3: a CSV header's label column)
-)
+# Bump when the stored layout or the decoding changes meaning (2: 16-bit grey scaled, not clipped;
+# 3: a CSV header's label column read wherever it stands).
+CACHE_FORMAT = 3
 
 
 def cache_key(kind: str, fingerprint: list[Any], settings: Mapping[str, object]) -> str:
