@@ -73,6 +73,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_byte_identical(previous: Pa
     assert torch.equal(load_checkpoint(previous)["model"]["w"], torch.arange(1000.0))
 
 
+def test_a_first_save_that_fails_does_not_speak_of_a_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first best.pt on a full disk said 'the previous checkpoint is unchanged': there was none."""
+    first = tmp_path / "best.pt"
+    monkeypatch.setattr(checkpoint.os, "write", full_disk_writer)
+    with pytest.raises(CheckpointSaveError) as err:
+        save_checkpoint(valid_state(torch.zeros(1000)), first)
+    assert str(err.value) == f"could not write checkpoint {first} (OSError: No space left on device)" and not first.exists()
+
+
 def test_an_unserialisable_state_keeps_the_previous_checkpoint(previous: Path) -> None:
     before = previous.read_bytes()
     bad = valid_state(torch.zeros(3)) | {"history": [lambda: None]}  # a lambda cannot be pickled

@@ -56,14 +56,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         torch.save(state, buffer)
     except SAVE_ERRORS as err:
         raise CheckpointSaveError(
-            f"could not serialise the checkpoint for {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
+            f"could not serialise the checkpoint for {path} ({type(err).__name__}: {reason(err)}){kept(path)}"
         ) from None
     try:
         write_atomically(buffer.getbuffer(), path)
     except OSError as err:
-        raise CheckpointSaveError(
-            f"could not write checkpoint {path} ({type(err).__name__}: {reason(err)}); the previous checkpoint is unchanged"
-        ) from None
+        raise CheckpointSaveError(f"could not write checkpoint {path} ({type(err).__name__}: {reason(err)}){kept(path)}") from None
+
+
+def kept(path: Path) -> str:
+    """'; the previous checkpoint is unchanged' where there is one (a first best.pt has none)."""
+    return "; the previous checkpoint is unchanged" if path.is_file() else ""
 
 
 @contextlib.contextmanager
