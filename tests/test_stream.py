@@ -298,15 +298,20 @@ def test_a_datasets_16_bit_pil_images_are_read_by_their_top_byte() -> None:
     """PIL's convert('L') clipped 16-bit grey at 255: every scan came out white."""
 
     class Scans(Dataset[Any]):
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
         def __len__(self) -> int:
             return 4
 
         def __getitem__(self, i: int) -> tuple[Any, int]:
-            return Image.fromarray(np.full((6, 6), 1000 + 20000 * i, dtype=np.uint16)), i % 2
+            pixels = np.full((6, 6), 1000 + 20000 * i, dtype=np.uint16)  # as OpenCV's IMREAD_UNCHANGED gives
+            return (Image.fromarray(pixels) if self.kind == "pil" else pixels), i % 2
 
-    bundle = build_data(DataConfig(val_fraction=0, num_workers=0), dataset=Scans())
-    assert bundle.input_shape == (1, 6, 6)
-    assert sorted(int(image.max()) for image in bundle.train.images) == [(1000 + 20000 * i) >> 8 for i in range(4)]
+    for kind in ("pil", "numpy"):  # numpy: refused as 'integer image tensors must hold pixels in 0..255'
+        bundle = build_data(DataConfig(val_fraction=0, num_workers=0), dataset=Scans(kind))
+        assert bundle.input_shape == (1, 6, 6)
+        assert sorted(int(image.max()) for image in bundle.train.images) == [(1000 + 20000 * i) >> 8 for i in range(4)]
 
 
 def test_a_workers_data_error_is_its_own_line_and_leaves_no_worker_behind() -> None:

@@ -285,10 +285,12 @@ def hwc(array: np.ndarray, *, channels_first: bool) -> np.ndarray:
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 stays; integers are clipped to 0..255; floats must be in 0..1 (torchvision's ToTensor
+    """uint8 stays; uint16 is read by its top byte; other integers are clipped to 0..255; floats must be in 0..1 (torchvision's ToTensor
     scale; a normalised image, negative or over 1, is refused rather than clipped) and are rounded to 0..255."""
     if array.dtype == np.uint8:
         return array
+    if array.dtype == np.uint16:  # a 16-bit image (OpenCV, imageio): its top byte, as a 16-bit file is read
+        return (array >> 8).astype(np.uint8)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
         raise PredictError(f"cannot read image pixels of dtype {array.dtype}")
     if np.issubdtype(array.dtype, np.integer):

@@ -90,6 +90,8 @@ def uint8_pixels(image: torch.Tensor) -> torch.Tensor:
         raise DataError(f"image tensors must be (C, H, W) with 1, 3 or 4 channels; got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image
+    if image.dtype == torch.uint16:  # OpenCV's and imageio's 16-bit reads: the top byte, as a 16-bit file is read
+        return (image.to(torch.int32) >> 8).to(torch.uint8)
     if image.is_floating_point():
         if image.numel() and (image.min() < 0 or image.max() > 1):
             raise DataError("float image tensors must hold pixels in 0..1 (as ToTensor gives): deepfit normalises them itself")
