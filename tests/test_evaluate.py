@@ -252,6 +252,24 @@ def test_data_option_scores_another_source(tmp_path: Path, monkeypatch: pytest.M
     assert len(err.splitlines()) == 1 and "classes the model does not know" in err
 
 
+def test_a_run_whose_own_data_has_no_test_split_is_evaluated_on_its_validation_split(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """As its training scored it; `evaluate RUN` said 'has no test split; ... choose --split val|all'."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (tmp_path / "photos" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / "photos" / "ab"[i % 2] / f"{i}.png")
+    assert cli("train", "--data", "photos", "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run").code == 0
+    own = cli("evaluate", "run")
+    assert own.code == 0, own.err
+    assert "report: run/report.json" in own.out  # the run's own evaluation, not report-val.json
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["split"] == "val" and report["images"] == 4  # the seeded tenth held out in training
+    asked = cli("evaluate", "run", "--split", "test")
+    assert asked.code == 2 and "has no test split; it has val" in asked.err
+    every = cli("evaluate", "run", "--split", "all")
+    assert every.code == 0 and "report-all.json" in every.out
+
+
 def test_a_folder_without_split_folders_is_scored_whole_by_default(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -100,8 +100,8 @@ def evaluate_checkpoint(
     skip_bad: bool = False,
 ) -> Evaluation:
     """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
-    files in `data_dir` as in training) and its `split` (default: test; for `data` that has no
-    test split, such as a folder of class folders, all of it); with `write`, save report.json and
+    files in `data_dir` as in training) and its `split` (default: test; where the run's own data has no
+    test split, its validation split; for `data` that has none, such as a folder of class folders, all of it); with `write`, save report.json and
     plots/confusion.png beside it. Unreadable image files stop it unless `skip_bad` (or the run's
     own data.skip_bad) leaves them out; the result lists them."""
     data, data_dir = (os.fspath(p) if p is not None else None for p in (data, data_dir))  # a Path as its text
@@ -109,14 +109,14 @@ def evaluate_checkpoint(
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     trained = load_trained_model(path, device=select_device(device))
     mode = trained.tta_mode(tta)
-    images, source, skipped, split, resized = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
+    images, source, skipped, split, resized, own_split = evaluation_images(trained, data, split, data_dir=data_dir, skip_bad=skip_bad)
     batches = trained.batches(images.images, images.labels, batch_size=trained.config.data.eval_batch_size)
     logits, labels = predict_logits(trained.model, batches, tta=mode)
     report = build_report(logits, labels, trained, source=source, split=split, tta=mode)
     report.resized = resized
     result = Evaluation(report, None, None, labels.numpy(), logits.argmax(1).numpy(), skipped)
     if write:
-        label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode)
+        label = evaluation_label(trained, Path(path), data=data, split=split, tta=mode, own_split=own_split)
         result.report_path, result.figure_path = output_paths(trained.path, Path(path), label)
         write_report_json(report, result.report_path)
         from deepfit.plots import plot_confusion, save_figure  # matplotlib only when a figure is drawn
@@ -131,6 +131,7 @@ class ScoredImages(NamedTuple):
     skipped: list[tuple[str, str]]  # its bad files left out: (path, reason)
     split: str
     resized: str  # "28x28 to 8x8" when another source's images were resized to the model's input; "" when not
+    own_split: str  # the run's own evaluation's split: test, or val where its data has no test split
 
 
 def evaluation_images(
@@ -139,7 +140,8 @@ def evaluation_images(
     """The images to score, the name of their source, its bad files left out and the split scored:
     the run's own data by default (its seeded splits rebuild exactly), else `data` decoded to the
     model's input shape; `data_dir` says where a named dataset's files are (as --data-dir in
-    training). No `split`: test, or all of `data` when it has no test split."""
+    training). No `split`: test; where there is none, the run's own validation split (what its
+    training scored), or all of another `data`."""
     config = dataclasses.replace(trained.config.data, skip_bad=trained.config.data.skip_bad or skip_bad)
     c, h, w = trained.input_shape
     other = data if data != config.name else None
@@ -148,8 +150,9 @@ def evaluation_images(
     if data_dir is not None:
         config = dataclasses.replace(config, dir=str(Path(data_dir).expanduser().resolve()))
     bundle = build_data(config, seed=trained.config.train.seed)
-    if split is None:
-        split = "all" if other is not None and (bundle.test is None or len(bundle.test) == 0) else "test"
+    no_test = bundle.test is None or len(bundle.test) == 0  # a folder without test/: training scored val
+    own_split = "val" if no_test and other is None else "test"
+    split = split or ("all" if no_test and other is not None else own_split)
     chosen = pick_split(bundle, split, config.name, skip_bad=config.skip_bad)
     resized_from = next((size for size in bundle.sizes if size != f"{h}x{w}"), "")  # files decoded to the model's size
     if other is not None and tuple(chosen.images.shape[1:]) != trained.input_shape and chosen.images.shape[1] == c:
@@ -158,7 +161,7 @@ def evaluation_images(
     check_shape(chosen, trained, config.name)
     images = relabel(chosen, bundle.classes, trained.classes, config.name)
     resized = f"{resized_from} to {h}x{w}" if other is not None and resized_from else ""
-    return ScoredImages(images, config.name, list(bundle.skipped), split, resized)
+    return ScoredImages(images, config.name, list(bundle.skipped), split, resized, own_split)
 
 
 def pick_split(bundle: DataBundle, split: str, source: str, *, skip_bad: bool = False) -> ImageSet:
@@ -255,16 +258,16 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = PAIRS_SHO
     return [ConfusedPair(classes[t], classes[p], count, count / int(support[t])) for count, t, p in cells[:limit]]
 
 
-def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: str) -> str:
+def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: str, own_split: str = "test") -> str:
     """'' for the run's own evaluation (the weights the run stands for, its own data, the test
-    split, its own train.tta); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
+    split, or val where it has none, its own train.tta); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
     Other evaluations are written beside the run's own under this name, never over it."""
     parts = []
     if given.is_file() and run_folder(given) is not None and trained.path.name != resolved_name(trained.path):
         parts.append(trained.path.stem)  # an explicit checkpoint other than the one the run stands for
     if data is not None and data != trained.config.data.name:
         parts.append("data-" + Path(data.rstrip("/")).name.split(".")[0])
-    if split != "test":
+    if split != own_split:
         parts.append(split)
     if tta != trained.config.train.tta:
         parts.append(f"tta-{tta}")
