@@ -95,6 +95,27 @@ def test_show_draws_a_run_whose_data_moved_from_its_new_place(cli, tmp_path: Pat
     )
 
 
+def test_resume_refuses_data_whose_classes_changed(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A class folder added: a size mismatch of the last layer. One renamed out of order ('light' to
+    'bright', before 'dark'): it went on, each output now trained as the other class."""
+    write_folder(tmp_path / "shades")
+    assert cli("train", "--data", "shades", "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run").code == 0
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    (tmp_path / "shades" / "light").rename(tmp_path / "shades" / "bright")
+    renamed = cli("train", "--resume", "run", "--epochs", "2", "--no-progress")
+    assert renamed.code == 2 and renamed.err.strip() == (
+        f"deepfit: error: --resume run: its data {tmp_path / 'shades'} now has the classes bright, dark; the run started"
+        " with dark, light. Restore them, or start a new run from its weights with --init-from run"
+    )
+    (tmp_path / "shades" / "bright").rename(tmp_path / "shades" / "light")
+    shutil.copytree(tmp_path / "shades" / "dark", tmp_path / "shades" / "grey")
+    added = cli("train", "--resume", "run", "--epochs", "2", "--no-progress")
+    assert added.code == 2 and "now has the classes dark, grey, light; the run started with dark, light" in added.err
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+    shutil.rmtree(tmp_path / "shades" / "grey")
+    assert cli("train", "--resume", "run", "--epochs", "2", "--no-progress").code == 0
+
+
 def test_resume_changes_names_each_fixed_key_and_lets_the_rest_through(tmp_path: Path) -> None:
     saved = Config()
     config = config_from_dict(saved.to_dict())

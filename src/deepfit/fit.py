@@ -40,6 +40,7 @@ from deepfit.fitparts import (
     require_callbacks,
     require_logits,
     require_model_parameters,
+    require_saved_classes,
     require_training_memory,
     save_skipped,
     warn_unsafe_tta,
@@ -183,6 +184,7 @@ def prepare_run(
     keep_freed_memory_on(device)  # CPU: reuse each step's freed activations instead of page-faulting them back in
     bundle = data if isinstance(data, DataBundle) else build_data(config.data, seed=config.train.seed, dataset=data)
     require_classes(bundle)
+    require_saved_classes(saved, bundle, resume)
     if model is None:  # a registered model: built on the meta device first when the images are large
         require_training_memory(config, bundle, device)
     net, init = build_network(config, bundle, model, fresh=resume is None)

@@ -16,7 +16,7 @@ from deepfit.config import Config
 from deepfit.cudagraphs import GraphedForward, GraphedStep, kept_state, steps_can_be_graphed
 from deepfit.data import DataBundle
 from deepfit.data.balance import build_class_weights
-from deepfit.errors import ConfigError, first_line
+from deepfit.errors import ConfigError, DataError, first_line
 from deepfit.models import build_model, class_path_of, freeze_backbone, parameter_groups, training_bytes
 from deepfit.optim import ScheduleSpan, build_optimizer, resolve_schedule, schedule_from_config
 from deepfit.runtime import autocast_dtype, device_memory
@@ -84,6 +84,17 @@ def require_logits(model: nn.Module, bundle: DataBundle, device: torch.device, *
         raise ConfigError(
             f"your model {name} returns shape {tuple(out.shape)} for a batch of 2 {shape} images; deepfit needs {expected}:"
             f" one score for each of the data's {bundle.num_classes} classes"
+        )
+
+
+def require_saved_classes(saved: dict[str, Any] | None, bundle: DataBundle, run_dir: str | Path | None) -> None:
+    """A resumed run's data (`saved`: its checkpoint; None for a new run) has the classes it started
+    with, in their order: a class folder added since failed later on a size mismatch of the last
+    layer, and one renamed so that the order changed went on training each output as another class."""
+    if saved is not None and list(saved["classes"]) != list(bundle.classes):
+        raise DataError(
+            f"--resume {run_dir}: its data {bundle.source} now has the classes {', '.join(bundle.classes[:10])}; the run"
+            f" started with {', '.join(saved['classes'][:10])}. Restore them, or start a new run from its weights with --init-from {run_dir}"
         )
 
 
