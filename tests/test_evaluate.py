@@ -268,6 +268,8 @@ def test_a_run_whose_own_data_has_no_test_split_is_evaluated_on_its_validation_s
     assert asked.code == 2 and "has no test split; it has val" in asked.err
     every = cli("evaluate", "run", "--split", "all")
     assert every.code == 0 and "report-all.json" in every.out
+    assert cli("report", "run").code == 0  # the page names the split the run's own evaluation scored
+    assert "own evaluation: its val split" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8").replace("&#x27;", "'")
 
 
 def test_a_folder_without_split_folders_is_scored_whole_by_default(

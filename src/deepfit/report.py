@@ -173,7 +173,7 @@ def confusion_html(matrix: list[list[int]], classes: list[str]) -> str:
     return f"<table class='confusion'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-OWN_EVALUATION = "the run's own evaluation: its test split, the weights the run stands for (best.pt), no test-time flips"
+OWN_EVALUATION = "the run's own evaluation: its {split} split, the weights the run stands for (best.pt), no test-time flips"
 
 
 def other_evaluations(run_dir: Path) -> list[str]:
@@ -198,6 +198,8 @@ def evaluation_section(path: Path, title: str = "Evaluation", note: str = OWN_EV
     if not isinstance(report, dict):
         return f"{heading}<pre>{esc(json.dumps(report, indent=2))}</pre>"
     scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or v is None or k == "classes"}
+    if note == OWN_EVALUATION:  # its split: val, for a run whose data has no test split
+        note = note.format(split=report.get("split", "test"))
     parts = [heading, f"<p class='note'>{esc(note)}</p>", table_html([{"metric": k, "value": v} for k, v in scalars.items()])]
     for key, value in report.items():
         if key == "confusion" and isinstance(value, list):
