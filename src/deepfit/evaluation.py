@@ -100,10 +100,11 @@ def evaluate_checkpoint(
     skip_bad: bool = False,
 ) -> Evaluation:
     """Evaluate a run folder or checkpoint on its own data (or `data`, a source name or path, its
-    files in `data_dir` as in training) and its `split` (default: test; where the run's own data has no
-    test split, its validation split; for `data` that has none, such as a folder of class folders, all of it); with `write`, save report.json and
-    plots/confusion.png beside it. Unreadable image files stop it unless `skip_bad` (or the run's
-    own data.skip_bad) leaves them out; the result lists them."""
+    files in `data_dir` as in training) and its `split` (default: test; where the run's own data
+    has none, its validation split; all of a `data` that has none, such as a folder of class
+    folders); with `write`, save report.json and plots/confusion.png beside it. Unreadable image
+    files stop it unless `skip_bad` (or the run's own data.skip_bad) leaves them out; the result
+    lists them."""
     data, data_dir = (os.fspath(p) if p is not None else None for p in (data, data_dir))  # a Path as its text
     if split is not None and split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
@@ -259,9 +260,9 @@ def most_confused(matrix: np.ndarray, classes: list[str], limit: int = PAIRS_SHO
 
 
 def evaluation_label(trained: TrainedModel, given: Path, *, data: str | None, split: str, tta: str, own_split: str = "test") -> str:
-    """'' for the run's own evaluation (the weights the run stands for, its own data, the test
-    split, or val where it has none, its own train.tta); otherwise what differs, e.g. 'val', 'tta-flip', 'data-photos', 'last-val'.
-    Other evaluations are written beside the run's own under this name, never over it."""
+    """'' for the run's own evaluation (the weights the run stands for, its own data, `own_split`:
+    test, or val where it has none, its own train.tta); otherwise what differs, e.g. 'val',
+    'tta-flip', 'data-photos', 'last-val'. Other evaluations are written beside the run's own under this name, never over it."""
     parts = []
     if given.is_file() and run_folder(given) is not None and trained.path.name != resolved_name(trained.path):
         parts.append(trained.path.stem)  # an explicit checkpoint other than the one the run stands for

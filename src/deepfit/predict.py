@@ -285,8 +285,9 @@ def hwc(array: np.ndarray, *, channels_first: bool) -> np.ndarray:
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 stays; uint16 is read by its top byte; other integers are clipped to 0..255; floats must be in 0..1 (torchvision's ToTensor
-    scale; a normalised image, negative or over 1, is refused rather than clipped) and are rounded to 0..255."""
+    """uint8 stays; uint16 is read by its top byte; other integers are clipped to 0..255; floats
+    must be in 0..1 (torchvision's ToTensor scale; a normalised image, negative or over 1, is
+    refused rather than clipped) and are rounded to 0..255."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.uint16:  # a 16-bit image (OpenCV, imageio): its top byte, as a 16-bit file is read
