@@ -105,6 +105,13 @@ def onnx_export(tmp_path: Path) -> Path:
     return path
 
 
+def lr_find_folder(tmp_path: Path) -> Path:
+    """What `deepfit lr-find` writes: it said 'holds no checkpoints/best.pt or checkpoints/last.pt'."""
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "lr-find.csv").write_text("step,lr,loss,smoothed_loss\n0,1e-07,2.3,2.3\n")
+    return tmp_path / "sweep"
+
+
 def empty_run_folder(tmp_path: Path) -> Path:
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     return tmp_path / "run"
@@ -123,6 +130,7 @@ BAD = {
     "unknown model": (unknown_model, "no_such_net"),
     "missing classes": (missing_classes, "lacks classes"),
     "run folder without checkpoints": (empty_run_folder, "no checkpoints/best.pt"),
+    "lr-find folder": (lr_find_folder, "sweep is an lr-find folder (its lr-find.csv and lr-find.png): a learning-rate sweep"),
     "torchscript export": (torchscript_export, "model.pt is not a checkpoint: it is a TorchScript export; give the run folder"),
     "onnx export": (onnx_export, "model.onnx is not a checkpoint: it is an ONNX export"),
 }

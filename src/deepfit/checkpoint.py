@@ -199,7 +199,15 @@ def resolve_run_checkpoint(run_dir: Path) -> Path:
         candidate = run_dir / "checkpoints" / name
         if candidate.is_file():
             return candidate
+    if (run_dir / LR_FIND_TABLE).is_file():  # what `deepfit lr-find` writes: a sweep, no model
+        raise CheckpointError(
+            f"{run_dir} is an lr-find folder (its {LR_FIND_TABLE} and lr-find.png): a learning-rate sweep, not a trained"
+            " model; train one with deepfit train --optim.lr LR, then give its run folder"
+        )
     raise CheckpointError(f"{run_dir} holds no checkpoints/best.pt or checkpoints/last.pt")
+
+
+LR_FIND_TABLE = "lr-find.csv"  # in the folder `deepfit lr-find` writes, beside lr-find.png
 
 
 def check_torch_version(version: str = torch.__version__) -> None:

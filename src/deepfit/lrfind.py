@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from deepfit.checkpoint import LR_FIND_TABLE
 from deepfit.config import Config, validate
 from deepfit.data import BatchLoader, DataBundle, StreamLoader, build_data, build_loader, require_classes
 from deepfit.engine import StepOptions, train_one_epoch
@@ -221,7 +222,7 @@ def plot_lr_find(result: LRFindResult) -> Figure:
 def save_lr_find(result: LRFindResult, folder: Path) -> list[Path]:
     """folder/lr-find.png (the plot) and folder/lr-find.csv (step, lr, loss, smoothed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = folder / "lr-find.csv"
+    table = folder / LR_FIND_TABLE
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "lr", "loss", "smoothed_loss"])
