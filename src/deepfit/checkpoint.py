@@ -30,6 +30,7 @@ import torch
 
 from deepfit.config import Config, config_from_dict, infer_task, resume_changes
 from deepfit.errors import CheckpointError, ConfigError
+from deepfit.outfiles import is_torchscript
 
 FORMAT_VERSION = 1
 MIN_TORCH = (2, 10)  # earlier releases have known weights_only bypasses (e.g. CVE-2025-32434)
@@ -263,15 +264,6 @@ def what_file(data: bytes, path: Path) -> str:
     except UnicodeDecodeError:
         return "its bytes are not torch.save's format"
     return "it is a text file"
-
-
-def is_torchscript(data: bytes) -> bool:
-    """A zip that torch.jit.save wrote (its code/ and constants.pkl), rather than torch.save."""
-    try:
-        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except (zipfile.BadZipFile, ValueError, OSError):
-        return False  # torch.load says what is wrong with it
-    return any(name.endswith("/constants.pkl") for name in names)
 
 
 def refusal(err: BaseException) -> str:

@@ -4,6 +4,7 @@ named for what they hold."""
 
 from __future__ import annotations
 
+import io
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,12 +16,22 @@ REPORT_SUFFIXES = (".html", ".htm")
 
 def is_checkpoint(path: Path) -> bool:
     """A torch.save archive (data.pkl) that is not TorchScript's (which also has constants.pkl)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {name.rsplit("/", 1)[-1] for name in archive.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return False  # absent, a folder or not a zip: not a checkpoint
+    names = archive_names(path)
     return "data.pkl" in names and "constants.pkl" not in names
+
+
+def is_torchscript(source: Path | bytes) -> bool:
+    """An archive torch.jit.save wrote (its constants.pkl), a file's or its bytes."""
+    return "constants.pkl" in archive_names(source)
+
+
+def archive_names(source: Path | bytes) -> set[str]:
+    """The file names (without folders) in a zip, or none when it is absent, a folder or no zip."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
+            return {name.rsplit("/", 1)[-1] for name in archive.namelist()}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return set()
 
 
 def require_output(path: Path, *, what: str, suffixes: Sequence[str] = (), error: type[DeepfitError] = ConfigError) -> None:
