@@ -70,17 +70,21 @@ def label_column(header: bytes) -> int | None:
     """Where a header row puts the label: the column named label (or class, target, y), else the
     first; None when no column is so named and the first is named as a pixel (pixel0): pixels
     only, whose first values were read as labels, 253 classes of them."""
-    names = [name.strip().strip('"').lower() for name in header.decode(errors="replace").split(",")]
+    names = [name.lower() for name in header_names(header)]
     found = [i for i, name in enumerate(names) if name in LABEL_NAMES]
     if found:
         return found[0]
     return None if PIXEL_NAME.fullmatch(names[0]) else 0
 
 
+def header_names(line: bytes) -> list[str]:
+    """A header row's column names, unquoted."""
+    return [name.strip().strip('"') for name in line.decode(errors="replace").split(",")]
+
+
 def no_label_message(path: Path, header: bytes) -> str:
-    first = header.split(b",", 1)[0].strip().strip(b'"').decode(errors="replace")
     return (
-        f"{path}: the header names no label column and its first column, {first}, is a pixel; name the column of"
+        f"{path}: the header names no label column and its first column, {header_names(header)[0]}, is a pixel; name the column of"
         f" class numbers label (or {', '.join(LABEL_NAMES[1:])})"
     )
 
@@ -183,7 +187,7 @@ def table_hint(path: Path) -> str:
     """For a CSV whose header does not start with `label` (so not pixel rows): how to train on it
     as a table instead."""
     first = next((line for line in read_lines(path) if line.strip()), b"")
-    columns = [c.strip().strip(b'"').decode(errors="replace") for c in first.split(b",")]
+    columns = header_names(first)
     if not is_header(first) or columns[0].lower() in LABEL_NAMES or PIXEL_NAME.fullmatch(columns[0]):  # pixel rows, named
         return ""
     shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
